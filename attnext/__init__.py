@@ -1,0 +1,27 @@
+"""attnext: fast, exact causal attention ops for PyTorch.
+
+Ops (also as ``torch.ops.attnext.*`` when the extension is built):
+    causal_softmax(x, scale=1.0, *, align="top_left")
+
+Native kernels run where they exist (CPU C++, CUDA); everything else runs the
+eager reference in :mod:`attnext.reference`. ``attnext.explain(op, *tensors)``
+says why an input would take the fallback.
+"""
+from .ops import _C, causal_softmax, explain, kernels_enabled, set_kernels_enabled
+
+__version__ = "0.1.0"
+
+
+def native_available() -> bool:
+    """Whether the compiled extension ``attnext._C`` loaded."""
+    return _C is not None
+
+
+__all__ = [
+    "causal_softmax",
+    "explain",
+    "kernels_enabled",
+    "native_available",
+    "set_kernels_enabled",
+    "__version__",
+]

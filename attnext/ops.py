@@ -1,0 +1,236 @@
+"""attnext's public ops: typed functions, fake kernels, autograd, and the choice
+between a native kernel and the eager fallback in :mod:`attnext.reference`.
+
+Per op, in this order: the public function (docstring with every shape and
+default), ``register_fake`` for the op and its backward, then ``setup_context`` +
+``register_autograd``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (importing it registers torch.ops.attnext.*)
+
+    _C_ERROR = None
+except (ImportError, OSError) as e:  # not built, or built against another torch
+    _C = None
+    _C_ERROR = f"{type(e).__name__}: {e}"
+
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation .` (or `-e .`) in an environment that has torch, "
+    "a C++ compiler and ninja; see the README"
+)
+
+# Dtypes the native kernels take, per device type. Anything else goes to reference.py.
+_KERNEL_DTYPES = {
+    "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
+    "cuda": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
+    "meta": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
+}
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+def _registered_devices(op: str) -> frozenset:
+    """Device types with a kernel for ``attnext::<op>`` in the dispatcher (read once, at import)."""
+    if _C is None:
+        return frozenset()
+    return frozenset(
+        dev for dev, key in _DISPATCH_KEYS.items() if torch._C._dispatch_has_kernel_for_dispatch_key(f"attnext::{op}", key)
+    )
+
+
+_kernels_enabled = os.environ.get("ATTNEXT_DISABLE_KERNELS", "0").strip().lower() in ("", "0", "false", "no", "off")
+_warned_no_C = False
+_DEVICES = {}  # op -> device types with a registered kernel; filled after the ops are registered
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    """Turn the native kernels on or off for this process (the fallback is :mod:`attnext.reference`).
+
+    ``ATTNEXT_DISABLE_KERNELS=1`` in the environment when attnext is imported does the same.
+    """
+    global _kernels_enabled
+    _kernels_enabled = bool(enabled)
+
+
+def kernels_enabled() -> bool:
+    """Whether native kernels may be used (see :func:`set_kernels_enabled`)."""
+    return _kernels_enabled
+
+
+def _fallback_reasons(op: str, tensors: Sequence[Tensor]) -> List[str]:
+    """Why ``op`` cannot run its native kernel on these tensors; empty: it can."""
+    global _warned_no_C
+    reasons = []
+    if _C is None:
+        reasons.append(f"the compiled extension attnext._C is not available ({_C_ERROR}); {_BUILD_HINT}")
+        if not _warned_no_C:
+            _warned_no_C = True
+            warnings.warn(
+                f"attnext: native kernels unavailable, using the eager fallback ({_C_ERROR}); {_BUILD_HINT}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return reasons
+    if not _kernels_enabled:
+        reasons.append("native kernels are disabled (ATTNEXT_DISABLE_KERNELS=1 or attnext.set_kernels_enabled(False))")
+    devices = _DEVICES.get(op, frozenset())
+    for t in tensors:
+        dev = t.device.type
+        if dev not in devices:
+            reasons.append(f"attnext::{op} has no native kernel for device type '{dev}' in this build")
+        elif t.dtype not in _KERNEL_DTYPES.get(dev, ()):
+            reasons.append(f"attnext::{op} has no native {dev} kernel for dtype {t.dtype}")
+    return reasons
+
+
+def explain(op: str, *tensors: Tensor) -> List[str]:
+    """Why ``attnext.<op>(*tensors)`` would take the eager fallback instead of a native kernel.
+
+    Returns a list of human-readable reasons; an empty list means the native kernel runs.
+    Example: ``attnext.explain("causal_softmax", x)``.
+    """
+    if op not in _PUBLIC_OPS:
+        raise ValueError(f"attnext.explain: unknown op {op!r}; expected one of {sorted(_PUBLIC_OPS)}")
+    return _fallback_reasons(op, tensors)
+
+
+def _check_tensor(x, name: str, min_dim: int, shape: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"attnext: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise RuntimeError(f"attnext: {name} must be a dense (strided) tensor, got layout {x.layout}")
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(
+            f"attnext: {name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got {x.dtype}"
+        )
+    if x.dim() < min_dim:
+        raise RuntimeError(f"attnext: {name} must have at least {min_dim} dims {shape}, got shape {tuple(x.shape)}")
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"attnext: scale must be a Python number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"attnext: scale must be a finite number, got {scale}")
+    return scale
+
+
+def _bottom_right(align: str) -> bool:
+    if align == "top_left":
+        return False
+    if align == "bottom_right":
+        return True
+    raise ValueError(f"attnext: align must be 'top_left' or 'bottom_right', got {align!r}")
+
+
+# ----------------------------------------------------------------------------- causal_softmax
+
+
+def causal_softmax(x: Tensor, scale: float = 1.0, *, align: str = "top_left") -> Tensor:
+    """Causal masked softmax: ``softmax(x * scale)`` over the last dim, future keys masked.
+
+    Args:
+        x: ``(..., T, S)`` attention scores, any number of batch dims (including none),
+            float32/float64/bfloat16/float16, any strides.
+        scale: multiplies ``x`` before the softmax (fused; e.g. ``head_size ** -0.5``).
+            Any finite number. Default 1.0.
+        align: ``"top_left"`` (default; like ``torch.tril`` and SDPA's ``is_causal``):
+            query row ``i`` sees key columns ``j <= i``. ``"bottom_right"`` (decoding
+            with a KV cache): ``j <= i + S - T``, so the last query sees every key.
+
+    Returns:
+        ``(..., T, S)`` contiguous, same dtype as ``x``: equal to
+        ``torch.softmax((x * scale).masked_fill(~mask, -inf), -1)``. Entries above the
+        diagonal are 0. A row that sees no key at all (bottom-right with ``T > S``) is
+        all zeros, never NaN. NaN or +/-inf inside the visible part behave as in
+        ``torch.softmax`` (the row becomes NaN where torch's would).
+
+    Reduced-precision inputs are computed in float32 and rounded once. Differentiable
+    (the backward is ``torch.ops.attnext._causal_softmax_backward``, itself
+    differentiable, so double backward works).
+    """
+    bottom_right = _bottom_right(align)
+    _check_tensor(x, "x", 2, "(..., T, S)")
+    scale = _check_scale(scale)
+    if _fallback_reasons("causal_softmax", (x,)):
+        return reference.causal_softmax(x, scale, bottom_right)
+    return torch.ops.attnext.causal_softmax(x, scale, bottom_right)
+
+
+def _causal_softmax_fake(x, scale=1.0, bottom_right=False):
+    torch._check(x.dim() >= 2, lambda: f"attnext: x must have at least 2 dims (..., T, S), got {x.dim()}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _causal_softmax_backward_fake(grad_y, y, scale=1.0, bottom_right=False):
+    torch._check(grad_y.shape == y.shape, lambda: "attnext: grad_y must have the shape of y")
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _causal_softmax_setup_context(ctx, inputs, output):
+    _, scale, bottom_right = inputs
+    ctx.scale = scale
+    ctx.bottom_right = bottom_right
+    ctx.save_for_backward(output)
+
+
+def _causal_softmax_bwd(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.attnext._causal_softmax_backward(grad_y, y, ctx.scale, ctx.bottom_right)
+    return grad_x, None, None
+
+
+def _causal_softmax_backward_setup_context(ctx, inputs, output):
+    grad_y, y, scale, bottom_right = inputs
+    ctx.scale = scale
+    ctx.bottom_right = bottom_right
+    ctx.save_for_backward(grad_y, y)
+
+
+def _causal_softmax_backward_bwd(ctx, gg):
+    """Double backward: dx = s * y * (dy - <dy, y>) is linear in dy, bilinear in (dy, y)."""
+    grad_y, y = ctx.saved_tensors
+    s, br = ctx.scale, ctx.bottom_right
+    g_grad_y = g_y = None
+    if ctx.needs_input_grad[0]:
+        # d/d(dy) is the backward op itself applied to gg.
+        g_grad_y = torch.ops.attnext._causal_softmax_backward(gg, y, s, br)
+    if ctx.needs_input_grad[1]:
+        T, S = y.shape[-2], y.shape[-1]
+        keep = reference.causal_mask(T, S, br, y.device)
+        dy = grad_y.masked_fill(~keep, 0.0)
+        yv = y.masked_fill(~keep, 0.0)
+        ggv = gg.masked_fill(~keep, 0.0)
+        dot_dy_y = (dy * yv).sum(-1, keepdim=True)
+        dot_gg_y = (ggv * yv).sum(-1, keepdim=True)
+        g_y = s * (ggv * (dy - dot_dy_y) - dy * dot_gg_y)
+    return g_grad_y, g_y, None, None
+
+
+_PUBLIC_OPS = {"causal_softmax": "_causal_softmax_backward"}
+
+if _C is not None:
+    torch.library.register_fake("attnext::causal_softmax")(_causal_softmax_fake)
+    torch.library.register_fake("attnext::_causal_softmax_backward")(_causal_softmax_backward_fake)
+    torch.library.register_autograd(
+        "attnext::causal_softmax", _causal_softmax_bwd, setup_context=_causal_softmax_setup_context
+    )
+    torch.library.register_autograd(
+        "attnext::_causal_softmax_backward",
+        _causal_softmax_backward_bwd,
+        setup_context=_causal_softmax_backward_setup_context,
+    )
+    _DEVICES = {op: _registered_devices(op) for op in _PUBLIC_OPS}

@@ -1,0 +1,27 @@
+// attnext's op library: every schema, nothing else.
+//
+// Implementations live per dispatch key in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu;
+// fake (meta) kernels and autograd are registered from Python in attnext/ops.py.
+// Backward passes are private ops of their own so that autograd, torch.compile
+// and torch.library.opcheck all see real ops.
+#include <torch/library.h>
+
+#ifdef ATTNEXT_PYTHON_MODULE
+#include <Python.h>
+
+// Importing attnext._C runs the static TORCH_LIBRARY registrations below; the
+// module itself has no Python-level members.
+extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "attnext native kernels (ops are under torch.ops.attnext)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif
+
+TORCH_LIBRARY(attnext, m) {
+  // softmax over the last dim of x * scale, query row i seeing key columns
+  // j <= i (top-left) or j <= i + S - T (bottom_right); x: (..., T, S).
+  m.def("causal_softmax(Tensor x, float scale=1.0, bool bottom_right=False) -> Tensor");
+  // dx = scale * y * (dy - sum(dy * y)) over the visible prefix, zero elsewhere.
+  m.def("_causal_softmax_backward(Tensor grad_y, Tensor y, float scale=1.0, bool bottom_right=False) -> Tensor");
+}

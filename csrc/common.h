@@ -1,0 +1,125 @@
+// Shared argument checks and helpers for attnext's host code (CPU and CUDA).
+// Every caller-facing check names the argument and says what was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace attnext {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              "attnext: ", name, " must be a floating-point tensor (float32, float64, bfloat16 or float16), got ",
+              st);
+}
+
+inline void check_strided(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.layout() == at::kStrided, "attnext: ", name, " must be a dense (strided) tensor, got layout ",
+              t.layout());
+}
+
+inline void check_min_dim(const at::Tensor& t, int64_t n, const char* name, const char* shape) {
+  TORCH_CHECK(t.dim() >= n, "attnext: ", name, " must have at least ", n, " dims ", shape, ", got shape ",
+              t.sizes());
+}
+
+inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), "attnext: ", an, " and ", bn, " must be on the same device, got ",
+              a.device(), " and ", b.device());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "attnext: ", an, " and ", bn,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+}
+
+inline void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attnext: scale must be a finite number, got ", scale);
+}
+
+// Number of key columns that query row t of a (T, S) causal pattern may see.
+// Top-left alignment: j <= t. Bottom-right: j <= t + (S - T). Clamped to [0, S].
+inline int64_t visible_len(int64_t t, int64_t T, int64_t S, bool bottom_right) {
+  const int64_t v = t + 1 + (bottom_right ? S - T : 0);
+  return v < 0 ? 0 : (v > S ? S : v);
+}
+
+// Addresses the rows (all dims but the last) of a tensor whose last dim has
+// stride 1 and whose other dims have arbitrary strides (e.g. nanoGPT's
+// q.transpose(1, 2)), so the kernels read views without a copy. The rows are
+// numbered as in a contiguous tensor: row = b * T + t. int64 throughout.
+struct RowIndexer {
+  static constexpr int kMaxDims = 16;
+  int64_t nbatch_dims = 0;
+  int64_t sizes[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};
+  int64_t stride_t = 0;
+
+  explicit RowIndexer(const at::Tensor& t) {
+    const int64_t nd = t.dim();
+    TORCH_CHECK(nd - 2 <= kMaxDims, "attnext: at most ", kMaxDims, " batch dims are supported, got ", nd - 2);
+    nbatch_dims = nd - 2;
+    for (int64_t d = 0; d < nbatch_dims; ++d) {
+      sizes[d] = t.size(d);
+      strides[d] = t.stride(d);
+    }
+    stride_t = t.stride(nd - 2);
+  }
+
+  // Element offset of batch b (a linear index over the batch dims).
+  int64_t batch_offset(int64_t b) const {
+    int64_t off = 0;
+    for (int64_t d = nbatch_dims - 1; d >= 0; --d) {
+      const int64_t i = b % sizes[d];
+      b /= sizes[d];
+      off += i * strides[d];
+    }
+    return off;
+  }
+
+  int64_t offset(int64_t b, int64_t t) const { return batch_offset(b) + t * stride_t; }
+};
+
+// The tensor itself when its last dim is unit-stride (or has <= 1 element),
+// else a contiguous copy: the row kernels need unit-stride rows.
+inline at::Tensor unit_stride_rows(const at::Tensor& t) {
+  if (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) {
+    return t;
+  }
+  return t.contiguous();
+}
+
+// A fresh contiguous output tensor. Large fresh CPU allocations page-fault once
+// per 4 KiB page on first touch, which can cost more than the kernel itself; for
+// outputs of 8 MiB and more the 2 MiB-aligned interior is advised as
+// transparent-huge-page eligible (Linux, THP in "madvise" or "always" mode), so
+// it faults in 2 MiB at a time. ATTNEXT_HUGEPAGES=0 turns this off.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* v = std::getenv("ATTNEXT_HUGEPAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t nbytes = out.nbytes();
+  if (enabled && out.device().is_cpu() && nbytes >= 4 * kHuge) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (begin + nbytes) & ~(kHuge - 1);
+    if (hi > lo) {
+      (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: failure is harmless
+    }
+  }
+#endif
+  return out;
+}
+
+}  // namespace attnext

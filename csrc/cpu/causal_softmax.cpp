@@ -1,0 +1,286 @@
+// Causal masked softmax on the CPU, forward and backward.
+//
+// Forward, per row t of each (T, S) matrix: only the visible prefix x[0:L]
+// (L = t + 1, or t + 1 + S - T bottom-right) is read from memory, once; then
+//   m = max(x * scale), e = exp(x * scale - m), y = e / sum(e), y[L:S] = 0
+// in three tight loops over the (L1/L2-resident) row. Backward likewise:
+//   dx = scale * y * (dy - sum(dy * y)) on [0, L), 0 on [L, S).
+// Accumulation is in float (double for double); bfloat16/float16 rows are
+// widened into a per-thread float buffer and rounded once on the way out.
+// A row that sees no key (bottom-right, T > S) is all zeros.
+//
+// Parallelism: at::parallel_for over rows. Row lengths grow with t, so rows
+// are visited in a zigzag order (0, T-1, 1, T-2, ...) within each matrix: any
+// contiguous chunk of the iteration space then holds about the same work.
+// SIMD: the float row loops exist per instruction set (AVX-512, AVX2, scalar)
+// and are chosen at run time; the dtype conversions are multiversioned
+// (see vec_math.h). Nothing is compiled with a global -mavx.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/vec_math.h"
+#include "ops.h"
+
+namespace attnext {
+namespace {
+
+// ---- float row kernels, one copy per instruction set (cpu/causal_softmax_rows.inl)
+#if ATTNEXT_X86_SIMD
+ATTNEXT_ISA_BEGIN_AVX512
+namespace isa_avx512 {
+#include "cpu/simd_avx512.inl"
+#include "cpu/causal_softmax_rows.inl"
+}  // namespace isa_avx512
+ATTNEXT_ISA_END
+ATTNEXT_ISA_BEGIN_AVX2
+namespace isa_avx2 {
+#include "cpu/simd_avx2.inl"
+#include "cpu/causal_softmax_rows.inl"
+}  // namespace isa_avx2
+ATTNEXT_ISA_END
+#endif
+namespace isa_scalar {
+#include "cpu/simd_scalar.inl"
+#include "cpu/causal_softmax_rows.inl"
+}  // namespace isa_scalar
+
+using FwdRowF32 = void (*)(const float*, float*, int64_t, int64_t, float);
+using BwdRowF32 = void (*)(const float*, const float*, float*, int64_t, int64_t, float);
+
+struct RowKernels {
+  FwdRowF32 fwd;
+  BwdRowF32 bwd;
+};
+
+const RowKernels& row_kernels() {
+  static const RowKernels k = [] {
+    switch (simd::detected_isa()) {
+#if ATTNEXT_X86_SIMD
+      case simd::Isa::kAvx512:
+        return RowKernels{&isa_avx512::fwd_row_f32, &isa_avx512::bwd_row_f32};
+      case simd::Isa::kAvx2:
+        return RowKernels{&isa_avx2::fwd_row_f32, &isa_avx2::bwd_row_f32};
+#endif
+      default:
+        return RowKernels{&isa_scalar::fwd_row_f32, &isa_scalar::bwd_row_f32};
+    }
+  }();
+  return k;
+}
+
+// The double rows: plain loops, std::exp (double is for checking, not speed).
+inline void fwd_row_f64(const double* x, double* y, int64_t L, int64_t S, double scale) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    const double z = x[j] * scale;
+    m = z > m ? z : m;  // NaN is skipped here and propagates through the sum below
+  }
+  double sum = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    y[j] = std::exp(x[j] * scale - m);
+    sum += y[j];
+  }
+  const double inv = 1.0 / sum;
+  for (int64_t j = 0; j < L; ++j) {
+    y[j] *= inv;
+  }
+  std::fill(y + L, y + S, 0.0);
+}
+
+inline void bwd_row_f64(const double* dy, const double* y, double* dx, int64_t L, int64_t S, double scale) {
+  double dot = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    dot += dy[j] * y[j];
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    dx[j] = scale * y[j] * (dy[j] - dot);
+  }
+  std::fill(dx + L, dx + S, 0.0);
+}
+
+ATTNEXT_MULTIVERSION void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = vec::bf16_to_float(src[j]);
+  }
+}
+
+ATTNEXT_MULTIVERSION void narrow_bf16(const float* src, uint16_t* dst, int64_t n, int64_t zeros_after) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = vec::float_to_bf16(src[j]);
+  }
+  std::fill(dst + n, dst + zeros_after, uint16_t(0));
+}
+
+// Row adapters: how a row of each dtype reaches the float/double row kernels.
+template <typename scalar_t>
+struct Rows;
+
+template <>
+struct Rows<double> {
+  static constexpr int64_t kBuffers = 0;
+  static void fwd(const double* x, double* y, int64_t L, int64_t S, double scale, double*) {
+    fwd_row_f64(x, y, L, S, scale);
+  }
+  static void bwd(const double* dy, const double* y, double* dx, int64_t L, int64_t S, double scale, double*) {
+    bwd_row_f64(dy, y, dx, L, S, scale);
+  }
+};
+
+template <>
+struct Rows<float> {
+  static constexpr int64_t kBuffers = 0;
+  static void fwd(const float* x, float* y, int64_t L, int64_t S, float scale, float*) {
+    row_kernels().fwd(x, y, L, S, scale);
+  }
+  static void bwd(const float* dy, const float* y, float* dx, int64_t L, int64_t S, float scale, float*) {
+    row_kernels().bwd(dy, y, dx, L, S, scale);
+  }
+};
+
+// Reduced precision: widen the visible prefix into float buffers, run the float
+// row kernel in place, round once on the way out.
+template <typename half_t, typename Widen, typename Narrow>
+struct ReducedRows {
+  static constexpr int64_t kBuffers = 2;
+  static void fwd(const half_t* x, half_t* y, int64_t L, int64_t S, float scale, float* buf) {
+    Widen::run(x, buf, L);
+    row_kernels().fwd(buf, buf, L, L, scale);
+    Narrow::run(buf, y, L, S);
+  }
+  static void bwd(const half_t* dy, const half_t* y, half_t* dx, int64_t L, int64_t S, float scale, float* buf) {
+    float* dyf = buf;
+    float* yf = buf + S;
+    Widen::run(dy, dyf, L);
+    Widen::run(y, yf, L);
+    row_kernels().bwd(dyf, yf, dyf, L, L, scale);
+    Narrow::run(dyf, dx, L, S);
+  }
+};
+
+struct WidenBF16 {
+  static void run(const at::BFloat16* s, float* d, int64_t n) {
+    widen_bf16(reinterpret_cast<const uint16_t*>(s), d, n);
+  }
+};
+struct NarrowBF16 {
+  static void run(const float* s, at::BFloat16* d, int64_t n, int64_t total) {
+    narrow_bf16(s, reinterpret_cast<uint16_t*>(d), n, total);
+  }
+};
+struct WidenHalf {
+  static void run(const at::Half* s, float* d, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) d[j] = static_cast<float>(s[j]);
+  }
+};
+struct NarrowHalf {
+  static void run(const float* s, at::Half* d, int64_t n, int64_t total) {
+    for (int64_t j = 0; j < n; ++j) d[j] = static_cast<at::Half>(s[j]);
+    std::fill(d + n, d + total, at::Half(0.0f));
+  }
+};
+
+template <>
+struct Rows<at::BFloat16> : ReducedRows<at::BFloat16, WidenBF16, NarrowBF16> {};
+template <>
+struct Rows<at::Half> : ReducedRows<at::Half, WidenHalf, NarrowHalf> {};
+
+// Row u of the zigzag order -> row index t: 0, T-1, 1, T-2, ...
+inline int64_t zigzag(int64_t u, int64_t T) { return (u & 1) ? T - 1 - (u >> 1) : (u >> 1); }
+
+inline int64_t grain_rows(int64_t S) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(S, 1)); }
+
+template <typename scalar_t>
+void fwd_impl(const at::Tensor& x, at::Tensor& y, double scale, bool bottom_right) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = x.size(-2), S = x.size(-1);
+  const int64_t rows = x.numel() / S;
+  const RowIndexer xr(x);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, grain_rows(S), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(Rows<scalar_t>::kBuffers * S);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / T, t = zigzag(k % T, T);
+      const int64_t L = visible_len(t, T, S, bottom_right);
+      Rows<scalar_t>::fwd(xp + xr.offset(b, t), yp + (b * T + t) * S, L, S, static_cast<acc_t>(scale), buf.data());
+    }
+  });
+}
+
+template <typename scalar_t>
+void bwd_impl(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, double scale, bool bottom_right) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = y.size(-2), S = y.size(-1);
+  const int64_t rows = y.numel() / S;
+  const RowIndexer dyr(dy), yr(y);
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, grain_rows(S), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(Rows<scalar_t>::kBuffers * S);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / T, t = zigzag(k % T, T);
+      const int64_t L = visible_len(t, T, S, bottom_right);
+      Rows<scalar_t>::bwd(dyp + dyr.offset(b, t), yp + yr.offset(b, t), dxp + (b * T + t) * S, L, S,
+                          static_cast<acc_t>(scale), buf.data());
+    }
+  });
+}
+
+void check_input(const at::Tensor& t, const char* name) {
+  check_strided(t, name);
+  TORCH_CHECK(t.device().is_cpu(), "attnext: ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+  check_floating(t, name);
+  check_min_dim(t, 2, name, "(..., T, S)");
+}
+
+}  // namespace
+
+at::Tensor causal_softmax_cpu(const at::Tensor& x_in, double scale, bool bottom_right) {
+  check_input(x_in, "x");
+  check_scale(scale);
+  const at::Tensor x = unit_stride_rows(x_in);
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  if (y.numel() == 0) {
+    return y;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "causal_softmax_cpu",
+                                  [&] { fwd_impl<scalar_t>(x, y, scale, bottom_right); });
+  return y;
+}
+
+at::Tensor causal_softmax_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, double scale,
+                                       bool bottom_right) {
+  check_input(grad_y_in, "grad_y");
+  check_input(y_in, "y");
+  check_same(grad_y_in, "grad_y", y_in, "y");
+  TORCH_CHECK(grad_y_in.sizes() == y_in.sizes(), "attnext: grad_y must have the shape of y ", y_in.sizes(),
+              ", got ", grad_y_in.sizes());
+  check_scale(scale);
+  const at::Tensor dy = unit_stride_rows(grad_y_in);
+  const at::Tensor y = unit_stride_rows(y_in);
+  at::Tensor dx = empty_output(y.sizes(), y.options());
+  if (dx.numel() == 0) {
+    return dx;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "causal_softmax_backward_cpu",
+                                  [&] { bwd_impl<scalar_t>(dy, y, dx, scale, bottom_right); });
+  return dx;
+}
+
+TORCH_LIBRARY_IMPL(attnext, CPU, m) {
+  m.impl("causal_softmax", &causal_softmax_cpu);
+  m.impl("_causal_softmax_backward", &causal_softmax_backward_cpu);
+}
+
+}  // namespace attnext

@@ -1,0 +1,55 @@
+// Run-time choice of the instruction set for attnext's CPU kernels.
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/vec_math.h"
+
+namespace attnext {
+namespace simd {
+
+Isa detected_isa() {
+  static const Isa isa = [] {
+#if ATTNEXT_X86_SIMD
+    // torch's own choice, which already honours ATEN_CPU_CAPABILITY
+    // ("AVX512", "AVX2", "DEFAULT", ...), capped by what this CPU reports.
+    const std::string cap = at::get_cpu_capability();
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    if (cap == "AVX512" && avx512) {
+      return Isa::kAvx512;
+    }
+    if ((cap == "AVX512" || cap == "AVX2") && avx2) {
+      return Isa::kAvx2;
+    }
+#endif
+    return Isa::kScalar;
+  }();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+namespace {
+std::string cpu_isa() { return isa_name(detected_isa()); }
+}  // namespace
+
+}  // namespace simd
+}  // namespace attnext
+
+TORCH_LIBRARY_FRAGMENT(attnext, m) {
+  // Which instruction set the CPU kernels use in this process: "avx512", "avx2" or "scalar".
+  m.def("_cpu_isa() -> str", &attnext::simd::cpu_isa);
+}

@@ -1,0 +1,44 @@
+// VecF for AVX-512 (16 floats). Included inside ATTNEXT_ISA_BEGIN_AVX512 regions,
+// in a namespace of the including file's choosing: see cpu/vec_math.h.
+struct VecF {
+  static constexpr int64_t N = 16;
+  __m512 v;
+
+  static VecF set1(float a) { return {_mm512_set1_ps(a)}; }
+  static VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  // Lanes >= n are 0 and their memory is not touched.
+  static VecF load_tail(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(first(n), p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store_tail(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, first(n), v); }
+  // Lanes < n from a, the others from b.
+  static VecF select_first(int64_t n, VecF a, VecF b) { return {_mm512_mask_blend_ps(first(n), b.v, a.v)}; }
+
+  VecF operator+(VecF b) const { return {_mm512_add_ps(v, b.v)}; }
+  VecF operator-(VecF b) const { return {_mm512_sub_ps(v, b.v)}; }
+  VecF operator*(VecF b) const { return {_mm512_mul_ps(v, b.v)}; }
+  static VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+  float hsum() const { return _mm512_reduce_add_ps(v); }
+  float hmax() const { return _mm512_reduce_max_ps(v); }
+
+  // exp, about 1 ulp: x = n ln2 + r, degree-6 polynomial for exp(r), then
+  // scalef (p * 2^n) which over/underflows exactly to inf/0. NaN stays NaN
+  // (min/max return their second operand when either is NaN).
+  static VecF exp(VecF a) {
+    __m512 x = _mm512_min_ps(_mm512_set1_ps(89.0f), a.v);
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return {_mm512_scalef_ps(p, n)};
+  }
+};

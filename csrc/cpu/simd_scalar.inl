@@ -1,0 +1,22 @@
+// VecF for CPUs without AVX2 (and non-x86 builds): one float, plain C++.
+// With N = 1 the row loops never reach their tail branches.
+struct VecF {
+  static constexpr int64_t N = 1;
+  float v;
+
+  static VecF set1(float a) { return {a}; }
+  static VecF load(const float* p) { return {*p}; }
+  static VecF load_tail(const float*, int64_t) { return {0.0f}; }
+  void store(float* p) const { *p = v; }
+  void store_tail(float*, int64_t) const {}
+  static VecF select_first(int64_t n, VecF a, VecF b) { return n > 0 ? a : b; }
+
+  VecF operator+(VecF b) const { return {v + b.v}; }
+  VecF operator-(VecF b) const { return {v - b.v}; }
+  VecF operator*(VecF b) const { return {v * b.v}; }
+  static VecF fmadd(VecF a, VecF b, VecF c) { return {a.v * b.v + c.v}; }
+  static VecF max(VecF a, VecF b) { return {a.v > b.v ? a.v : b.v}; }
+  float hsum() const { return v; }
+  float hmax() const { return v; }
+  static VecF exp(VecF a) { return {::attnext::vec::exp_f32(a.v)}; }
+};
