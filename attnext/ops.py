@@ -154,7 +154,8 @@ def causal_softmax(x: Tensor, scale: float = 1.0, *, align: str = "top_left") ->
         ``torch.softmax((x * scale).masked_fill(~mask, -inf), -1)``. Entries above the
         diagonal are 0. A row that sees no key at all (bottom-right with ``T > S``) is
         all zeros, never NaN. NaN or +/-inf inside the visible part behave as in
-        ``torch.softmax`` (the row becomes NaN where torch's would).
+        ``torch.softmax`` of the masked input: where torch's row is NaN, the whole
+        row (masked entries included) is NaN. Masked entries are never read.
 
     Reduced-precision inputs are computed in float32 and rounded once. Differentiable
     (the backward is ``torch.ops.attnext._causal_softmax_backward``, itself

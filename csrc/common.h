@@ -104,10 +104,8 @@ inline at::Tensor unit_stride_rows(const at::Tensor& t) {
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = [] {
-    const char* v = std::getenv("ATTNEXT_HUGEPAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  const char* env = std::getenv("ATTNEXT_HUGEPAGES");  // read per call: benchmarks toggle it
+  const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const size_t nbytes = out.nbytes();
   if (enabled && out.device().is_cpu() && nbytes >= 4 * kHuge) {

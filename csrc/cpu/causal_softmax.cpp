@@ -7,7 +7,8 @@
 //   dx = scale * y * (dy - sum(dy * y)) on [0, L), 0 on [L, S).
 // Accumulation is in float (double for double); bfloat16/float16 rows are
 // widened into a per-thread float buffer and rounded once on the way out.
-// A row that sees no key (bottom-right, T > S) is all zeros.
+// A row that sees no key (bottom-right, T > S) is all zeros. A row whose sum
+// is NaN (NaN or +-inf in its visible part) is NaN throughout, as in torch.
 //
 // Parallelism: at::parallel_for over rows. Row lengths grow with t, so rows
 // are visited in a zigzag order (0, T-1, 1, T-2, ...) within each matrix: any
@@ -88,6 +89,10 @@ inline void fwd_row_f64(const double* x, double* y, int64_t L, int64_t S, double
     y[j] = std::exp(x[j] * scale - m);
     sum += y[j];
   }
+  if (sum != sum) {
+    std::fill(y, y + S, std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
   const double inv = 1.0 / sum;
   for (int64_t j = 0; j < L; ++j) {
     y[j] *= inv;
@@ -113,12 +118,12 @@ ATTNEXT_MULTIVERSION void widen_bf16(const uint16_t* src, float* dst, int64_t n)
   }
 }
 
-ATTNEXT_MULTIVERSION void narrow_bf16(const float* src, uint16_t* dst, int64_t n, int64_t zeros_after) {
+ATTNEXT_MULTIVERSION void narrow_bf16(const float* src, uint16_t* dst, int64_t n, int64_t total, uint16_t fill) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     dst[j] = vec::float_to_bf16(src[j]);
   }
-  std::fill(dst + n, dst + zeros_after, uint16_t(0));
+  std::fill(dst + n, dst + total, fill);
 }
 
 // Row adapters: how a row of each dtype reaches the float/double row kernels.
@@ -155,7 +160,8 @@ struct ReducedRows {
   static void fwd(const half_t* x, half_t* y, int64_t L, int64_t S, float scale, float* buf) {
     Widen::run(x, buf, L);
     row_kernels().fwd(buf, buf, L, L, scale);
-    Narrow::run(buf, y, L, S);
+    // A NaN row (see fwd_row_f32) is NaN in its masked part too.
+    Narrow::run(buf, y, L, S, L > 0 && buf[0] != buf[0]);
   }
   static void bwd(const half_t* dy, const half_t* y, half_t* dx, int64_t L, int64_t S, float scale, float* buf) {
     float* dyf = buf;
@@ -163,7 +169,7 @@ struct ReducedRows {
     Widen::run(dy, dyf, L);
     Widen::run(y, yf, L);
     row_kernels().bwd(dyf, yf, dyf, L, L, scale);
-    Narrow::run(dyf, dx, L, S);
+    Narrow::run(dyf, dx, L, S, false);
   }
 };
 
@@ -173,8 +179,9 @@ struct WidenBF16 {
   }
 };
 struct NarrowBF16 {
-  static void run(const float* s, at::BFloat16* d, int64_t n, int64_t total) {
-    narrow_bf16(s, reinterpret_cast<uint16_t*>(d), n, total);
+  // Rounds s[0:n] into d[0:n] and fills d[n:total] with 0 (or NaN if nan_rest).
+  static void run(const float* s, at::BFloat16* d, int64_t n, int64_t total, bool nan_rest) {
+    narrow_bf16(s, reinterpret_cast<uint16_t*>(d), n, total, nan_rest ? uint16_t(0x7fc0) : uint16_t(0));
   }
 };
 struct WidenHalf {
@@ -183,9 +190,9 @@ struct WidenHalf {
   }
 };
 struct NarrowHalf {
-  static void run(const float* s, at::Half* d, int64_t n, int64_t total) {
+  static void run(const float* s, at::Half* d, int64_t n, int64_t total, bool nan_rest) {
     for (int64_t j = 0; j < n; ++j) d[j] = static_cast<at::Half>(s[j]);
-    std::fill(d + n, d + total, at::Half(0.0f));
+    std::fill(d + n, d + total, at::Half(nan_rest ? std::numeric_limits<float>::quiet_NaN() : 0.0f));
   }
 };
 

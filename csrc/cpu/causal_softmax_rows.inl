@@ -1,7 +1,8 @@
 // The float row kernels of causal_softmax, written once against VecF and
 // included once per instruction set (see causal_softmax.cpp).
 
-// y[0:L] = softmax(x[0:L] * scale), y[L:S] = 0. x may alias y.
+// y[0:L] = softmax(x[0:L] * scale), y[L:S] = 0 (all NaN if the sum is NaN).
+// x may alias y.
 inline void fwd_row_f32(const float* x, float* y, int64_t L, int64_t S, float scale) {
   constexpr int64_t N = VecF::N;
   const VecF vs = VecF::set1(scale);
@@ -29,7 +30,14 @@ inline void fwd_row_f32(const float* x, float* y, int64_t L, int64_t S, float sc
     e.store_tail(y + j, L - j);
     acc = acc + e;
   }
-  const VecF inv = VecF::set1(1.0f / acc.hsum());
+  const float sum = acc.hsum();
+  if (sum != sum) {
+    // NaN/inf in the visible part: torch.softmax of the masked row is NaN
+    // everywhere, the masked entries included; so is ours.
+    std::fill(y, y + S, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  const VecF inv = VecF::set1(1.0f / sum);
   for (j = 0; j + N <= L; j += N) {
     (VecF::load(y + j) * inv).store(y + j);
   }

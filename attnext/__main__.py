@@ -1,0 +1,152 @@
+"""attnext's command line.
+
+    python -m attnext            which kernels are built, a correctness smoke of every
+                                 op against the reference, and a short timing table
+    python -m attnext check      the first two only
+    python -m attnext bench      the full benchmarks (needs the source checkout's
+                                 benchmarks/ folder); --quick for a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import attnext
+from attnext import ops, reference
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _kernel_table() -> None:
+    print(f"attnext {attnext.__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if not attnext.native_available():
+        print(f"native extension: NOT available ({ops._C_ERROR})")
+        print(f"  every op runs the eager reference; {ops._BUILD_HINT}")
+        return
+    isa = torch.ops.attnext._cpu_isa()
+    print(f"native extension: loaded ({os.path.basename(ops._C.__file__)}), CPU kernels use {isa}")
+    if not attnext.kernels_enabled():
+        print("native kernels are DISABLED (ATTNEXT_DISABLE_KERNELS=1 or set_kernels_enabled(False))")
+    cuda = torch.cuda.is_available()
+    print(f"{'op':<24} {'cpu':<6} {'cuda':<6} dtypes with a native kernel")
+    for op in sorted(ops._PUBLIC_OPS):
+        devs = ops._DEVICES.get(op, frozenset())
+        names = ", ".join(str(d).replace("torch.", "") for d in DTYPES if d in ops._KERNEL_DTYPES["cpu"])
+        print(f"{op:<24} {'yes' if 'cpu' in devs else 'no':<6} {'yes' if 'cuda' in devs else 'no':<6} {names}")
+    if not any("cuda" in ops._DEVICES.get(op, ()) for op in ops._PUBLIC_OPS):
+        print("(this build has no CUDA kernels: CUDA tensors run the eager reference)")
+    elif not cuda:
+        print("(CUDA kernels are built, but no CUDA device is visible)")
+
+
+def _smoke_cases(device: str) -> List[Tuple[str, Callable, Callable, tuple]]:
+    """(name, attnext fn, reference fn, float64 inputs) for every op."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 37, 29, generator=g, dtype=torch.float64).to(device)
+    return [
+        ("causal_softmax", lambda t: attnext.causal_softmax(t, 0.3), lambda t: reference.causal_softmax(t, 0.3), (x,)),
+        (
+            "causal_softmax(bottom_right)",
+            lambda t: attnext.causal_softmax(t, 0.3, align="bottom_right"),
+            lambda t: reference.causal_softmax(t, 0.3, True),
+            (x,),
+        ),
+    ]
+
+
+def _smoke(device: str = "cpu") -> bool:
+    print(f"\ncorrectness smoke on {device} (max |attnext - reference float64|, forward and gradient):")
+    ok_all = True
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+    for name, fn, ref, inputs in _smoke_cases(device):
+        for dtype, t in tol.items():
+            xs = [i.to(dtype).requires_grad_(True) for i in inputs]
+            x64 = [i.detach().clone().requires_grad_(True) for i in inputs]
+            out, out64 = fn(*xs), ref(*x64)
+            gout = torch.ones_like(out64).normal_(generator=torch.Generator(device).manual_seed(1))
+            grads = torch.autograd.grad(out, xs, gout.to(dtype))
+            grads64 = torch.autograd.grad(out64, x64, gout)
+            ferr = (out.double() - out64).abs().max().item()
+            gerr = max((a.double() - b).abs().max().item() for a, b in zip(grads, grads64))
+            ok = ferr <= t and gerr <= 10 * t
+            ok_all &= ok
+            path = "kernel" if not ops._fallback_reasons(name.split("(")[0], xs) else "reference"
+            print(f"  {name:<30} {str(dtype).replace('torch.', ''):<9} {path:<9} fwd {ferr:.1e}  grad {gerr:.1e}  "
+                  f"{'ok' if ok else 'FAIL'}")
+    return ok_all
+
+
+def _time(fn: Callable[[], object], reps: int = 20) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+def _timing_table() -> None:
+    print("\nshort timing table (CPU, float32, median ms; the full benchmarks: python -m attnext bench):")
+    rows: List[Dict] = []
+    x = torch.randn(64, 256, 256)
+    g = torch.randn_like(x)
+    tril = torch.tril(torch.ones(256, 256))
+
+    def eager_softmax(t):
+        return torch.softmax((t * 0.125).masked_fill(tril == 0, float("-inf")), -1)
+
+    cases = [("causal_softmax 64x256x256", lambda t: attnext.causal_softmax(t, 0.125), eager_softmax, x, g)]
+    print(f"  {'case':<30} {'mode':<8} {'eager':>9} {'attnext':>9} {'speedup':>8}")
+    for name, ours, eager, inp, grad in cases:
+        xg = inp.clone().requires_grad_(True)
+        for mode in ("fwd", "fwd+bwd"):
+            if mode == "fwd":
+                te, ta = _time(lambda: eager(inp)), _time(lambda: ours(inp))
+            else:
+                te = _time(lambda: torch.autograd.grad(eager(xg), xg, grad))
+                ta = _time(lambda: torch.autograd.grad(ours(xg), xg, grad))
+            print(f"  {name:<30} {mode:<8} {te:>9.3f} {ta:>9.3f} {te / ta:>7.2f}x")
+            rows.append(dict(case=name, mode=mode, eager=te, attnext=ta))
+
+
+def _bench(argv: List[str]) -> int:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench_dir = os.path.join(here, "benchmarks")
+    if not os.path.isdir(bench_dir):
+        print("attnext bench: the benchmarks/ folder of the source checkout is needed "
+              "(install with `pip install --no-build-isolation -e .` from a clone)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, bench_dir)
+    import bench_causal_softmax
+
+    return bench_causal_softmax.main(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m attnext", description="attnext: kernels, checks and benchmarks")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("check", help="which kernels are built, and a correctness smoke of every op")
+    sub.add_parser("bench", help="the full benchmarks (extra arguments go to the benchmark scripts)", add_help=False)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    args = p.parse_args(argv)
+    _kernel_table()
+    ok = _smoke("cpu")
+    if torch.cuda.is_available() and attnext.native_available():
+        ok &= _smoke("cuda")
+    if args.cmd is None:
+        _timing_table()
+    print("\nall smoke checks passed" if ok else "\nSOME SMOKE CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Shared benchmark plumbing: timing, machine description, CSV rows, tables.
+
+CPU timings use torch.utils.benchmark.Timer with num_threads=torch.get_num_threads()
+(its default is 1). Outputs are allocated fresh on every call, as in a training loop,
+with the allocator settings a user has by default (glibc malloc, no THP_MEM_ALLOC_ENABLE).
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.benchmark import Timer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+CSV_COLUMNS = [
+    "date", "device", "torch", "git_sha", "op", "shape", "dtype", "mode", "provider",
+    "median_ms", "iqr_ms", "gflops_or_gbs", "ratio_vs", "peer",
+]
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    iqr_ms: float
+
+
+def time_cpu(fn: Callable[[], object], min_run_time: float = 1.0) -> Timing:
+    """Median and IQR of fn() in ms, after one warm-up call."""
+    fn()
+    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time
+    )
+    return Timing(m.median * 1e3, m.iqr * 1e3)
+
+
+def time_cuda(fn: Callable[[], object], reps: int = 50) -> Timing:
+    """Median and IQR in ms with CUDA events; L2 is flushed before each repetition."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    t = torch.tensor(times)
+    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75]))
+    return Timing(q[1].item(), (q[2] - q[0]).item())
+
+
+def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> Timing:
+    if device == "cuda":
+        return time_cuda(fn, reps=10 if quick else 50)
+    return time_cpu(fn, min_run_time=0.2 if quick else 1.0)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace(" ", "-")
+    cpu = platform.processor() or "x86_64"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu-{cpu.replace(' ', '-')}-{os.cpu_count()}cores"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import attnext
+
+    return f"v{attnext.__version__}"
+
+
+def csv_path(device: str) -> str:
+    return os.path.join(RESULTS_DIR, "cpu.csv" if device == "cpu" else f"{device_name(device)}.csv")
+
+
+def append_csv(rows: List[Dict], device: str, path: Optional[str] = None) -> str:
+    path = path or csv_path(device)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def base_row(device: str) -> Dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "git_sha": git_sha(),
+    }
+
+
+def add_ratios(rows: List[Dict], ours: str = "attnext") -> None:
+    """For each (op, shape, dtype, mode) group, one extra row per peer: ratio_vs = peer / attnext."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
+    for members in groups.values():
+        mine = [r for r in members if r["provider"] == ours]
+        if not mine:
+            continue
+        for r in members:
+            if r["provider"] != ours:
+                r["peer"] = ours
+                r["ratio_vs"] = round(r["median_ms"] / mine[0]["median_ms"], 3)
+
+
+def print_table(rows: List[Dict], title: str = "") -> None:
+    """Median (IQR) per provider and, for each peer, how many times faster attnext is."""
+    if title:
+        print(title)
+    hdr = f"{'op':<16} {'shape':<22} {'dtype':<9} {'mode':<8} {'provider':<16} {'median ms':>10} {'IQR':>7} {'GF|GB/s':>8} {'attnext x':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        ratio = r.get("ratio_vs", "")
+        ratio_s = f"{ratio:.2f}x" if isinstance(ratio, float) else ""
+        print(
+            f"{r['op']:<16} {r['shape']:<22} {r['dtype']:<9} {r['mode']:<8} {r['provider']:<16} "
+            f"{r['median_ms']:>10.3f} {r['iqr_ms']:>7.3f} {r.get('gflops_or_gbs', 0):>8.1f} {ratio_s:>9}"
+        )

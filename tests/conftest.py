@@ -1,0 +1,50 @@
+"""Shared test helpers: devices, dtype tolerances, the float64 oracle rule."""
+import pytest
+import torch
+
+import attnext
+
+
+def devices():
+    """CPU always; CUDA when a GPU is present (nothing touches CUDA at import time otherwise)."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+# (atol, rtol) against a float64 oracle, per dtype.
+TOL = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (2e-6, 2e-5),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def assert_close_to_oracle(out, oracle, eager, dtype, what=""):
+    """Low precision: the error against the float64 oracle is at most ~2x eager torch's own
+    error in that dtype (plus a small absolute floor); full precision: fixed tolerances."""
+    out64, oracle64 = out.double(), oracle.double()
+    if dtype in (torch.bfloat16, torch.float16):
+        err = (out64 - oracle64).abs().max().item()
+        eager_err = (eager.double() - oracle64).abs().max().item()
+        floor = TOL[dtype][0] / 8
+        assert err <= 2 * eager_err + floor, f"{what}: error {err:.3g} vs eager {eager_err:.3g}"
+    else:
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(out64, oracle64, atol=atol, rtol=rtol, equal_nan=True, msg=what or None)
+
+
+needs_native = pytest.mark.skipif(not attnext.native_available(), reason="attnext._C is not built")
+
+
+@pytest.fixture
+def kernels_disabled():
+    """Run a block on the reference fallback, restoring the previous setting afterwards."""
+    prev = attnext.kernels_enabled()
+    attnext.set_kernels_enabled(False)
+    try:
+        yield
+    finally:
+        attnext.set_kernels_enabled(prev)

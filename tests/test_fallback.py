@@ -1,0 +1,137 @@
+"""The kernel-or-fallback choice: every reason, and parity between the two paths."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnext
+from attnext import reference
+from conftest import needs_native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+def test_parity_kernel_vs_fallback(dtype, align, kernels_disabled):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 37, 29, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 3, 37, 29, dtype=dtype)
+    assert attnext.explain("causal_softmax", x)  # the fixture disabled kernels
+    y_ref = attnext.causal_softmax(x, 0.3, align=align)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    attnext.set_kernels_enabled(True)
+    y = attnext.causal_softmax(x, 0.3, align=align)
+    (gx,) = torch.autograd.grad(y, x, g)
+    # bfloat16: the fallback rounds x * scale to bfloat16 before the softmax, the kernel does not.
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(gx, gx_ref, **tol)
+
+
+def test_disabled_reason_is_reported(kernels_disabled):
+    reasons = attnext.explain("causal_softmax", torch.ones(2, 2))
+    assert any("disabled" in r for r in reasons)
+
+
+@needs_native
+def test_unsupported_dtype_and_device_reasons():
+    # A device type with no kernel in this build (and no GPU needed to ask).
+    class FakeDevice:
+        type = "xpu"
+
+    class FakeTensor:
+        device = FakeDevice()
+        dtype = torch.float32
+
+    reasons = attnext.explain("causal_softmax", FakeTensor())
+    assert any("no native kernel for device type 'xpu'" in r for r in reasons)
+    reasons = attnext.explain("causal_softmax", torch.ones(2, 2, dtype=torch.complex64))
+    assert any("dtype torch.complex64" in r for r in reasons)
+
+
+def test_explain_rejects_unknown_op():
+    with pytest.raises(ValueError, match="unknown op"):
+        attnext.explain("softmax", torch.ones(2, 2))
+
+
+def _run(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_env_var_disables_kernels():
+    code = (
+        "import torch, attnext\n"
+        "x = torch.randn(3, 5, 5)\n"
+        "r = attnext.explain('causal_softmax', x)\n"
+        "assert r and 'disabled' in r[0], r\n"
+        "torch.testing.assert_close(attnext.causal_softmax(x), attnext.reference.causal_softmax(x))\n"
+        "print('ok')\n"
+    )
+    out = _run(code, ATTNEXT_DISABLE_KERNELS="1")
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    # Make `from . import _C` fail the way an unbuilt checkout does.
+    code = (
+        "import sys, warnings\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'attnext._C':\n"
+        "            raise ImportError('simulated: no compiled extension')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, attnext\n"
+        "assert not attnext.native_available()\n"
+        "x = torch.randn(2, 4, 4, requires_grad=True)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = attnext.causal_softmax(x, 0.5)\n"
+        "    attnext.causal_softmax(x, 0.5)\n"
+        "msgs = [str(m.message) for m in w if 'native kernels unavailable' in str(m.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'pip install' in msgs[0]\n"
+        "torch.testing.assert_close(y, attnext.reference.causal_softmax(x, 0.5))\n"
+        "y.sum().backward()\n"
+        "r = attnext.explain('causal_softmax', x)\n"
+        "assert 'not available' in r[0], r\n"
+        "print('ok')\n"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_narrower_instruction_sets_give_the_same_answers(isa):
+    # ATEN_CPU_CAPABILITY caps the kernels' instruction set (as it does torch's own):
+    # checks the AVX2 and scalar row kernels on a machine that would pick AVX-512.
+    code = (
+        "import torch, attnext\n"
+        "from attnext import reference\n"
+        "torch.manual_seed(0)\n"
+        "for shape in [(3, 1, 1), (2, 37, 29), (2, 29, 37), (1, 64, 64)]:\n"
+        "    for br in (False, True):\n"
+        "        x = torch.randn(shape, dtype=torch.float64) * 3\n"
+        "        align = 'bottom_right' if br else 'top_left'\n"
+        "        for dt in (torch.float32, torch.bfloat16):\n"
+        "            xd = x.to(dt).requires_grad_(True)\n"
+        "            y = attnext.causal_softmax(xd, 0.7, align=align)\n"
+        "            ref = reference.causal_softmax(x, 0.7, br)\n"
+        "            tol = 2e-6 if dt == torch.float32 else 1e-2\n"
+        "            assert (y.double() - ref).abs().max() < tol, (shape, br, dt)\n"
+        "            g = torch.randn(shape, dtype=torch.float64)\n"
+        "            (gx,) = torch.autograd.grad(y, xd, g.to(dt))\n"
+        "            gref = reference.causal_softmax_backward(g, ref, 0.7, br)\n"
+        "            assert (gx.double() - gref).abs().max() < 50 * tol, (shape, br, dt)\n"
+        "print(torch.ops.attnext._cpu_isa())\n"
+    )
+    out = _run(code, ATEN_CPU_CAPABILITY=isa)
+    assert out.returncode == 0, out.stderr
+    expected = {"default": "scalar", "avx2": ("avx2", "scalar")}[isa]
+    assert out.stdout.strip() in expected
