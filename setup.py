@@ -42,6 +42,15 @@ def _want_cuda():
     return True, f"torch {torch.__version__} has CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
 
 
+def _nvidia_wheel_includes():
+    """Header folders of the nvidia-* wheels a CUDA torch installs (cuBLAS, cuSPARSE, ...):
+    ATen's CUDA headers need them and a bare CUDA toolkit may not have them."""
+    dirs = []
+    for base in {os.path.dirname(os.path.dirname(torch.__file__))}:
+        dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 def _extension():
     debug = _flag("DEBUG")
     use_cuda, why = _want_cuda()
@@ -49,6 +58,7 @@ def _extension():
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
     )
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
     cxx = opt + [
         "-DATTNEXT_PYTHON_MODULE",
         # `#pragma omp simd` vectorises the row loops without linking an OpenMP runtime.
@@ -65,6 +75,7 @@ def _extension():
         extra["nvcc"] += ["-DATTNEXT_WITH_CUDA"]
         _say(f"building CPU + CUDA kernels ({why}); arch list {os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext_cls = cpp_extension.CUDAExtension
+        include_dirs += _nvidia_wheel_includes()
     else:
         _say(f"building CPU kernels only ({why})")
         ext_cls = cpp_extension.CppExtension
@@ -72,7 +83,7 @@ def _extension():
     return ext_cls(
         name="attnext._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
         extra_compile_args=extra,
     )
 

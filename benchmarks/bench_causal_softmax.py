@@ -21,8 +21,8 @@ import common  # noqa: E402
 import attnext  # noqa: E402
 from attnext import reference  # noqa: E402
 
-SHAPES = [(384, 256, 256), (64, 1024, 1024)]
-QUICK_SHAPES = [(8, 128, 128)]
+SHAPES = {"cpu": [(384, 256, 256), (64, 1024, 1024)], "cuda": [(768, 1024, 1024), (96, 4096, 4096)]}
+QUICK_SHAPES = {"cpu": [(8, 128, 128)], "cuda": [(64, 1024, 1024)]}
 
 
 def visible_elements(T: int, S: int) -> int:
@@ -52,7 +52,7 @@ def run(quick: bool = False, device: str = "cpu", dtypes=("float32",), use_compi
     rows: List[Dict] = []
     base = common.base_row(device)
     bw = copy_bandwidth(device, (32 << 20) if quick else (256 << 20))
-    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
+    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)[device]
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for shape in shapes:
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     rows = run(args.quick, args.device, tuple(args.dtype or ["float32"]), not args.no_compile)
     common.print_table(rows, f"causal_softmax on {common.device_name(args.device)}, torch {torch.__version__}, "
                              f"{torch.get_num_threads()} threads")
-    if not args.no_csv and not args.quick:
+    if not args.no_csv and (not args.quick or args.device == "cuda"):
         print("appended to", common.append_csv(rows, args.device))
     return 0
 
