@@ -3,8 +3,10 @@
     python -m attnext            which kernels are built, a correctness smoke of every
                                  op against the reference, and a short timing table
     python -m attnext check      the first two only
-    python -m attnext bench      the full benchmarks (needs the source checkout's
-                                 benchmarks/ folder); --quick for a smoke run
+    python -m attnext bench      every op's benchmark against its peers (needs the
+                                 source checkout's benchmarks/ folder); --quick
+    python -m attnext demo       train the lecture's GPT with eager heads and with
+                                 attnext's modules, from the same seed
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -116,17 +118,114 @@ def _timing_table() -> None:
             rows.append(dict(case=name, mode=mode, eager=te, attnext=ta))
 
 
+BENCH_OPS = ("causal_softmax", "matmul", "attention")
+
+
+def _bench_modules(bench_dir: str, ops_wanted):
+    """The benchmarks/bench_<op>.py modules present in this checkout, in BENCH_OPS order."""
+    sys.path.insert(0, bench_dir)
+    mods = []
+    for op in ops_wanted:
+        path = os.path.join(bench_dir, f"bench_{op}.py")
+        if os.path.exists(path):
+            mods.append((op, __import__(f"bench_{op}")))
+    return mods
+
+
+def _call_run(mod, **kwargs):
+    """Calls mod.run with the keyword arguments it accepts."""
+    import inspect
+
+    params = inspect.signature(mod.run).parameters
+    return mod.run(**{k: v for k, v in kwargs.items() if k in params and v is not None})
+
+
+def _plot_speedups(rows: List[Dict], path: str) -> Optional[str]:
+    """Speedup of attnext over each peer, per op, against sequence length (or shape)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    series: Dict[tuple, List[tuple]] = {}
+    for r in rows:
+        if isinstance(r.get("ratio_vs"), float) and r.get("mode") == "fwd+bwd" or (
+            isinstance(r.get("ratio_vs"), float) and r.get("op") == "matmul" and r.get("mode") == "fwd"
+        ):
+            x = r.get("seq_len") or r["shape"]
+            series.setdefault((r["op"], r["provider"], r["dtype"]), []).append((x, r["ratio_vs"]))
+    if not series:
+        return None
+    ops_ = sorted({k[0] for k in series})
+    fig, axes = plt.subplots(1, len(ops_), figsize=(5 * len(ops_), 3.8), squeeze=False)
+    for ax, op in zip(axes[0], ops_):
+        for (o, peer, dtype), pts in sorted(series.items()):
+            if o != op:
+                continue
+            xs = [str(p[0]) for p in pts]
+            ax.plot(xs, [p[1] for p in pts], marker="o", label=f"vs {peer} ({dtype})")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(op)
+        ax.set_xlabel("sequence length / shape")
+        ax.set_ylabel("attnext speedup (x)")
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _bench(argv: List[str]) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench_dir = os.path.join(here, "benchmarks")
+    p = argparse.ArgumentParser(prog="python -m attnext bench",
+                                description="every op's benchmark against its peers, in one run")
+    p.add_argument("--op", action="append", choices=BENCH_OPS, help="ops to run (default: all)")
+    p.add_argument("--device", action="append", choices=["cpu", "cuda"], help="default: cpu, and cuda if present")
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="default: each benchmark's own")
+    p.add_argument("--quick", action="store_true", help="small sizes, short timings (a smoke run)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile peers (they compile for minutes)")
+    p.add_argument("--csv", help="append rows here instead of benchmarks/results/<device>.csv")
+    p.add_argument("--plot", default=None, help="speedup plot path (default benchmarks/results/speedup_<device>.png)")
+    args = p.parse_args(argv)
     if not os.path.isdir(bench_dir):
         print("attnext bench: the benchmarks/ folder of the source checkout is needed "
               "(install with `pip install --no-build-isolation -e .` from a clone)", file=sys.stderr)
         return 2
-    sys.path.insert(0, bench_dir)
-    import bench_causal_softmax
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    mods = _bench_modules(bench_dir, args.op or BENCH_OPS)
+    import common  # benchmarks/common.py
 
-    return bench_causal_softmax.main(argv)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety
+        tqdm = None
+    jobs = [(dev, op, mod) for dev in devices for op, mod in mods]
+    rows_by_device: Dict[str, List[Dict]] = {dev: [] for dev in devices}
+    bar = tqdm(jobs, desc="bench", unit="op", file=sys.stderr) if tqdm else jobs
+    for dev, op, mod in bar:
+        if tqdm:
+            bar.set_postfix(op=op, device=dev)
+        rows_by_device[dev] += _call_run(mod, quick=args.quick, device=dev,
+                                         dtypes=tuple(args.dtype) if args.dtype else None,
+                                         use_compile=not args.no_compile)
+    for dev, all_rows in rows_by_device.items():
+        if not all_rows:
+            continue
+        common.print_table(all_rows, f"\n{common.device_name(dev)}, torch {torch.__version__}, "
+                                     f"{torch.get_num_threads()} threads ('attnext x' = peer time / attnext time)")
+        path = common.append_csv(all_rows, dev, args.csv)
+        print(f"rows appended to {path}")
+        plot_path = args.plot or os.path.join(bench_dir, "results", f"speedup_{dev}.png")
+        saved = _plot_speedups(all_rows, plot_path)
+        print(f"speedup plot: {saved}" if saved else "(no plot: matplotlib missing or no ratios)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -134,9 +233,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnext", description="attnext: kernels, checks and benchmarks")
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("check", help="which kernels are built, and a correctness smoke of every op")
-    sub.add_parser("bench", help="the full benchmarks (extra arguments go to the benchmark scripts)", add_help=False)
+    sub.add_parser("bench", help="every op's benchmark against its peers (see bench --help)", add_help=False)
+    sub.add_parser("demo", help="train the lecture's GPT with eager heads and with attnext (see demo --help)",
+                   add_help=False)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "demo":
+        from attnext import demo
+
+        return demo.main(argv[1:])
     args = p.parse_args(argv)
     _kernel_table()
     ok = _smoke("cpu")

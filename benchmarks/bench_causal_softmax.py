@@ -47,8 +47,10 @@ def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
-def run(quick: bool = False, device: str = "cpu", dtypes=("float32",), use_compile: bool = True,
+def run(quick: bool = False, device: str = "cpu", dtypes=None, use_compile: bool = True,
         shapes=None) -> List[Dict]:
+    """Rows for benchmarks/results (see common.CSV_COLUMNS), attnext vs eager vs torch.compile."""
+    dtypes = dtypes or ("float32",)
     rows: List[Dict] = []
     base = common.base_row(device)
     bw = copy_bandwidth(device, (32 << 20) if quick else (256 << 20))
@@ -96,7 +98,7 @@ def run(quick: bool = False, device: str = "cpu", dtypes=("float32",), use_compi
                 for mode, f, nbytes in modes:
                     t = common.time_fn(f, device, quick)
                     rows.append(dict(base, op="causal_softmax", shape="x".join(map(str, shape)), dtype=dtype_name,
-                                     mode=mode, provider=name, median_ms=round(t.median_ms, 4),
+                                     seq_len=T, mode=mode, provider=name, median_ms=round(t.median_ms, 4),
                                      iqr_ms=round(t.iqr_ms, 4), gflops_or_gbs=round(nbytes / (t.median_ms * 1e-3) / 1e9, 2)))
             floor_ms = fwd_bytes / (bw * 1e9) * 1e3
             rows.append(dict(base, op="causal_softmax", shape="x".join(map(str, shape)), dtype=dtype_name,
