@@ -53,8 +53,8 @@ namespace isa_scalar {
 #include "cpu/causal_softmax_rows.inl"
 }  // namespace isa_scalar
 
-using FwdRowF32 = void (*)(const float*, float*, int64_t, int64_t, float, float*);
-using BwdRowF32 = void (*)(const float*, const float*, float*, int64_t, int64_t, float, float*);
+using FwdRowF32 = void (*)(const float*, float*, int64_t, int64_t, float);
+using BwdRowF32 = void (*)(const float*, const float*, float*, int64_t, int64_t, float);
 
 struct RowKernels {
   FwdRowF32 fwd;
@@ -141,15 +141,14 @@ struct Rows<double> {
   }
 };
 
-// float: the row is finished in a scratch buffer and streamed out (see stream_row).
 template <>
 struct Rows<float> {
-  static constexpr int64_t kBuffers = 1;
-  static void fwd(const float* x, float* y, int64_t L, int64_t S, float scale, float* buf) {
-    row_kernels().fwd(x, y, L, S, scale, buf);
+  static constexpr int64_t kBuffers = 0;
+  static void fwd(const float* x, float* y, int64_t L, int64_t S, float scale, float*) {
+    row_kernels().fwd(x, y, L, S, scale);
   }
-  static void bwd(const float* dy, const float* y, float* dx, int64_t L, int64_t S, float scale, float* buf) {
-    row_kernels().bwd(dy, y, dx, L, S, scale, buf);
+  static void bwd(const float* dy, const float* y, float* dx, int64_t L, int64_t S, float scale, float*) {
+    row_kernels().bwd(dy, y, dx, L, S, scale);
   }
 };
 
@@ -160,7 +159,7 @@ struct ReducedRows {
   static constexpr int64_t kBuffers = 2;
   static void fwd(const half_t* x, half_t* y, int64_t L, int64_t S, float scale, float* buf) {
     Widen::run(x, buf, L);
-    row_kernels().fwd(buf, buf, L, L, scale, nullptr);
+    row_kernels().fwd(buf, buf, L, L, scale);
     // A NaN row (see fwd_row_f32) is NaN in its masked part too.
     Narrow::run(buf, y, L, S, L > 0 && buf[0] != buf[0]);
   }
@@ -169,7 +168,7 @@ struct ReducedRows {
     float* yf = buf + S;
     Widen::run(dy, dyf, L);
     Widen::run(y, yf, L);
-    row_kernels().bwd(dyf, yf, dyf, L, L, scale, nullptr);
+    row_kernels().bwd(dyf, yf, dyf, L, L, scale);
     Narrow::run(dyf, dx, L, S, false);
   }
 };
@@ -202,13 +201,6 @@ struct Rows<at::BFloat16> : ReducedRows<at::BFloat16, WidenBF16, NarrowBF16> {};
 template <>
 struct Rows<at::Half> : ReducedRows<at::Half, WidenHalf, NarrowHalf> {};
 
-// Orders this thread's streaming stores before the parallel region ends.
-inline void stream_fence() {
-#if ATTNEXT_X86_SIMD
-  _mm_sfence();
-#endif
-}
-
 // Row u of the zigzag order -> row index t: 0, T-1, 1, T-2, ...
 inline int64_t zigzag(int64_t u, int64_t T) { return (u & 1) ? T - 1 - (u >> 1) : (u >> 1); }
 
@@ -229,7 +221,6 @@ void fwd_impl(const at::Tensor& x, at::Tensor& y, double scale, bool bottom_righ
       const int64_t L = visible_len(t, T, S, bottom_right);
       Rows<scalar_t>::fwd(xp + xr.offset(b, t), yp + (b * T + t) * S, L, S, static_cast<acc_t>(scale), buf.data());
     }
-    stream_fence();
   });
 }
 
@@ -250,7 +241,6 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, double 
       Rows<scalar_t>::bwd(dyp + dyr.offset(b, t), yp + yr.offset(b, t), dxp + (b * T + t) * S, L, S,
                           static_cast<acc_t>(scale), buf.data());
     }
-    stream_fence();
   });
 }
 

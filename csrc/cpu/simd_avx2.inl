@@ -13,10 +13,6 @@ struct VecF {
   static VecF load_tail(const float* p, int64_t n) { return {_mm256_maskload_ps(p, first(n))}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store_tail(float* p, int64_t n) const { _mm256_maskstore_ps(p, first(n), v); }
-  // Non-temporal store (p must be 32-byte aligned): bypasses the cache, so
-  // writing a fresh output costs no read-for-ownership.
-  static constexpr int64_t kStreamAlign = 32;
-  void stream(float* p) const { _mm256_stream_ps(p, v); }
   // Lanes < n from a, the others from b.
   static VecF select_first(int64_t n, VecF a, VecF b) {
     return {_mm256_blendv_ps(b.v, a.v, _mm256_castsi256_ps(first(n)))};

@@ -11,10 +11,6 @@ struct VecF {
   static VecF load_tail(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(first(n), p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store_tail(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, first(n), v); }
-  // Non-temporal store (p must be 64-byte aligned): bypasses the cache, so
-  // writing a fresh output costs no read-for-ownership.
-  static constexpr int64_t kStreamAlign = 64;
-  void stream(float* p) const { _mm512_stream_ps(p, v); }
   // Lanes < n from a, the others from b.
   static VecF select_first(int64_t n, VecF a, VecF b) { return {_mm512_mask_blend_ps(first(n), b.v, a.v)}; }
 

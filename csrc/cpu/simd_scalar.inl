@@ -9,8 +9,6 @@ struct VecF {
   static VecF load_tail(const float*, int64_t) { return {0.0f}; }
   void store(float* p) const { *p = v; }
   void store_tail(float*, int64_t) const {}
-  static constexpr int64_t kStreamAlign = 4;
-  void stream(float* p) const { *p = v; }
   static VecF select_first(int64_t n, VecF a, VecF b) { return n > 0 ? a : b; }
 
   VecF operator+(VecF b) const { return {v + b.v}; }
