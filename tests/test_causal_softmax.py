@@ -242,3 +242,24 @@ def test_meta_tensors_give_shapes():
     x = torch.empty(2, 7, 9, device="meta")
     y = attnext.causal_softmax(x, 0.5)
     assert y.device.type == "meta" and y.shape == x.shape
+
+
+def test_offsets_beyond_32_bits():
+    # A view whose batch stride puts rows more than 2**31 elements into its storage: the
+    # kernels' row addressing must be 64-bit. Only the touched pages are ever backed.
+    T = S = 48
+    stride_b = 2**30 + 7
+    storage = torch.empty(2 * stride_b + T * S, dtype=torch.bfloat16)
+    x = storage.as_strided((3, T, S), (stride_b, S, 1))
+    g = torch.Generator().manual_seed(0)
+    for b in range(3):
+        x[b].copy_(torch.randn(T, S, generator=g))
+    assert x.storage_offset() + 2 * stride_b + T * S > 2**31
+    y = attnext.causal_softmax(x, 0.5)
+    ref = reference.causal_softmax(x.float(), 0.5)
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
+    dy = storage.as_strided((3, T, S), (stride_b, S, 1))  # a strided grad_y too
+    if attnext.native_available():
+        dx = torch.ops.attnext._causal_softmax_backward(dy, y, 0.5, False)
+        dx_ref = reference.causal_softmax_backward(dy.float(), y.float(), 0.5, False)
+        torch.testing.assert_close(dx.float(), dx_ref, atol=2e-2, rtol=2e-2)
