@@ -1,11 +1,14 @@
 """After a CUDA build (ATTNEXT_FORCE_CUDA=1, no GPU needed): the extension imports and
 every attnext op, forward and backward, has a CUDA kernel registered. Exit 1 otherwise."""
+import os
 import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the tree just built
 
-import attnext
-from attnext import ops
+import torch  # noqa: E402
+
+import attnext  # noqa: E402
+from attnext import ops  # noqa: E402
 
 
 def main() -> int:

@@ -2,9 +2,14 @@
 
     compute-sanitizer --tool memcheck python scripts/sanitize_cases.py
 """
-import torch
+import os
+import sys
 
-import attnext
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import attnext  # noqa: E402
 
 
 def main() -> None:
