@@ -39,9 +39,14 @@ _KERNEL_DTYPES = {
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
 
+def _has_op(op: str) -> bool:
+    """Whether the loaded ``_C`` defines ``attnext::<op>`` (a stale build may lack newer ops)."""
+    return _C is not None and hasattr(torch.ops.attnext, op)
+
+
 def _registered_devices(op: str) -> frozenset:
     """Device types with a kernel for ``attnext::<op>`` in the dispatcher (read once, at import)."""
-    if _C is None:
+    if _C is None or not _has_op(op):
         return frozenset()
     return frozenset(
         dev for dev, key in _DISPATCH_KEYS.items() if torch._C._dispatch_has_kernel_for_dispatch_key(f"attnext::{op}", key)
@@ -412,16 +417,19 @@ if _C is not None:
         _causal_softmax_backward_bwd,
         setup_context=_causal_softmax_backward_setup_context,
     )
+if _has_op("matmul"):
     torch.library.register_fake("attnext::matmul")(_matmul_fake)
     torch.library.register_fake("attnext::_matmul_backward")(_matmul_backward_fake)
     torch.library.register_autograd("attnext::matmul", _matmul_bwd, setup_context=_matmul_setup_context)
     torch.library.register_autograd(
         "attnext::_matmul_backward", _matmul_backward_bwd, setup_context=_matmul_backward_setup_context
     )
+if _has_op("causal_mean"):
     torch.library.register_fake("attnext::causal_mean")(_causal_mean_fake)
     torch.library.register_fake("attnext::_causal_mean_backward")(_causal_mean_backward_fake)
     torch.library.register_autograd("attnext::causal_mean", _causal_mean_bwd, setup_context=_causal_mean_setup_context)
     torch.library.register_autograd(
         "attnext::_causal_mean_backward", _causal_mean_backward_bwd, setup_context=_causal_mean_setup_context
     )
+if _C is not None:
     _DEVICES = {op: _registered_devices(op) for op in _PUBLIC_OPS}
