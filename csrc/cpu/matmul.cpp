@@ -25,9 +25,9 @@
 // many small ones, as torch.matmul does.
 //
 // Parallelism: at::parallel_for over the *destination's* batch entries (output
-// matrices, or gradient slices: each thread owns whole slices, so accumulation
-// has no races), each GEMM then single-threaded; with fewer entries than
-// 2 x threads the entries run in turn and the BLAS threads each GEMM itself.
+// matrices, or gradient slices: a thread owns whole slices, so the accumulation has
+// no races), each GEMM single-threaded inside; with fewer entries than threads
+// (a 2-D @ 2-D product, x @ W folded) the BLAS threads the GEMM (see batched_gemm).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -44,8 +44,8 @@
 #include "common.h"
 #include "ops.h"
 
-// Fortran BLAS and MKL's mixed-precision CBLAS, as exported by libtorch_cpu (MKL
-// build). Weak: null where this torch does not export them.
+// Fortran BLAS and MKL's mixed-precision CBLAS (and MKL's per-thread thread count),
+// as exported by libtorch_cpu (MKL build). Weak: null where this torch lacks them.
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -58,6 +58,9 @@ void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, in
     __attribute__((weak));
 void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
                           int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+// The exported name is MKL's Fortran entry: the count is passed by address. Sets the
+// calling thread's MKL thread count, returns the previous one (0: the global one).
+int mkl_set_num_threads_local(const int* nt) __attribute__((weak));
 }
 
 namespace attnext {
@@ -171,14 +174,15 @@ bool have_blas() {
 
 // C = op(A) @ op(B) (+ C when accumulate), C in the accumulation type (float for
 // bfloat16/float16).
+// loop: use the loop kernel (tiny GEMM, k == 0, or no usable BLAS: see batched_gemm).
 template <typename scalar_t>
 void gemm(int64_t m, int64_t n, int64_t k, const scalar_t* A, MatLayout la, const scalar_t* B, MatLayout lb,
-          bool accumulate, at::opmath_type<scalar_t>* C) {
+          bool accumulate, bool loop, at::opmath_type<scalar_t>* C) {
   using acc_t = at::opmath_type<scalar_t>;
   if (m == 0 || n == 0) {
     return;
   }
-  if (k == 0 || m * n * k <= kTinyGemm || !have_blas<scalar_t>() || !fits_int(m, n, k, la, lb)) {
+  if (loop) {
     loop_gemm<scalar_t, acc_t>(m, n, k, A, la, B, lb, accumulate, C);
     return;
   }
@@ -211,6 +215,14 @@ void gemm(int64_t m, int64_t n, int64_t k, const scalar_t* A, MatLayout la, cons
 // C[e] = sum_r op(A[e, r]) @ op(B[e, r]) over the nb batch dims of sizes S: dims
 // with reduce[d] are summed over (r), the others index C's batch entries (e), in
 // order. C is fresh and contiguous, (E, m, n) with E = prod of the kept sizes.
+//
+// Threads: at::parallel_for over the entries (each thread owns whole entries, so the
+// beta = 1 chains never race), every GEMM inside on one thread: torch turns MKL's
+// dynamic threading off, so an MKL call inside a parallel region would start a team
+// of its own (oversubscription). mkl_set_num_threads_local(1) pins it for the
+// calling thread. Without that entry (a non-MKL torch), or with fewer entries than
+// threads, the entries run in turn and the BLAS threads each GEMM. Tiny GEMMs use
+// the loop kernel under at::parallel_for.
 template <typename scalar_t>
 void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg<scalar_t>& A,
                   const MatArg<scalar_t>& B, scalar_t* C, int64_t m, int64_t n, int64_t k) {
@@ -231,16 +243,29 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     return;
   }
   const int64_t mn = m * n;
+  // Element offsets of A's and B's matrix for entry e, reduction index r.
+  auto offsets = [&](int64_t e, int64_t r, int64_t* oa, int64_t* ob) {
+    int64_t a = 0, b = 0;
+    for (int64_t i = nk - 1; i >= 0; --i) {
+      const int64_t d = kept[i], idx = e % S[d];
+      e /= S[d];
+      a += idx * A.bstride[d];
+      b += idx * B.bstride[d];
+    }
+    for (int64_t i = nr - 1; i >= 0; --i) {
+      const int64_t d = red[i], idx = r % S[d];
+      r /= S[d];
+      a += idx * A.bstride[d];
+      b += idx * B.bstride[d];
+    }
+    *oa = a;
+    *ob = b;
+  };
+  const bool loop = k == 0 || m * n * k <= kTinyGemm || !have_blas<scalar_t>() || !fits_int(m, n, k, A.layout, B.layout);
+
   auto body = [&](int64_t e0, int64_t e1) {
     std::vector<acc_t> scratch(kLowp ? mn : 0);
     for (int64_t e = e0; e < e1; ++e) {
-      int64_t offa = 0, offb = 0;
-      for (int64_t i = nk - 1, rest = e; i >= 0; --i) {
-        const int64_t d = kept[i], idx = rest % S[d];
-        rest /= S[d];
-        offa += idx * A.bstride[d];
-        offb += idx * B.bstride[d];
-      }
       scalar_t* c = C + e * mn;
       acc_t* acc = nullptr;
       if constexpr (kLowp) {
@@ -252,14 +277,9 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
         std::fill(acc, acc + mn, acc_t(0));
       }
       for (int64_t r = 0; r < R; ++r) {
-        int64_t ra = offa, rb = offb;
-        for (int64_t i = nr - 1, rest = r; i >= 0; --i) {
-          const int64_t d = red[i], idx = rest % S[d];
-          rest /= S[d];
-          ra += idx * A.bstride[d];
-          rb += idx * B.bstride[d];
-        }
-        gemm<scalar_t>(m, n, k, A.base + ra, A.layout, B.base + rb, B.layout, r > 0, acc);
+        int64_t oa, ob;
+        offsets(e, r, &oa, &ob);
+        gemm<scalar_t>(m, n, k, A.base + oa, A.layout, B.base + ob, B.layout, r > 0, loop, acc);
       }
       if constexpr (kLowp) {
         for (int64_t i = 0; i < mn; ++i) {
@@ -268,12 +288,18 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
       }
     }
   };
-  const int64_t macs = std::max<int64_t>(1, m * n * std::max<int64_t>(k, 1) * std::max<int64_t>(R, 1));
-  const bool blas_threads = macs >= (int64_t(1) << 18) && E < 2 * at::get_num_threads();
-  if (E == 1 || blas_threads) {
-    body(0, E);  // one entry at a time; the BLAS threads each GEMM
+  const bool can_pin = mkl_set_num_threads_local != nullptr;
+  if (loop || (can_pin && E > 1 && E >= at::get_num_threads())) {
+    const int64_t macs = std::max<int64_t>(1, m * n * std::max<int64_t>(k, 1) * std::max<int64_t>(R, 1));
+    at::parallel_for(0, E, std::max<int64_t>(1, (int64_t(1) << 15) / macs), [&](int64_t e0, int64_t e1) {
+      // One thread per GEMM inside the parallel region (this thread only).
+      const int one = 1;
+      const int prev = (can_pin && !loop) ? mkl_set_num_threads_local(&one) : 0;
+      body(e0, e1);
+      if (can_pin && !loop) mkl_set_num_threads_local(&prev);
+    });
   } else {
-    at::parallel_for(0, E, std::max<int64_t>(1, (int64_t(1) << 16) / macs), body);
+    body(0, E);  // entries in turn, the BLAS threads each GEMM
   }
 }
 
