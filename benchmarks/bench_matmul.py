@@ -148,17 +148,30 @@ def _check(case: dict, inputs, dtype) -> None:
             raise AssertionError(f"{case['name']}: attnext gradients disagree with torch")
 
 
-def _time(step: Callable, min_run_time: float):
-    m = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time
-    )
-    return m.median, m.iqr
+def _time_interleaved(steps: Dict[str, Callable], rounds: int, min_run_time: float) -> Dict[str, tuple]:
+    """(median, IQR) in seconds per provider. The providers take turns, `rounds` times,
+    and each one's samples are pooled: on a shared machine the load drifts, and
+    turn-taking spreads the drift over every provider instead of biasing the ratio."""
+    samples = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            m = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
+                min_run_time=min_run_time
+            )
+            samples[name].extend(m.times)
+    out = {}
+    for name, ts in samples.items():
+        t = torch.tensor(ts, dtype=torch.float64)
+        q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+        out[name] = (q[1], q[2] - q[0])
+    return out
 
 
 _MEM_CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, {root!r})
 import bench_matmul as bm
+torch.set_num_threads({threads})
 case = [c for c in bm._cases({quick}) if c["name"] == {name!r}][0]
 g = torch.Generator().manual_seed(0)
 inputs = case["make"](g, getattr(torch, {dtype!r}))
@@ -181,7 +194,7 @@ print(json.dumps({{"peak_extra_mb": (kb("VmHWM:") - base) / 1024.0}}))
 def _peak_extra_mb(case_name: str, provider: str, mode: str, dtype: str, quick: bool) -> Optional[float]:
     """Peak RSS growth of one call in a fresh process (None where Linux's counters are missing)."""
     code = _MEM_CHILD.format(
-        root=os.path.join(ROOT, "benchmarks"), quick=quick, name=case_name, dtype=dtype, mode=mode, provider=provider
+        root=os.path.join(ROOT, "benchmarks"), quick=quick, threads=torch.get_num_threads(), name=case_name, dtype=dtype, mode=mode, provider=provider
     )
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
@@ -217,7 +230,7 @@ def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.flo
     """Check, then time every case/provider/mode; returns one dict per row of cpu.csv
     (plus ``peak_extra_mb`` where measured). Peer rows carry no ratio; attnext rows
     are repeated once per peer with ``ratio_vs`` = peer median / attnext median."""
-    min_run_time = 0.3 if quick else 1.5
+    rounds, min_run_time = (2, 0.2) if quick else (5, 0.4)
     common = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         device=_device(), torch=torch.__version__, git_sha=_git_sha(),
@@ -232,10 +245,13 @@ def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.flo
         grad = torch.randn(out_shape).to(dtype)
         for mode in ("fwd", "fwd+bwd"):
             results = {}
-            for name, fn in case["providers"].items():
-                step = _step(fn, inputs, mode, grad if mode != "fwd" else None)
+            steps = {name: _step(fn, inputs, mode, grad if mode != "fwd" else None)
+                     for name, fn in case["providers"].items()}
+            for step in steps.values():
                 step()  # warm-up
-                median, iqr = _time(step, min_run_time)
+            timings = _time_interleaved(steps, rounds, min_run_time)
+            for name in case["providers"]:
+                median, iqr = timings[name]
                 work = case["work"] * (3.0 if (mode == "fwd+bwd" and case["op"] == "matmul") else 1.0)
                 if case["op"] == "causal_mean" and mode == "fwd+bwd":
                     work *= 2.0
@@ -253,9 +269,7 @@ def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.flo
                     continue
                 rows.append(dict(r, ratio_vs="", peer=""))
                 rows.append(dict(mine, ratio_vs=r["median_ms"] / mine["median_ms"], peer=name))
-            rows.append(dict(mine, ratio_vs="", peer=""))
-    # one plain attnext row per (case, mode) is enough for the csv; keep the ratio rows
-    return [r for r in rows if not (r["provider"] == "attnext" and r["peer"] == "")]
+    return rows
 
 
 def _print_table(rows: List[Dict]) -> None:
@@ -312,7 +326,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider peak memory subprocesses")
     ap.add_argument("--csv", default=DEFAULT_CSV, help="append rows here (default benchmarks/results/cpu.csv)")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not attnext.native_available():
         print("warning: attnext._C is not built; 'attnext' times the eager fallback", file=sys.stderr)
     rows = run(quick=args.quick, memory=not args.no_memory)
