@@ -289,3 +289,29 @@ def test_no_broadcast_copies_forward_and_backward():
     # transposed views go to the GEMM as they are
     at, bt = a.transpose(-1, -2).contiguous().transpose(-1, -2), b.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert _allocated_bytes(lambda: torch.ops.attnext.matmul(at, bt)) == out_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "sa,sb",
+    [((6, 1, 40, 24), (3, 24, 40)), ((17, 24), (5, 24, 19)), ((5, 17, 24), (24, 19))],
+    ids=["both broadcast", "2-D a, batched b", "x @ W folded"],
+)
+def test_reduced_precision_gradients(sa, sb, dtype):
+    """Broadcast gradients are accumulated in float and rounded once: their error against
+    the float64 oracle is at most ~2x eager torch's in the same dtype."""
+    a64, b64 = _pair(sa, sb)
+    g64 = torch.randn(torch.matmul(a64, b64).shape, dtype=torch.float64)
+    ra, rb = torch.autograd.grad(torch.matmul(a64.requires_grad_(), b64.requires_grad_()), (a64, b64), g64)
+
+    def grads(fn):
+        a = a64.detach().to(dtype).requires_grad_()
+        b = b64.detach().to(dtype).requires_grad_()
+        return torch.autograd.grad(fn(a, b), (a, b), g64.to(dtype))
+
+    for mine, eager, ref in zip(grads(attnext.matmul), grads(torch.matmul), (ra, rb)):
+        assert mine.dtype == dtype
+        err = (mine.double() - ref).abs().max().item()
+        eager_err = (eager.double() - ref).abs().max().item()
+        ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10) * ref.abs().max().item()
+        assert err <= 2 * eager_err + ulp
