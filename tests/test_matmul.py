@@ -315,3 +315,38 @@ def test_reduced_precision_gradients(sa, sb, dtype):
         eager_err = (eager.double() - ref).abs().max().item()
         ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10) * ref.abs().max().item()
         assert err <= 2 * eager_err + ulp
+
+
+@native
+def test_compile_dynamic_shapes():
+    """The fake kernel's shape rule under symbolic sizes (dynamic=True), 1-D cases included."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b: attnext.matmul(a, b) * 2, fullgraph=True, dynamic=True, backend="aot_eager")
+    for sa, sb in [((3, 1, 4, 5), (2, 5, 6)), ((4, 1, 7, 5), (3, 5, 2)), ((5,), (2, 5, 3)), ((6, 5), (5,))]:
+        a, b = _pair(sa, sb)
+        a.requires_grad_()
+        b.requires_grad_()
+        y = f(a, b)
+        torch.testing.assert_close(y, torch.matmul(a, b) * 2)
+        ga, gb = torch.autograd.grad(y.sum(), (a, b))
+        ra, rb = torch.autograd.grad((torch.matmul(a, b) * 2).sum(), (a, b))
+        torch.testing.assert_close(ga, ra)
+        torch.testing.assert_close(gb, rb)
+
+
+@native
+def test_compile_inductor():
+    """The default backend (inductor) around matmul and causal_mean, forward and backward."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, x: attnext.matmul(a, b).relu() + attnext.causal_mean(x), fullgraph=True)
+    a, b = _pair((3, 1, 4, 5), (2, 5, 6), torch.float32)
+    x = torch.randn(3, 2, 4, 6)
+    for t in (a, b, x):
+        t.requires_grad_()
+    y = f(a, b, x)
+    ref = torch.matmul(a, b).relu() + reference.causal_mean(x)
+    torch.testing.assert_close(y, ref)
+    got = torch.autograd.grad(y.sum(), (a, b, x))
+    want = torch.autograd.grad(ref.sum(), (a, b, x))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
