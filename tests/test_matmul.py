@@ -350,3 +350,32 @@ def test_compile_inductor():
     want = torch.autograd.grad(ref.sum(), (a, b, x))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@native
+def test_portable_gemm_path_subprocess():
+    """ATTNEXT_MATMUL_BLAS=0: the path a torch without exported BLAS symbols takes
+    (ATen's mm on views), forward and gradients, float32 and bfloat16."""
+    import os
+    import subprocess
+    import sys
+
+    code = r"""
+import torch, attnext
+for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+    for sa, sb in (((6, 1, 40, 24), (3, 24, 40)), ((17, 24), (5, 24, 19)), ((5, 17, 24), (24, 19))):
+        a = torch.randn(sa).to(dt).requires_grad_(); b = torch.randn(sb).to(dt).requires_grad_()
+        out = attnext.matmul(a, b)
+        ref = torch.matmul(a.double(), b.double())
+        assert torch.allclose(out.double(), ref, rtol=tol, atol=tol * 10), (dt, sa, sb)
+        g = torch.randn(ref.shape).to(dt)
+        ga, gb = torch.autograd.grad(out, (a, b), g)
+        ra, rb = torch.autograd.grad(ref, (a, b), g.double())
+        assert torch.allclose(ga.double(), ra, rtol=tol, atol=tol * 10)
+        assert torch.allclose(gb.double(), rb, rtol=tol, atol=tol * 10)
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATTNEXT_MATMUL_BLAS="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

@@ -10,7 +10,8 @@
 //
 // Every GEMM goes to the BLAS that ATen itself calls (sgemm_/dgemm_ and MKL's
 // cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, exported by libtorch_cpu and bound
-// weakly here, so a torch without them still loads and uses the loop kernel below).
+// weakly here, so a torch without them still loads and runs ATen's mm on views of
+// the same memory instead).
 // A matrix view whose rows or columns are unit-stride goes to the GEMM as it is
 // (transposed views become a 'T' GEMM); only an operand with neither last dim
 // unit-stride (or with a zero row stride inside a matrix) is copied, and only that
@@ -134,7 +135,7 @@ MatArg<scalar_t> mat_arg(const at::Tensor& x, int64_t nb, bool transpose) {
 
 // ---- one GEMM: C (m, n, row-major, ld n) = op(A) (m, k) @ op(B) (k, n) [+ C]
 
-// The loop kernel (tiny GEMMs; any torch). acc_t accumulation.
+// The loop kernel (tiny GEMMs, where a BLAS call costs more than the arithmetic). acc_t accumulation.
 template <typename scalar_t, typename acc_t>
 void loop_gemm(int64_t m, int64_t n, int64_t k, const scalar_t* A, MatLayout la, const scalar_t* B, MatLayout lb,
                bool accumulate, acc_t* C) {
@@ -172,18 +173,55 @@ bool have_blas() {
   }
 }
 
+// How one GEMM is computed: the loop kernel (tiny, or k == 0), the exported BLAS,
+// or, where this torch exports none (or ATTNEXT_MATMUL_BLAS=0, for testing), ATen's
+// mm on views of the same memory (reduced precision: float copies of the two
+// matrices, one GEMM's worth).
+enum class Backend { kLoop, kBlas, kAten };
+
+bool blas_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("ATTNEXT_MATMUL_BLAS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return allowed;
+}
+
+template <typename scalar_t>
+void aten_gemm(int64_t m, int64_t n, int64_t k, const scalar_t* A, MatLayout la, const scalar_t* B, MatLayout lb,
+               bool accumulate, at::opmath_type<scalar_t>* C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, MatLayout l) {
+    const std::array<int64_t, 2> sizes{rows, cols};
+    const std::array<int64_t, 2> strides = l.trans ? std::array<int64_t, 2>{1, l.ld} : std::array<int64_t, 2>{l.ld, 1};
+    return at::from_blob(const_cast<scalar_t*>(p), sizes, strides, opts).to(acc);
+  };
+  const std::array<int64_t, 2> csizes{m, n}, cstrides{n, 1};
+  at::Tensor c = at::from_blob(C, csizes, cstrides, opts.dtype(acc));
+  if (accumulate) {
+    c.addmm_(view(A, m, k, la), view(B, k, n, lb));
+  } else {
+    at::mm_out(c, view(A, m, k, la), view(B, k, n, lb));
+  }
+}
+
 // C = op(A) @ op(B) (+ C when accumulate), C in the accumulation type (float for
 // bfloat16/float16).
-// loop: use the loop kernel (tiny GEMM, k == 0, or no usable BLAS: see batched_gemm).
 template <typename scalar_t>
 void gemm(int64_t m, int64_t n, int64_t k, const scalar_t* A, MatLayout la, const scalar_t* B, MatLayout lb,
-          bool accumulate, bool loop, at::opmath_type<scalar_t>* C) {
+          bool accumulate, Backend backend, at::opmath_type<scalar_t>* C) {
   using acc_t = at::opmath_type<scalar_t>;
   if (m == 0 || n == 0) {
     return;
   }
-  if (loop) {
+  if (backend == Backend::kLoop) {
     loop_gemm<scalar_t, acc_t>(m, n, k, A, la, B, lb, accumulate, C);
+    return;
+  }
+  if (backend == Backend::kAten) {
+    aten_gemm<scalar_t>(m, n, k, A, la, B, lb, accumulate, C);
     return;
   }
   const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
@@ -261,7 +299,10 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     *oa = a;
     *ob = b;
   };
-  const bool loop = k == 0 || m * n * k <= kTinyGemm || !have_blas<scalar_t>() || !fits_int(m, n, k, A.layout, B.layout);
+  const Backend backend = (k == 0 || m * n * k <= kTinyGemm)                                        ? Backend::kLoop
+                          : (blas_allowed() && have_blas<scalar_t>() && fits_int(m, n, k, A.layout, B.layout)) ? Backend::kBlas
+                                                                                                            : Backend::kAten;
+  const bool loop = backend == Backend::kLoop;
 
   auto body = [&](int64_t e0, int64_t e1) {
     std::vector<acc_t> scratch(kLowp ? mn : 0);
@@ -279,7 +320,7 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
       for (int64_t r = 0; r < R; ++r) {
         int64_t oa, ob;
         offsets(e, r, &oa, &ob);
-        gemm<scalar_t>(m, n, k, A.base + oa, A.layout, B.base + ob, B.layout, r > 0, loop, acc);
+        gemm<scalar_t>(m, n, k, A.base + oa, A.layout, B.base + ob, B.layout, r > 0, backend, acc);
       }
       if constexpr (kLowp) {
         for (int64_t i = 0; i < mn; ++i) {
