@@ -371,8 +371,8 @@ for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         g = torch.randn(ref.shape).to(dt)
         ga, gb = torch.autograd.grad(out, (a, b), g)
         ra, rb = torch.autograd.grad(ref, (a, b), g.double())
-        assert torch.allclose(ga.double(), ra, rtol=tol, atol=tol * 10)
-        assert torch.allclose(gb.double(), rb, rtol=tol, atol=tol * 10)
+        assert torch.allclose(ga.double(), ra.double(), rtol=tol, atol=tol * 10)
+        assert torch.allclose(gb.double(), rb.double(), rtol=tol, atol=tol * 10)
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
