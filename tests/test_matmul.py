@@ -379,3 +379,18 @@ print("ok")
     env = dict(os.environ, ATTNEXT_MATMUL_BLAS="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_grad_modes():
+    """The no-grad fast path and the autograd path agree; no graph where none is wanted."""
+    a, b = _pair((3, 1, 4, 5), (2, 5, 6))
+    out = attnext.matmul(a, b)
+    assert out.grad_fn is None and not out.requires_grad
+    a.requires_grad_()
+    with torch.no_grad():
+        assert attnext.matmul(a, b).grad_fn is None
+    with torch.inference_mode():
+        torch.testing.assert_close(attnext.matmul(a, b), out)
+    y = attnext.matmul(a, b)
+    assert y.requires_grad and y.grad_fn is not None
+    torch.testing.assert_close(y, out)
