@@ -18,8 +18,9 @@ provider and mode, peak RSS (VmHWM, reset through /proc/self/clear_refs) minus t
 RSS with the inputs in place, with the default allocator (large blocks are mmap'ed
 and returned on free, so RSS follows the live tensors).
 
-Rows are appended to benchmarks/results/cpu.csv. `run(quick)` returns them as dicts
-for the command line (`python -m attnext`).
+Rows are appended to benchmarks/results/cpu.csv. For the command line
+(`python -m attnext`): `run(quick)` returns the rows as dicts, `smoke()` is a
+sub-second correctness check.
 
     python benchmarks/bench_matmul.py [--quick] [--no-memory] [--csv PATH] [--md PATH]
 """
@@ -270,6 +271,27 @@ def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.flo
                 rows.append(dict(r, ratio_vs="", peer=""))
                 rows.append(dict(mine, ratio_vs=r["median_ms"] / mine["median_ms"], peer=name))
     return rows
+
+
+def smoke() -> List[str]:
+    """A sub-second correctness check for the command line's smoke test: the lecture's
+    two cases, a broadcast case with gradients, 1-D operands and causal_mean, against
+    torch in float64. Returns one line per check; raises AssertionError on a mismatch."""
+    lines = []
+    g = torch.Generator().manual_seed(0)
+    for sa, sb in [((3, 1, 2, 2), (5, 2, 3)), ((6, 4, 2), (3, 1, 2, 2)), ((7,), (3, 7, 4)), ((5, 7), (7,))]:
+        a = torch.randn(sa, generator=g, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(sb, generator=g, dtype=torch.float64, requires_grad=True)
+        out, ref = attnext.matmul(a, b), torch.matmul(a, b)
+        assert out.shape == ref.shape and torch.allclose(out, ref), f"matmul {sa} @ {sb}: forward mismatch"
+        go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        mine, theirs = torch.autograd.grad(out, (a, b), go), torch.autograd.grad(ref, (a, b), go)
+        assert all(torch.allclose(m, t) for m, t in zip(mine, theirs)), f"matmul {sa} @ {sb}: gradient mismatch"
+        lines.append(f"matmul {sa} @ {sb} -> {tuple(out.shape)}: forward and gradients match torch.matmul")
+    x = torch.randn(2, 9, 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(attnext.causal_mean(x), reference.causal_mean(x)), "causal_mean mismatch"
+    lines.append("causal_mean (2, 9, 5): matches (tril / tril.sum) @ x")
+    return lines
 
 
 def _print_table(rows: List[Dict]) -> None:
