@@ -208,8 +208,9 @@ def _peak_extra_mb(case_name: str, provider: str, mode: str, dtype: str, quick: 
 def _git_sha() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout
+        # the results files this script appends to do not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True).stdout
         return sha.strip() + ("-dirty" if dirty.strip() else "")
     except OSError:
         return "unknown"
