@@ -36,6 +36,8 @@ SHAPES = [
     ((2, 4, 0), (2, 0, 3), "k = 0: zeros"),
     ((3, 4, 5), (0, 1, 5, 2), "batch broadcast against 0"),
     ((4, 5), (5, 0), "n = 0"),
+    ((0,), (0,), "empty dot product: 0"),
+    ((4, 0), (0,), "matrix-vector with k = 0: zeros"),
 ]
 IDS = [f"{sa}@{sb}" for sa, sb, _ in SHAPES]
 
