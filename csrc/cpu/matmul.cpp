@@ -259,8 +259,9 @@ void gemm(int64_t m, int64_t n, int64_t k, const scalar_t* A, MatLayout la, cons
 // dynamic threading off, so an MKL call inside a parallel region would start a team
 // of its own (oversubscription). mkl_set_num_threads_local(1) pins it for the
 // calling thread. Without that entry (a non-MKL torch), or with fewer entries than
-// threads, the entries run in turn and the BLAS threads each GEMM. Tiny GEMMs use
-// the loop kernel under at::parallel_for.
+// threads, the entries run in turn and the BLAS threads each GEMM (a reduction
+// over r is then split across threads, see below). Tiny GEMMs use the loop kernel
+// under at::parallel_for.
 template <typename scalar_t>
 void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg<scalar_t>& A,
                   const MatArg<scalar_t>& B, scalar_t* C, int64_t m, int64_t n, int64_t k) {
@@ -330,15 +331,68 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     }
   };
   const bool can_pin = mkl_set_num_threads_local != nullptr;
-  if (loop || (can_pin && E > 1 && E >= at::get_num_threads())) {
-    const int64_t macs = std::max<int64_t>(1, m * n * std::max<int64_t>(k, 1) * std::max<int64_t>(R, 1));
-    at::parallel_for(0, E, std::max<int64_t>(1, (int64_t(1) << 15) / macs), [&](int64_t e0, int64_t e1) {
-      // One thread per GEMM inside the parallel region (this thread only).
+  const int64_t threads = at::get_num_threads();
+  // One GEMM per thread inside a parallel region: pin MKL (this thread only).
+  struct Pin {
+    int prev = 0;
+    bool on;
+    explicit Pin(bool on_) : on(on_) {
       const int one = 1;
-      const int prev = (can_pin && !loop) ? mkl_set_num_threads_local(&one) : 0;
-      body(e0, e1);
-      if (can_pin && !loop) mkl_set_num_threads_local(&prev);
+      if (on) prev = mkl_set_num_threads_local(&one);
+    }
+    ~Pin() {
+      if (on) mkl_set_num_threads_local(&prev);
+    }
+  };
+  const bool pin = can_pin && !loop;
+  const bool parallel_ok = loop || can_pin;
+  const int64_t macs = std::max<int64_t>(1, m * n * std::max<int64_t>(k, 1));
+
+  if (parallel_ok && threads > 1 && E < threads && R > 1) {
+    // Few destinations, a long reduction (e.g. the gradient of a 2-D operand
+    // broadcast over a batch): the reduction is cut into S chunks of consecutive r,
+    // chunk 0 accumulates into C itself (a float32/float64 C), the others into
+    // partial sums that are added at the end. A serial chain of BLAS-threaded GEMMs
+    // would fork and join once per GEMM (measured 12x slower than torch on a
+    // loaded 2-core machine). Extra memory: (S - 1) gradient slices (S for
+    // bfloat16/float16, in float).
+    const int64_t S = std::min(threads, R);
+    constexpr int64_t kFirst = kLowp ? 0 : 1;
+    std::vector<acc_t> partial((S - kFirst) * E * mn);
+    auto chunk_begin = [&](int64_t s) { return R * s / S; };
+    at::parallel_for(0, E * S, 1, [&](int64_t i0, int64_t i1) {
+      Pin guard(pin);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t e = i / S, s = i % S;
+        acc_t* acc = partial.data() + ((s - kFirst) * E + e) * mn;
+        if constexpr (!kLowp) {
+          if (s == 0) acc = C + e * mn;
+        }
+        for (int64_t r = chunk_begin(s); r < chunk_begin(s + 1); ++r) {
+          int64_t oa, ob;
+          offsets(e, r, &oa, &ob);
+          gemm<scalar_t>(m, n, k, A.base + oa, A.layout, B.base + ob, B.layout, r > chunk_begin(s), backend, acc);
+        }
+      }
     });
+    const int64_t total = E * mn;
+    at::parallel_for(0, total, 1 << 14, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        acc_t sum = kLowp ? acc_t(0) : static_cast<acc_t>(C[j]);
+        for (int64_t s = 0; s < S - kFirst; ++s) {
+          sum += partial[s * total + j];
+        }
+        C[j] = static_cast<scalar_t>(sum);
+      }
+    });
+    return;
+  }
+  if (loop || (can_pin && E > 1 && E >= threads)) {
+    at::parallel_for(0, E, std::max<int64_t>(1, (int64_t(1) << 15) / (macs * std::max<int64_t>(R, 1))),
+                     [&](int64_t e0, int64_t e1) {
+                       Pin guard(pin);
+                       body(e0, e1);
+                     });
   } else {
     body(0, E);  // entries in turn, the BLAS threads each GEMM
   }
