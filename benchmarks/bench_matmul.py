@@ -4,6 +4,7 @@ Cases:
   broadcast  (64,1,256,64) @ (8,64,256): the issue's case; torch.matmul copies the
              expanded operands (67 MB), attnext reads them through zero strides.
   bmm        (384,256,256) @ (384,256,64): no broadcasting; peer torch.bmm.
+  weight     (256,64) @ (128,64,256): a 2-D operand broadcast over a batch (W @ x).
   lecture    (3,1,2,2) @ (5,2,3): per-call overhead.
   causal_mean (8,2048,256): running mean vs the lecture's (tril / tril.sum) @ x and
              a cumsum one-liner.
@@ -94,6 +95,8 @@ def _cases(quick: bool) -> List[dict]:
             "bmm", (384, 256, 256), (384, 256, 64), lambda a, b: torch.einsum("bij,bjk->bik", a, b),
             extra={"torch.bmm": torch.bmm},
         )
+        # a 2-D operand broadcast over a batch: its gradient is a long reduction
+        mm_case("weight", (256, 64), (128, 64, 256), lambda a, b: torch.einsum("ij,bjk->bik", a, b))
     mm_case("lecture", (3, 1, 2, 2), (5, 2, 3), lambda a, b: torch.einsum("xij,yjk->xyik", a[:, 0], b))
 
     B, T, C = (8, 2048, 256) if not quick else (4, 1024, 128)
