@@ -2,12 +2,14 @@
 
 Ops (also as ``torch.ops.attnext.*`` when the extension is built):
     causal_softmax(x, scale=1.0, *, align="top_left")
+    matmul(a, b)           torch.matmul semantics, broadcast operands never copied
+    causal_mean(x)         running mean over T ("the efficient bag of words")
 
 Native kernels run where they exist (CPU C++, CUDA); everything else runs the
 eager reference in :mod:`attnext.reference`. ``attnext.explain(op, *tensors)``
 says why an input would take the fallback.
 """
-from .ops import _C, causal_softmax, explain, kernels_enabled, set_kernels_enabled
+from .ops import _C, causal_mean, causal_softmax, explain, kernels_enabled, matmul, set_kernels_enabled
 
 __version__ = "0.1.0"
 
@@ -18,9 +20,11 @@ def native_available() -> bool:
 
 
 __all__ = [
+    "causal_mean",
     "causal_softmax",
     "explain",
     "kernels_enabled",
+    "matmul",
     "native_available",
     "set_kernels_enabled",
     "__version__",

@@ -39,9 +39,14 @@ _KERNEL_DTYPES = {
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
 
+def _has_op(op: str) -> bool:
+    """Whether the loaded ``_C`` defines ``attnext::<op>`` (a stale build may lack newer ops)."""
+    return _C is not None and hasattr(torch.ops.attnext, op)
+
+
 def _registered_devices(op: str) -> frozenset:
     """Device types with a kernel for ``attnext::<op>`` in the dispatcher (read once, at import)."""
-    if _C is None:
+    if _C is None or not _has_op(op):
         return frozenset()
     return frozenset(
         dev for dev, key in _DISPATCH_KEYS.items() if torch._C._dispatch_has_kernel_for_dispatch_key(f"attnext::{op}", key)
@@ -221,7 +226,195 @@ def _causal_softmax_backward_bwd(ctx, gg):
     return g_grad_y, g_y, None, None
 
 
-_PUBLIC_OPS = {"causal_softmax": "_causal_softmax_backward"}
+# ----------------------------------------------------------------------------- matmul
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.matmul(a, b)`` without materialising broadcast operands.
+
+    Shapes (exactly torch.matmul's):
+        * ``(k) @ (k) -> ()``: dot product.
+        * ``(m, k) @ (k) -> (m)`` and ``(..., m, k) @ (k) -> (..., m)``: matrix-vector,
+          the vector's appended dim removed from the result.
+        * ``(k) @ (k, n) -> (n)`` and ``(k) @ (..., k, n) -> (..., n)``: vector-matrix,
+          the vector's prepended dim removed.
+        * ``(m, k) @ (k, n) -> (m, n)``.
+        * ``(*A, m, k) @ (*B, k, n) -> (*broadcast(A, B), m, n)``: batch dims are
+          right-aligned and broadcast both ways (size 1 or missing against any size),
+          e.g. ``(3, 1, 2, 2) @ (5, 2, 3) -> (3, 5, 2, 3)``.
+        Size-0 dims give empty results (or zeros when ``k == 0``).
+
+    Args:
+        a, b: float32/float64/bfloat16/float16 tensors of the same dtype and device,
+            at least 1-D, any strides (transposed and sliced views are read in place when
+            a GEMM can take their strides; an operand with neither of its last two dims
+            unit-stride is copied).
+
+    Returns:
+        A new contiguous tensor of the dtype of ``a`` and ``b``; the only memory the
+        native kernel allocates. Incompatible shapes, mixed dtypes or devices and 0-D
+        inputs raise ``RuntimeError``. Other dtypes (integers, complex) and devices
+        without a kernel run ``torch.matmul`` (see :func:`explain`).
+
+    Differentiable; the backward is ``torch.ops.attnext._matmul_backward``, which
+    accumulates the gradient of a broadcast operand over the batch it was broadcast
+    along with GEMMs (no expanded product), and is itself differentiable.
+    """
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        raise TypeError(
+            f"attnext.matmul: a and b must be torch.Tensors, got {type(a).__name__} and {type(b).__name__}"
+        )
+    # Fast path (the tiny lecture case is all overhead): exactly the inputs for which
+    # _fallback_reasons would return [] on the CPU.
+    if _kernels_enabled and _matmul_cpu_ok and a.is_cpu and b.is_cpu and a.dtype == b.dtype and a.dtype in _CPU_DTYPES:
+        if not (a.requires_grad or b.requires_grad) and not torch.compiler.is_compiling():
+            # Nothing to differentiate: skip register_autograd's Python wrapper (about
+            # half the cost of a tiny call), as that wrapper itself would.
+            with torch._C._AutoDispatchBelowAutograd():
+                return _matmul_op(a, b)
+        return _matmul_op(a, b)
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"attnext: matmul: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise RuntimeError(f"attnext: matmul: a and b must be on the same device, got {a.device} and {b.device}")
+    if _fallback_reasons("matmul", (a, b)):
+        _matmul_shape(a.shape, b.shape)  # our error message on the fallback path too
+        return reference.matmul(a, b)
+    return torch.ops.attnext.matmul(a, b)
+
+
+def _matmul_shape(sa, sb) -> List[int]:
+    """torch.matmul's result shape for operand shapes ``sa`` and ``sb``; raises on a mismatch."""
+    if len(sa) == 0 or len(sb) == 0:
+        raise RuntimeError(
+            "attnext: matmul: a and b must have at least 1 dim (a vector or a (batch of) matrices), "
+            f"got shapes {tuple(sa)} and {tuple(sb)}"
+        )
+    a_vec, b_vec = len(sa) == 1, len(sb) == 1
+    a2 = (1, *sa) if a_vec else tuple(sa)
+    b2 = (*sb, 1) if b_vec else tuple(sb)
+    torch._check(
+        a2[-1] == b2[-2],
+        lambda: f"attnext: matmul: shapes {tuple(sa)} and {tuple(sb)} cannot be multiplied: a's last dim "
+        f"({a2[-1]}) must equal b's {'only' if b_vec else 'second-to-last'} dim ({b2[-2]})",
+    )
+    try:
+        batch = list(torch.broadcast_shapes(a2[:-2], b2[:-2]))
+    except RuntimeError:
+        raise RuntimeError(
+            f"attnext: matmul: batch dims of a {tuple(sa)} and b {tuple(sb)} do not broadcast"
+        ) from None
+    return batch + ([] if a_vec else [a2[-2]]) + ([] if b_vec else [b2[-1]])
+
+
+def _matmul_fake(a, b):
+    torch._check(a.dtype == b.dtype, lambda: "attnext: matmul: a and b must have the same dtype")
+    return a.new_empty(_matmul_shape(a.shape, b.shape))
+
+
+def _matmul_backward_fake(grad, a, b, output_mask):
+    torch._check(
+        list(grad.shape) == _matmul_shape(a.shape, b.shape), lambda: "attnext: matmul backward: bad grad shape"
+    )
+    return (
+        a.new_empty(a.shape if output_mask[0] else (0,)),
+        b.new_empty(b.shape if output_mask[1] else (0,)),
+    )
+
+
+def _matmul_setup_context(ctx, inputs, output):
+    a, b = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _matmul_bwd(ctx, grad):
+    a, b = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    grad_a, grad_b = torch.ops.attnext._matmul_backward(grad, a, b, mask)
+    return (grad_a if mask[0] else None), (grad_b if mask[1] else None)
+
+
+def _matmul_backward_setup_context(ctx, inputs, output):
+    grad, a, b, output_mask = inputs
+    ctx.output_mask = list(output_mask)
+    ctx.save_for_backward(grad, a, b)
+
+
+def _matmul_backward_bwd(ctx, gg_a, gg_b):
+    """Double backward. grad_a = G @ B^T and grad_b = A^T @ G (each reduced over its
+    broadcast batch) are bilinear, so every term is matmul or its backward again."""
+    grad, a, b = ctx.saved_tensors
+    use_a = ctx.output_mask[0] and gg_a is not None
+    use_b = ctx.output_mask[1] and gg_b is not None
+    d_grad = d_a = d_b = None
+    if ctx.needs_input_grad[0]:
+        if use_a:
+            d_grad = torch.ops.attnext.matmul(gg_a, b)
+        if use_b:
+            t = torch.ops.attnext.matmul(a, gg_b)
+            d_grad = t if d_grad is None else d_grad + t
+        if d_grad is None:
+            d_grad = torch.zeros_like(grad)
+    if ctx.needs_input_grad[1] and use_b:  # grad_b = A^T G: its derivative in A is G @ gg_b^T
+        d_a = torch.ops.attnext._matmul_backward(grad, a, gg_b, [True, False])[0]
+    if ctx.needs_input_grad[2] and use_a:  # grad_a = G B^T: its derivative in B is gg_a^T @ G
+        d_b = torch.ops.attnext._matmul_backward(grad, gg_a, b, [False, True])[1]
+    return d_grad, d_a, d_b, None
+
+
+# ----------------------------------------------------------------------------- causal_mean
+
+
+def causal_mean(x: Tensor) -> Tensor:
+    """The lecture's "efficient bag of words": each position's mean over itself and the past.
+
+    Args:
+        x: ``(..., T, C)``, any number of batch dims (including none),
+            float32/float64/bfloat16/float16, any strides.
+
+    Returns:
+        ``(..., T, C)`` contiguous, same dtype: ``y[..., t, :] = x[..., :t+1, :].mean(-2)``,
+        equal to ``(tril / tril.sum(1, keepdim=True)) @ x`` with ``tril`` the ``(T, T)``
+        lower-triangular ones, but O(T * C) (a running sum) instead of O(T^2 * C).
+        The running sums are kept in float64, so a float32 result is rounded once.
+
+    Differentiable (backward ``torch.ops.attnext._causal_mean_backward``, the reverse
+    running sum; double backward is ``causal_mean`` again).
+    """
+    _check_tensor(x, "x", 2, "(..., T, C)")
+    if _fallback_reasons("causal_mean", (x,)):
+        return reference.causal_mean(x)
+    return torch.ops.attnext.causal_mean(x)
+
+
+def _causal_mean_fake(x):
+    torch._check(x.dim() >= 2, lambda: f"attnext: x must have at least 2 dims (..., T, C), got {x.dim()}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _causal_mean_backward_fake(grad_y):
+    torch._check(grad_y.dim() >= 2, lambda: f"attnext: grad_y must have at least 2 dims (..., T, C)")
+    return torch.empty_like(grad_y, memory_format=torch.contiguous_format)
+
+
+def _causal_mean_setup_context(ctx, inputs, output):
+    pass  # linear: the backward needs nothing saved
+
+
+def _causal_mean_bwd(ctx, grad_y):
+    return torch.ops.attnext._causal_mean_backward(grad_y) if ctx.needs_input_grad[0] else None
+
+
+def _causal_mean_backward_bwd(ctx, gg):
+    """The backward is linear in grad_y with the transposed weights: its backward is causal_mean."""
+    return torch.ops.attnext.causal_mean(gg) if ctx.needs_input_grad[0] else None
+
+
+_PUBLIC_OPS = {
+    "causal_softmax": "_causal_softmax_backward",
+    "matmul": "_matmul_backward",
+    "causal_mean": "_causal_mean_backward",
+}
 
 if _C is not None:
     torch.library.register_fake("attnext::causal_softmax")(_causal_softmax_fake)
@@ -234,4 +427,22 @@ if _C is not None:
         _causal_softmax_backward_bwd,
         setup_context=_causal_softmax_backward_setup_context,
     )
+if _has_op("matmul"):
+    torch.library.register_fake("attnext::matmul")(_matmul_fake)
+    torch.library.register_fake("attnext::_matmul_backward")(_matmul_backward_fake)
+    torch.library.register_autograd("attnext::matmul", _matmul_bwd, setup_context=_matmul_setup_context)
+    torch.library.register_autograd(
+        "attnext::_matmul_backward", _matmul_backward_bwd, setup_context=_matmul_backward_setup_context
+    )
+if _has_op("causal_mean"):
+    torch.library.register_fake("attnext::causal_mean")(_causal_mean_fake)
+    torch.library.register_fake("attnext::_causal_mean_backward")(_causal_mean_backward_fake)
+    torch.library.register_autograd("attnext::causal_mean", _causal_mean_bwd, setup_context=_causal_mean_setup_context)
+    torch.library.register_autograd(
+        "attnext::_causal_mean_backward", _causal_mean_backward_bwd, setup_context=_causal_mean_setup_context
+    )
+if _C is not None:
     _DEVICES = {op: _registered_devices(op) for op in _PUBLIC_OPS}
+_CPU_DTYPES = _KERNEL_DTYPES["cpu"]
+_matmul_cpu_ok = "cpu" in _DEVICES.get("matmul", ())
+_matmul_op = torch.ops.attnext.matmul.default if _matmul_cpu_ok else None

@@ -47,3 +47,16 @@ def causal_softmax_backward(grad_y: Tensor, y: Tensor, scale: float = 1.0, botto
     y = y.masked_fill(tril == 0, 0.0)
     dot = (grad_y * y).sum(dim=-1, keepdim=True)
     return scale * y * (grad_y - dot)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """The lecture's ``a @ b``: plain ``torch.matmul`` (it materialises broadcast operands)."""
+    return torch.matmul(a, b)
+
+
+def causal_mean(x: Tensor) -> Tensor:
+    """Each position's mean over itself and the past, x: ``(..., T, C)``, written like the lecture."""
+    T = x.shape[-2]
+    tril = torch.tril(torch.ones(T, T, dtype=x.dtype, device=x.device))
+    wei = tril / tril.sum(1, keepdim=True)  # (T, T), rows sum to 1
+    return wei @ x  # (T, T) @ (..., T, C) -> (..., T, C)

@@ -24,4 +24,14 @@ TORCH_LIBRARY(attnext, m) {
   m.def("causal_softmax(Tensor x, float scale=1.0, bool bottom_right=False) -> Tensor");
   // dx = scale * y * (dy - sum(dy * y)) over the visible prefix, zero elsewhere.
   m.def("_causal_softmax_backward(Tensor grad_y, Tensor y, float scale=1.0, bool bottom_right=False) -> Tensor");
+  // torch.matmul's semantics (1-D operands, batch dims broadcast both ways)
+  // without materialising the broadcast operands; a, b: (..., m, k), (..., k, n).
+  m.def("matmul(Tensor a, Tensor b) -> Tensor");
+  // (grad_a, grad_b) of matmul, each summed over the batch dims its operand was
+  // broadcast along; an entry whose output_mask is false is an empty (0,) tensor.
+  m.def("_matmul_backward(Tensor grad, Tensor a, Tensor b, bool[2] output_mask) -> (Tensor, Tensor)");
+  // y[t] = mean(x[0..t]) over the T dim of x (..., T, C): tril-averaging in O(T * C).
+  m.def("causal_mean(Tensor x) -> Tensor");
+  // grad_x[t] = sum_{i >= t} grad_y[i] / (i + 1); linear, its own adjoint's adjoint is causal_mean.
+  m.def("_causal_mean_backward(Tensor grad_y) -> Tensor");
 }

@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <tuple>
+
 // The extension is built with -fvisibility=hidden; these stay visible for C++ users.
 #define ATTNEXT_API __attribute__((visibility("default")))
 
@@ -14,5 +17,19 @@ ATTNEXT_API at::Tensor causal_softmax_cpu(const at::Tensor& x, double scale, boo
 // grad_y, y: (..., T, S) -> grad_x (..., T, S), contiguous.
 ATTNEXT_API at::Tensor causal_softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, double scale,
                                        bool bottom_right);
+
+// torch.matmul semantics; a: (..., m, k) or (k), b: (..., k, n) or (k), batch
+// dims broadcast -> (broadcast batch..., m, n) minus the 1-D dims, contiguous.
+ATTNEXT_API at::Tensor matmul_cpu(const at::Tensor& a, const at::Tensor& b);
+// grad: matmul(a, b)'s shape -> (grad_a like a, grad_b like b), contiguous; an
+// entry not asked for by output_mask is an empty (0,) tensor.
+ATTNEXT_API std::tuple<at::Tensor, at::Tensor> matmul_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
+                                                                   const at::Tensor& b,
+                                                                   std::array<bool, 2> output_mask);
+
+// x: (..., T, C) -> (..., T, C), y[t] = mean(x[0..t]), contiguous.
+ATTNEXT_API at::Tensor causal_mean_cpu(const at::Tensor& x);
+// grad_y: (..., T, C) -> grad_x (..., T, C), contiguous.
+ATTNEXT_API at::Tensor causal_mean_backward_cpu(const at::Tensor& grad_y);
 
 }  // namespace attnext
