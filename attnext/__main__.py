@@ -50,6 +50,9 @@ def _smoke_cases(device: str) -> List[Tuple[str, Callable, Callable, tuple]]:
     """(name, attnext fn, reference fn, float64 inputs) for every op."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 37, 29, generator=g, dtype=torch.float64).to(device)
+    a = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64).to(device)
+    b = torch.randn(5, 2, 3, generator=g, dtype=torch.float64).to(device)
+    h = torch.randn(2, 33, 7, generator=g, dtype=torch.float64).to(device)
     return [
         ("causal_softmax", lambda t: attnext.causal_softmax(t, 0.3), lambda t: reference.causal_softmax(t, 0.3), (x,)),
         (
@@ -58,28 +61,47 @@ def _smoke_cases(device: str) -> List[Tuple[str, Callable, Callable, tuple]]:
             lambda t: reference.causal_softmax(t, 0.3, True),
             (x,),
         ),
+        ("matmul", attnext.matmul, reference.matmul, (a, b)),
+        ("matmul", attnext.matmul, reference.matmul, (x, x.transpose(-1, -2))),
+        ("causal_mean", attnext.causal_mean, reference.causal_mean, (h,)),
     ]
 
 
 def _smoke(device: str = "cpu") -> bool:
+    """Forward and gradients against the reference in float64. Tolerance: the fixed one
+    of the dtype, or twice the reference's own error when run in that dtype (the rule
+    the tests use for reduced precision)."""
     print(f"\ncorrectness smoke on {device} (max |attnext - reference float64|, forward and gradient):")
     ok_all = True
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+    def run(fn, inputs, gout):
+        out = fn(*inputs)
+        return out, torch.autograd.grad(out, inputs, gout.to(out.dtype))
+
     for name, fn, ref, inputs in _smoke_cases(device):
         for dtype, t in tol.items():
             xs = [i.to(dtype).requires_grad_(True) for i in inputs]
             x64 = [i.detach().clone().requires_grad_(True) for i in inputs]
-            out, out64 = fn(*xs), ref(*x64)
+            out64 = ref(*x64)
             gout = torch.ones_like(out64).normal_(generator=torch.Generator(device).manual_seed(1))
-            grads = torch.autograd.grad(out, xs, gout.to(dtype))
-            grads64 = torch.autograd.grad(out64, x64, gout)
-            ferr = (out.double() - out64).abs().max().item()
-            gerr = max((a.double() - b).abs().max().item() for a, b in zip(grads, grads64))
-            ok = ferr <= t and gerr <= 10 * t
+            out, grads = run(fn, xs, gout)
+            _, grads64 = run(ref, x64, gout)
+            e_out, e_grads = run(ref, [i.to(dtype).requires_grad_(True) for i in inputs], gout)
+
+            def err(a, b):
+                return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+            ferr = err(out, out64)
+            gerr = max(err(a, b) for a, b in zip(grads, grads64))
+            f_ok = ferr <= max(t, 2 * err(e_out, out64))
+            g_ok = gerr <= max(10 * t, 2 * max(err(a, b) for a, b in zip(e_grads, grads64)))
+            ok = f_ok and g_ok
             ok_all &= ok
             path = "kernel" if not ops._fallback_reasons(name.split("(")[0], xs) else "reference"
-            print(f"  {name:<30} {str(dtype).replace('torch.', ''):<9} {path:<9} fwd {ferr:.1e}  grad {gerr:.1e}  "
-                  f"{'ok' if ok else 'FAIL'}")
+            shapes = " @ ".join("x".join(map(str, i.shape)) for i in inputs)
+            print(f"  {name:<30} {shapes:<22} {str(dtype).replace('torch.', ''):<9} {path:<9} fwd {ferr:.1e}  "
+                  f"grad {gerr:.1e}  {'ok' if ok else 'FAIL'}")
     return ok_all
 
 
@@ -95,7 +117,8 @@ def _time(fn: Callable[[], object], reps: int = 20) -> float:
 
 
 def _timing_table() -> None:
-    print("\nshort timing table (CPU, float32, median ms; the full benchmarks: python -m attnext bench):")
+    print("\nshort timing table (CPU, float32, median ms of 20 calls, eager = the lecture's torch code;"
+          "\nthe full benchmarks with torch.compile/SDPA peers: python -m attnext bench):")
     rows: List[Dict] = []
     x = torch.randn(64, 256, 256)
     g = torch.randn_like(x)
@@ -104,17 +127,26 @@ def _timing_table() -> None:
     def eager_softmax(t):
         return torch.softmax((t * 0.125).masked_fill(tril == 0, float("-inf")), -1)
 
-    cases = [("causal_softmax 64x256x256", lambda t: attnext.causal_softmax(t, 0.125), eager_softmax, x, g)]
-    print(f"  {'case':<30} {'mode':<8} {'eager':>9} {'attnext':>9} {'speedup':>8}")
+    a, b = torch.randn(64, 1, 256, 64), torch.randn(8, 64, 256)
+    ga = torch.randn(64, 8, 256, 256)
+    h = torch.randn(16, 512, 128)
+    tril_h = torch.tril(torch.ones(512, 512))
+    wei_h = tril_h / tril_h.sum(1, keepdim=True)
+    cases = [
+        ("causal_softmax 64x256x256", lambda t: attnext.causal_softmax(t, 0.125), eager_softmax, (x,), g),
+        ("matmul (64,1,256,64)@(8,64,256)", attnext.matmul, torch.matmul, (a, b), ga),
+        ("causal_mean 16x512x128", attnext.causal_mean, lambda t: wei_h @ t, (h,), h),
+    ]
+    print(f"  {'case':<32} {'mode':<8} {'eager':>9} {'attnext':>9} {'speedup':>8}")
     for name, ours, eager, inp, grad in cases:
-        xg = inp.clone().requires_grad_(True)
+        leaves = [i.clone().requires_grad_(True) for i in inp]
         for mode in ("fwd", "fwd+bwd"):
             if mode == "fwd":
-                te, ta = _time(lambda: eager(inp)), _time(lambda: ours(inp))
+                te, ta = _time(lambda: eager(*inp)), _time(lambda: ours(*inp))
             else:
-                te = _time(lambda: torch.autograd.grad(eager(xg), xg, grad))
-                ta = _time(lambda: torch.autograd.grad(ours(xg), xg, grad))
-            print(f"  {name:<30} {mode:<8} {te:>9.3f} {ta:>9.3f} {te / ta:>7.2f}x")
+                te = _time(lambda: torch.autograd.grad(eager(*leaves), leaves, grad))
+                ta = _time(lambda: torch.autograd.grad(ours(*leaves), leaves, grad))
+            print(f"  {name:<32} {mode:<8} {te:>9.3f} {ta:>9.3f} {te / ta:>7.2f}x")
             rows.append(dict(case=name, mode=mode, eager=te, attnext=ta))
 
 
@@ -132,12 +164,27 @@ def _bench_modules(bench_dir: str, ops_wanted):
     return mods
 
 
-def _call_run(mod, **kwargs):
-    """Calls mod.run with the keyword arguments it accepts."""
+def _call_run(mod, common, device: str, **kwargs) -> List[Dict]:
+    """Calls mod.run with the keyword arguments it accepts, and puts its rows in the one
+    convention of benchmarks/common.py (device name; ratios on the peers' rows)."""
     import inspect
 
     params = inspect.signature(mod.run).parameters
-    return mod.run(**{k: v for k, v in kwargs.items() if k in params and v is not None})
+    if "device" not in params and device != "cpu":
+        print(f"(bench_{mod.__name__[6:]} has no {device} benchmark)", file=sys.stderr)
+        return []
+    kwargs["device"] = device
+    rows, seen = [], set()
+    for r in mod.run(**{k: v for k, v in kwargs.items() if k in params and v is not None}):
+        key = (r["op"], r["shape"], r["dtype"], r["mode"], r["provider"])
+        if key not in seen:  # one row per provider and case
+            seen.add(key)
+            rows.append(r)
+    for r in rows:
+        r["device"] = common.device_name(device)
+        r["ratio_vs"], r["peer"] = "", ""
+    common.add_ratios(rows)
+    return rows
 
 
 def _plot_speedups(rows: List[Dict], path: str) -> Optional[str]:
@@ -212,7 +259,7 @@ def _bench(argv: List[str]) -> int:
     for dev, op, mod in bar:
         if tqdm:
             bar.set_postfix(op=op, device=dev)
-        rows_by_device[dev] += _call_run(mod, quick=args.quick, device=dev,
+        rows_by_device[dev] += _call_run(mod, common, dev, quick=args.quick,
                                          dtypes=tuple(args.dtype) if args.dtype else None,
                                          use_compile=not args.no_compile)
     for dev, all_rows in rows_by_device.items():

@@ -19,6 +19,8 @@ from torch.utils.benchmark import Timer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+# ratio_vs, on a peer's row: how many times faster attnext ran than that peer in the
+# same run (peer median / attnext median); peer names what it was compared with.
 CSV_COLUMNS = [
     "date", "device", "torch", "git_sha", "op", "shape", "dtype", "mode", "provider",
     "median_ms", "iqr_ms", "gflops_or_gbs", "ratio_vs", "peer",
@@ -137,13 +139,13 @@ def print_table(rows: List[Dict], title: str = "") -> None:
     """Median (IQR) per provider and, for each peer, how many times faster attnext is."""
     if title:
         print(title)
-    hdr = f"{'op':<16} {'shape':<22} {'dtype':<9} {'mode':<8} {'provider':<16} {'median ms':>10} {'IQR':>7} {'GF|GB/s':>8} {'attnext x':>9}"
+    hdr = f"{'op':<16} {'shape':<30} {'dtype':<9} {'mode':<8} {'provider':<16} {'median ms':>10} {'IQR':>7} {'GF|GB/s':>8} {'attnext x':>9}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         ratio = r.get("ratio_vs", "")
         ratio_s = f"{ratio:.2f}x" if isinstance(ratio, float) else ""
         print(
-            f"{r['op']:<16} {r['shape']:<22} {r['dtype']:<9} {r['mode']:<8} {r['provider']:<16} "
+            f"{r['op']:<16} {r['shape']:<30} {r['dtype']:<9} {r['mode']:<8} {r['provider']:<16} "
             f"{r['median_ms']:>10.3f} {r['iqr_ms']:>7.3f} {r.get('gflops_or_gbs', 0):>8.1f} {ratio_s:>9}"
         )
