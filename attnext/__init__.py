@@ -2,12 +2,16 @@
 
 Ops (also as ``torch.ops.attnext.*`` when the extension is built):
     causal_softmax(x, scale=1.0, *, align="top_left")
+    causal_attention(q, k, v, *, scale=None, dropout_p=0.0, align="top_left")
+
+Modules (attnext.nn): Head, MultiHeadAttention (the lecture's), CausalSelfAttention (nanoGPT's).
 
 Native kernels run where they exist (CPU C++, CUDA); everything else runs the
 eager reference in :mod:`attnext.reference`. ``attnext.explain(op, *tensors)``
 says why an input would take the fallback.
 """
-from .ops import _C, causal_softmax, explain, kernels_enabled, set_kernels_enabled
+from .ops import _C, causal_attention, causal_softmax, explain, kernels_enabled, set_kernels_enabled
+from . import nn  # noqa: E402  (after .ops: the modules call the public ops)
 
 __version__ = "0.1.0"
 
@@ -18,10 +22,12 @@ def native_available() -> bool:
 
 
 __all__ = [
+    "causal_attention",
     "causal_softmax",
     "explain",
     "kernels_enabled",
     "native_available",
+    "nn",
     "set_kernels_enabled",
     "__version__",
 ]

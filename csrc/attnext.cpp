@@ -24,4 +24,17 @@ TORCH_LIBRARY(attnext, m) {
   m.def("causal_softmax(Tensor x, float scale=1.0, bool bottom_right=False) -> Tensor");
   // dx = scale * y * (dy - sum(dy * y)) over the visible prefix, zero elsewhere.
   m.def("_causal_softmax_backward(Tensor grad_y, Tensor y, float scale=1.0, bool bottom_right=False) -> Tensor");
+  // out = dropout(causal_softmax(q k^T, scale)) v without the (T, S) matrix;
+  // q: (..., T, hs), k: (..., S, hs), v: (..., S, hs_v) -> out (..., T, hs_v) and the
+  // per-row logsumexp lse (..., T) (float32; float64 for float64). Dropout keeps
+  // weight (b, t, j) by a counter-based hash of (seed, offset, b, t, j), so the op
+  // is a pure function of its arguments.
+  m.def(
+      "causal_attention(Tensor q, Tensor k, Tensor v, float scale, float dropout_p=0.0, bool bottom_right=False, "
+      "int seed=0, int offset=0) -> (Tensor out, Tensor lse)");
+  // (grad_q, grad_k, grad_v), recomputing the weights from lse and the dropout mask from (seed, offset).
+  m.def(
+      "_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float scale, float dropout_p=0.0, bool bottom_right=False, int seed=0, int offset=0) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

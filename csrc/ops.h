@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 // The extension is built with -fvisibility=hidden; these stay visible for C++ users.
 #define ATTNEXT_API __attribute__((visibility("default")))
 
@@ -14,5 +16,15 @@ ATTNEXT_API at::Tensor causal_softmax_cpu(const at::Tensor& x, double scale, boo
 // grad_y, y: (..., T, S) -> grad_x (..., T, S), contiguous.
 ATTNEXT_API at::Tensor causal_softmax_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, double scale,
                                        bool bottom_right);
+
+// q: (..., T, hs), k: (..., S, hs), v: (..., S, hs_v) -> (out (..., T, hs_v), lse (..., T)).
+ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& v, double scale,
+                                                                    double dropout_p, bool bottom_right, int64_t seed,
+                                                                    int64_t offset);
+// -> (grad_q, grad_k, grad_v), shaped like q, k, v, contiguous.
+ATTNEXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset);
 
 }  // namespace attnext

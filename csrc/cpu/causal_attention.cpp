@@ -1,0 +1,595 @@
+// Fused causal attention on the CPU, forward and backward (flash-style).
+//
+// out = dropout(softmax(scale * q k^T, causal)) v for q: (..., T, hs),
+// k: (..., S, hs), v: (..., S, hs_v); the (T, S) weight matrix never exists.
+//
+// Forward: one work item per (batch, query tile of kBq rows). The item walks
+// the key tiles of kBk columns left to right up to the causal boundary of its
+// last row (tiles wholly above the diagonal are never touched), with an online
+// softmax: S = scale q k^T (BLAS gemm into a per-thread tile), running max m
+// and sum l per row, the output accumulator rescaled by exp(m_old - m_new),
+// then O += P v. At the end O /= l and lse = m + log(l) is kept for the
+// backward. Query tiles are visited in a zigzag order (0, n-1, 1, n-2, ...)
+// within each batch so that the contiguous chunks at::parallel_for hands to
+// each thread hold about the same work.
+//
+// Backward: D = rowsum(dO * O) first; then one work item per (batch, chunk of
+// key tiles). For each of its key tiles the item walks the query tiles that
+// can see it, recomputes P = exp(S - lse), and accumulates
+//   dV += P^T dO, dP = dO v^T, dS = scale P (dP - D),
+//   dQ += dS k, dK += dS^T q
+// (with dropout, P^T dO uses the dropped P and dP is multiplied by the same
+// mask). dK/dV of a key tile belong to one item, so they are written without
+// races. dQ rows are shared by the key tiles of a batch: with one chunk per
+// batch (enough batches to keep every thread busy) they go straight into the
+// output; otherwise each chunk owns a copy and the copies are summed after.
+//
+// Dropout keeps weight (b, t, j) iff a counter-based hash of (seed, offset, b,
+// t, j) is >= p * 2^32, so the backward regenerates the forward's mask exactly
+// and any tiling or thread count gives the same result; attnext/reference.py
+// computes the same hash with torch integer ops.
+//
+// Types: float and double natively (float accumulation, double for double);
+// bfloat16 inputs are widened once into float copies and results rounded once.
+// Memory: O(B * T * hs) plus per-thread tiles, never O(T * S).
+// Inputs are read through their strides (nanoGPT's q.transpose(1, 2) views)
+// when their rows are unit-stride; otherwise a contiguous copy is made.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/vec_math.h"
+#include "ops.h"
+
+// BLAS, resolved at load time from the libraries torch already loaded (MKL in
+// the x86-64 wheels exports the Fortran symbols). Weak: where no BLAS exports
+// them, a plain loop nest is used instead.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace attnext {
+
+// ---- dropout hash: the same integer steps as reference._dropout_keep
+ATTNEXT_INLINE uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+constexpr uint32_t kBatchMul = 0x9e3779b9u;
+constexpr uint32_t kRowMul = 0x85ebca77u;
+constexpr uint32_t kColMul = 0xc2b2ae3du;
+
+// One key per (seed, offset) stream.
+inline uint32_t dropout_stream_key(int64_t seed, int64_t offset) {
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  uint32_t h = fmix32(static_cast<uint32_t>(o) ^ 0x6a09e667u);
+  h = fmix32(h ^ static_cast<uint32_t>(o >> 32));
+  h = fmix32(h ^ static_cast<uint32_t>(s));
+  h = fmix32(h ^ static_cast<uint32_t>(s >> 32));
+  return h;
+}
+
+// One key per (stream, batch, query row).
+inline uint32_t dropout_row_key(uint32_t stream, int64_t b, int64_t t) {
+  const uint32_t hb = fmix32(stream + static_cast<uint32_t>(b) * kBatchMul);
+  return fmix32(hb + static_cast<uint32_t>(t) * kRowMul);
+}
+
+// Keep weight (row, col) iff its hash is >= threshold = floor(p * 2^32).
+ATTNEXT_INLINE bool dropout_keep(uint32_t row_key, uint32_t col, uint32_t threshold) {
+  return fmix32(row_key + col * kColMul) >= threshold;
+}
+
+namespace {
+
+// ---- float tile kernels, one copy per instruction set (cpu/causal_attention_tiles.inl)
+#if ATTNEXT_X86_SIMD
+ATTNEXT_ISA_BEGIN_AVX512
+namespace isa_avx512 {
+#include "cpu/simd_avx512.inl"
+#include "cpu/causal_attention_tiles.inl"
+}  // namespace isa_avx512
+ATTNEXT_ISA_END
+ATTNEXT_ISA_BEGIN_AVX2
+namespace isa_avx2 {
+#include "cpu/simd_avx2.inl"
+#include "cpu/causal_attention_tiles.inl"
+}  // namespace isa_avx2
+ATTNEXT_ISA_END
+#endif
+namespace isa_scalar {
+#include "cpu/simd_scalar.inl"
+#include "cpu/causal_attention_tiles.inl"
+}  // namespace isa_scalar
+
+struct TileKernels {
+  decltype(&isa_scalar::attn_fwd_tile_f32) fwd;
+  decltype(&isa_scalar::attn_bwd_p_tile_f32) bwd_p;
+  decltype(&isa_scalar::attn_bwd_ds_tile_f32) bwd_ds;
+  decltype(&isa_scalar::attn_dropout_tile_f32) dropout;
+};
+
+const TileKernels& tile_kernels() {
+  static const TileKernels k = [] {
+    switch (simd::detected_isa()) {
+#if ATTNEXT_X86_SIMD
+      case simd::Isa::kAvx512:
+        return TileKernels{&isa_avx512::attn_fwd_tile_f32, &isa_avx512::attn_bwd_p_tile_f32,
+                           &isa_avx512::attn_bwd_ds_tile_f32, &isa_avx512::attn_dropout_tile_f32};
+      case simd::Isa::kAvx2:
+        return TileKernels{&isa_avx2::attn_fwd_tile_f32, &isa_avx2::attn_bwd_p_tile_f32,
+                           &isa_avx2::attn_bwd_ds_tile_f32, &isa_avx2::attn_dropout_tile_f32};
+#endif
+      default:
+        return TileKernels{&isa_scalar::attn_fwd_tile_f32, &isa_scalar::attn_bwd_p_tile_f32,
+                           &isa_scalar::attn_bwd_ds_tile_f32, &isa_scalar::attn_dropout_tile_f32};
+    }
+  }();
+  return k;
+}
+
+// ---- the double tiles: plain loops, std::exp (double is for checking, not speed)
+void fwd_tile(double* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, double* m, double* l,
+              double* alpha) {
+  for (int64_t r = 0; r < nr; ++r) {
+    double* x = s + r * ld;
+    const int64_t L = vis[r];
+    if (L <= 0) {
+      std::fill(x, x + nc, 0.0);
+      alpha[r] = 1.0;
+      continue;
+    }
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < L; ++j) mx = x[j] > mx ? x[j] : mx;
+    const double m_new = std::max(mx, m[r]);
+    double sum = 0;
+    for (int64_t j = 0; j < L; ++j) {
+      x[j] = std::exp(x[j] - m_new);
+      sum += x[j];
+    }
+    std::fill(x + L, x + nc, 0.0);
+    const double a = m[r] == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(m[r] - m_new);
+    alpha[r] = a;
+    l[r] = l[r] * a + sum;
+    m[r] = m_new;
+  }
+}
+
+void bwd_p_tile(double* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, const double* lse) {
+  for (int64_t r = 0; r < nr; ++r) {
+    double* x = s + r * ld;
+    const int64_t L = std::max<int64_t>(vis[r], 0);
+    for (int64_t j = 0; j < L; ++j) x[j] = std::exp(x[j] - lse[r]);
+    std::fill(x + L, x + nc, 0.0);
+  }
+}
+
+void bwd_ds_tile(const double* p, double* dp, const double* z, int64_t nr, int64_t nc, int64_t ld,
+                 const double* D, double scale) {
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t j = 0; j < nc; ++j) {
+      const double g = (z ? dp[r * ld + j] * z[r * ld + j] : dp[r * ld + j]) - D[r];
+      dp[r * ld + j] = scale * p[r * ld + j] * g;
+    }
+  }
+}
+
+void dropout_tile(double* p, double* z, int64_t nr, int64_t nc, int64_t ld, const uint32_t* row_keys, uint32_t col0,
+                  uint32_t threshold, double inv_keep) {
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t j = 0; j < nc; ++j) {
+      const double f = dropout_keep(row_keys[r], col0 + static_cast<uint32_t>(j), threshold) ? inv_keep : 0.0;
+      if (z) z[r * ld + j] = f;
+      if (p) p[r * ld + j] *= f;
+    }
+  }
+}
+
+// The float tiles go to the kernels of the detected instruction set.
+void fwd_tile(float* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, float* m, float* l, float* alpha) {
+  tile_kernels().fwd(s, nr, nc, ld, vis, m, l, alpha);
+}
+void bwd_p_tile(float* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, const float* lse) {
+  tile_kernels().bwd_p(s, nr, nc, ld, vis, lse);
+}
+void bwd_ds_tile(const float* p, float* dp, const float* z, int64_t nr, int64_t nc, int64_t ld, const float* D,
+                 float scale) {
+  tile_kernels().bwd_ds(p, dp, z, nr, nc, ld, D, scale);
+}
+void dropout_tile(float* p, float* z, int64_t nr, int64_t nc, int64_t ld, const uint32_t* row_keys, uint32_t col0,
+                  uint32_t threshold, float inv_keep) {
+  tile_kernels().dropout(p, z, nr, nc, ld, row_keys, col0, threshold, inv_keep);
+}
+
+// ---- gemm on row-major blocks, via column-major BLAS (C^T = B^T A^T)
+template <typename T>
+void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T beta, T* c, int64_t ldc) {
+  // Column-major: C (m, n) = alpha op(A) op(B) + beta C.
+  if (m == 0 || n == 0) return;
+  const bool have_blas = std::is_same<T, float>::value ? (sgemm_ != nullptr) : (dgemm_ != nullptr);
+  if (k > 0 && have_blas) {
+    const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+    if constexpr (std::is_same<T, float>::value) {
+      sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    } else {
+      dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      T acc = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        const T av = ta == 'N' ? a[i + p * lda] : a[p + i * lda];
+        const T bv = tb == 'N' ? b[p + j * ldb] : b[j + p * ldb];
+        acc += av * bv;
+      }
+      c[i + j * ldc] = alpha * acc + (beta == T(0) ? T(0) : beta * c[i + j * ldc]);
+    }
+  }
+}
+
+// C (M, N) = alpha A (M, K) B^T + beta C, B: (N, K); all row-major.
+template <typename T>
+void mm_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+           int64_t ldc) {
+  blas_gemm<T>('T', 'N', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+// C (M, N) = alpha A (M, K) B (K, N) + beta C.
+template <typename T>
+void mm_nn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+           int64_t ldc) {
+  blas_gemm<T>('N', 'N', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+// C (M, N) = alpha A^T B + beta C, A: (K, M), B: (K, N).
+template <typename T>
+void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+           int64_t ldc) {
+  blas_gemm<T>('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+
+constexpr int64_t kBq = 64;  // query rows per tile
+constexpr int64_t kBk = 64;  // key columns per tile
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t zigzag(int64_t u, int64_t n) { return (u & 1) ? n - 1 - (u >> 1) : (u >> 1); }
+
+// A (.., rows, d) tensor as the kernels read it: per-batch offsets + row stride.
+template <typename T>
+struct Rows2D {
+  const T* base;
+  RowIndexer idx;
+  int64_t ld;
+  explicit Rows2D(const at::Tensor& t)
+      : base(t.const_data_ptr<T>()), idx(t), ld(std::max<int64_t>(t.stride(-2), std::max<int64_t>(t.size(-1), 1))) {}
+  const T* at(int64_t b, int64_t row) const { return base + idx.offset(b, row); }
+};
+
+struct Dropout {
+  bool on = false;
+  uint32_t stream = 0;
+  uint32_t threshold = 0;
+  double inv_keep = 1.0;
+  Dropout(double p, int64_t seed, int64_t offset) {
+    if (p > 0) {
+      on = true;
+      stream = dropout_stream_key(seed, offset);
+      threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+      inv_keep = 1.0 / (1.0 - p);
+    }
+  }
+};
+
+struct Geometry {
+  int64_t BH, T, S, hs, hsv;
+  int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
+  int64_t visible(int64_t t) const {
+    const int64_t v = t + 1 + shift;
+    return v < 0 ? 0 : (v > S ? S : v);
+  }
+};
+
+template <typename T>
+void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+              const Geometry& g, double scale_d, const Dropout& drop) {
+  const Rows2D<T> Q(q), K(k), V(v);
+  T* op = out.mutable_data_ptr<T>();
+  T* lp = lse.mutable_data_ptr<T>();
+  const T scale = static_cast<T>(scale_d);
+  const T inv_keep = static_cast<T>(drop.inv_keep);
+  const int64_t nqt = ceil_div(g.T, kBq);
+  at::parallel_for(0, g.BH * nqt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(kBq * kBk), m(kBq), l(kBq), alpha(kBq);
+    std::vector<int64_t> vis(kBq);
+    std::vector<uint32_t> row_keys(kBq);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nqt;
+      const int64_t t0 = zigzag(item % nqt, nqt) * kBq;
+      const int64_t nr = std::min(kBq, g.T - t0);
+      T* o = op + (b * g.T + t0) * g.hsv;  // (nr, hsv), the accumulator
+      std::fill(o, o + nr * g.hsv, T(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+      std::fill(l.begin(), l.end(), T(0));
+      if (drop.on) {
+        for (int64_t r = 0; r < nr; ++r) row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+      }
+      const int64_t kv_end = g.visible(t0 + nr - 1);
+      const T* qb = Q.at(b, t0);
+      for (int64_t k0 = 0; k0 < kv_end; k0 += kBk) {
+        const int64_t nc = std::min(kBk, kv_end - k0);
+        mm_nt<T>(nr, nc, g.hs, scale, qb, Q.ld, K.at(b, k0), K.ld, T(0), s.data(), kBk);  // (nr, nc)
+        for (int64_t r = 0; r < nr; ++r) vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+        fwd_tile(s.data(), nr, nc, kBk, vis.data(), m.data(), l.data(), alpha.data());
+        if (drop.on) {
+          dropout_tile(s.data(), static_cast<T*>(nullptr), nr, nc, kBk, row_keys.data(), static_cast<uint32_t>(k0),
+                       drop.threshold, inv_keep);
+        }
+        if (k0 > 0) {
+          for (int64_t r = 0; r < nr; ++r) {
+            if (alpha[r] != T(1)) {
+              T* orow = o + r * g.hsv;
+              const T a = alpha[r];
+              for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= a;
+            }
+          }
+        }
+        mm_nn<T>(nr, g.hsv, nc, T(1), s.data(), kBk, V.at(b, k0), V.ld, T(1), o, std::max<int64_t>(g.hsv, 1));
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        T* orow = o + r * g.hsv;
+        if (l[r] != T(0)) {  // NaN from the inputs propagates as in torch.softmax
+          const T inv = T(1) / l[r];
+          for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= inv;
+          lp[b * g.T + t0 + r] = m[r] + std::log(l[r]);
+        } else {
+          // no visible key (bottom-right with T > S, or S == 0): output 0, lse -inf
+          lp[b * g.T + t0 + r] = -std::numeric_limits<T>::infinity();
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+              const Geometry& g, double scale_d, const Dropout& drop) {
+  const Rows2D<T> Q(q), K(k), V(v), dO(dout), O(out);
+  const T* lp = lse.const_data_ptr<T>();  // (BH, T), contiguous
+  const T scale = static_cast<T>(scale_d);
+  const T inv_keep = static_cast<T>(drop.inv_keep);
+
+  // D = rowsum(dO * O): (BH, T)
+  std::vector<T> D(g.BH * g.T);
+  at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* a = dO.at(i / g.T, i % g.T);
+      const T* c = O.at(i / g.T, i % g.T);
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < g.hsv; ++j) acc += a[j] * c[j];
+      D[i] = acc;
+    }
+  });
+
+  // Enough batches to keep every thread busy with whole batches: one chunk each,
+  // dQ straight into the output. Otherwise split the key tiles of a batch into
+  // chunks, each with its own dQ copy.
+  const int64_t nkt = ceil_div(g.S, kBk);
+  const int64_t nthreads = at::get_num_threads();
+  int64_t nchunks = 1;
+  if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
+    nchunks = std::max<int64_t>(1, std::min(nkt, ceil_div(2 * nthreads, g.BH)));
+  }
+  at::Tensor dq_acc = nchunks == 1 ? dq : at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options());
+  at::Tensor dq3 = dq.view({g.BH, g.T, g.hs});
+  if (nchunks == 1) dq.zero_();
+  T* dqp = dq_acc.mutable_data_ptr<T>();
+  T* dkp = dk.mutable_data_ptr<T>();
+  T* dvp = dv.mutable_data_ptr<T>();
+
+  at::parallel_for(0, g.BH * nchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(kBq * kBk), dp(kBq * kBk);
+    std::vector<T> z(drop.on ? kBq * kBk : 0), pd(drop.on ? kBq * kBk : 0);
+    std::vector<int64_t> vis(kBq);
+    std::vector<uint32_t> row_keys(kBq);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nchunks, chunk = item % nchunks;
+      T* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;  // (T, hs)
+      // key tiles chunk, 2c-1-chunk, 2c+chunk, ...: a boustrophedon deal, so the
+      // chunks get about the same work although early key tiles have more.
+      for (int64_t i = 0;; ++i) {
+        const int64_t kt = i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
+        if (kt >= nkt) break;
+        const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0);
+        T* dkt = dkp + (b * g.S + k0) * g.hs;  // (nc, hs)
+        T* dvt = dvp + (b * g.S + k0) * g.hsv;  // (nc, hsv)
+        std::fill(dkt, dkt + nc * g.hs, T(0));
+        std::fill(dvt, dvt + nc * g.hsv, T(0));
+        const T* kb = K.at(b, k0);
+        const T* vb = V.at(b, k0);
+        // the first query row that sees key k0: t + 1 + shift > k0
+        const int64_t t_first = std::max<int64_t>(0, k0 - g.shift);
+        for (int64_t t0 = t_first; t0 < g.T; t0 += kBq) {
+          const int64_t nr = std::min(kBq, g.T - t0);
+          const T* qb = Q.at(b, t0);
+          const T* dob = dO.at(b, t0);
+          mm_nt<T>(nr, nc, g.hs, scale, qb, Q.ld, kb, K.ld, T(0), s.data(), kBk);  // S: (nr, nc)
+          for (int64_t r = 0; r < nr; ++r) vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+          bwd_p_tile(s.data(), nr, nc, kBk, vis.data(), lp + b * g.T + t0);  // P
+          const T* pdrop = s.data();
+          if (drop.on) {
+            for (int64_t r = 0; r < nr; ++r) row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+            dropout_tile(static_cast<T*>(nullptr), z.data(), nr, nc, kBk, row_keys.data(), static_cast<uint32_t>(k0),
+                         drop.threshold, inv_keep);
+            for (int64_t r = 0; r < nr; ++r) {
+              for (int64_t c = 0; c < nc; ++c) pd[r * kBk + c] = s[r * kBk + c] * z[r * kBk + c];
+            }
+            pdrop = pd.data();
+          }
+          mm_tn<T>(nc, g.hsv, nr, T(1), pdrop, kBk, dob, dO.ld, T(1), dvt, std::max<int64_t>(g.hsv, 1));  // dV
+          mm_nt<T>(nr, nc, g.hsv, T(1), dob, dO.ld, vb, V.ld, T(0), dp.data(), kBk);  // dP: (nr, nc)
+          bwd_ds_tile(s.data(), dp.data(), drop.on ? z.data() : static_cast<T*>(nullptr), nr, nc, kBk,
+                      D.data() + b * g.T + t0, scale);  // dS (scaled)
+          mm_nn<T>(nr, g.hs, nc, T(1), dp.data(), kBk, kb, K.ld, T(1), dqb + t0 * g.hs,
+                   std::max<int64_t>(g.hs, 1));  // dQ
+          mm_tn<T>(nc, g.hs, nr, T(1), dp.data(), kBk, qb, Q.ld, T(1), dkt, std::max<int64_t>(g.hs, 1));  // dK
+        }
+      }
+    }
+  });
+  if (nchunks > 1) {
+    at::sum_out(dq3, dq_acc, {0});
+  }
+}
+
+// ---- argument checks and preparation
+
+void check_input(const at::Tensor& t, const char* name, const char* shape) {
+  check_strided(t, name);
+  TORCH_CHECK(t.device().is_cpu(), "attnext: ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, "attnext: ", name,
+              " must be float32, float64 or bfloat16 for the CPU causal_attention kernel, got ", st);
+  check_min_dim(t, 2, name, shape);
+}
+
+// Rows the kernel can read in place: unit-stride last dim, a row stride that
+// is a valid BLAS leading dimension; the compute dtype (float for bfloat16).
+at::Tensor prepare(const at::Tensor& t, at::ScalarType compute) {
+  at::Tensor r = t.scalar_type() == compute ? t : t.to(compute);
+  const int64_t d = r.size(-1);
+  const bool unit = d <= 1 || r.stride(-1) == 1;
+  const bool ld_ok = r.size(-2) <= 1 || r.stride(-2) >= std::max<int64_t>(d, 1);
+  if (!unit || !ld_ok) {
+    r = r.contiguous();
+  }
+  return r;
+}
+
+Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
+                   bool bottom_right) {
+  check_input(q, "q", "(..., T, hs)");
+  check_input(k, "k", "(..., S, hs)");
+  check_input(v, "v", "(..., S, hs_v)");
+  check_same(q, "q", k, "k");
+  check_same(q, "q", v, "v");
+  TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim() && q.sizes().slice(0, q.dim() - 2) ==
+                                                             k.sizes().slice(0, k.dim() - 2) &&
+                  q.sizes().slice(0, q.dim() - 2) == v.sizes().slice(0, v.dim() - 2),
+              "attnext: q, k and v must have the same batch dims, got q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes());
+  TORCH_CHECK(q.size(-1) == k.size(-1), "attnext: q and k must have the same head size (last dim), got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(-2) == v.size(-2), "attnext: k and v must have the same number of keys (dim -2), got k ",
+              k.sizes(), " and v ", v.sizes());
+  check_scale(scale);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "attnext: dropout_p must be in [0, 1), got ", dropout_p);
+  Geometry g;
+  g.T = q.size(-2);
+  g.S = k.size(-2);
+  g.hs = q.size(-1);
+  g.hsv = v.size(-1);
+  g.BH = 1;
+  for (int64_t d = 0; d < q.dim() - 2; ++d) g.BH *= q.size(d);
+  g.shift = bottom_right ? g.S - g.T : 0;
+  return g;
+}
+
+at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in, double scale, double dropout_p,
+                                                        bool bottom_right, int64_t seed, int64_t offset) {
+  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
+  const at::ScalarType ct = compute_type(q_in.scalar_type());
+  const auto copt = q_in.options().dtype(ct);
+  // out: (..., T, hs_v); lse: (..., T)
+  std::vector<int64_t> out_sizes = q_in.sizes().vec();
+  out_sizes.back() = g.hsv;
+  std::vector<int64_t> lse_sizes(q_in.sizes().begin(), q_in.sizes().end() - 1);
+  at::Tensor out = empty_output(out_sizes, copt);
+  at::Tensor lse = at::empty(lse_sizes, copt);
+  if (lse.numel() > 0) {
+    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
+    const Dropout drop(dropout_p, seed, offset);
+    AT_DISPATCH_FLOATING_TYPES(ct, "causal_attention_cpu", [&] { fwd_impl<scalar_t>(q, k, v, out, lse, g, scale, drop); });
+  }
+  if (q_in.scalar_type() != ct) {
+    out = out.to(q_in.scalar_type());
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p, bool bottom_right,
+    int64_t seed, int64_t offset) {
+  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
+  check_input(grad_out_in, "grad_out", "(..., T, hs_v)");
+  check_input(out_in, "out", "(..., T, hs_v)");
+  check_same(q_in, "q", grad_out_in, "grad_out");
+  check_same(q_in, "q", out_in, "out");
+  std::vector<int64_t> out_sizes = q_in.sizes().vec();
+  out_sizes.back() = g.hsv;
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_sizes), "attnext: grad_out must have shape ",
+              at::IntArrayRef(out_sizes), ", got ", grad_out_in.sizes());
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_sizes), "attnext: out must have shape ",
+              at::IntArrayRef(out_sizes), ", got ", out_in.sizes());
+  const at::ScalarType ct = compute_type(q_in.scalar_type());
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == ct, "attnext: lse must be a CPU ", ct,
+              " tensor, got ", lse_in.scalar_type(), " on ", lse_in.device());
+  TORCH_CHECK(lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1), "attnext: lse must have shape ",
+              q_in.sizes().slice(0, q_in.dim() - 1), ", got ", lse_in.sizes());
+  const auto copt = q_in.options().dtype(ct);
+  at::Tensor dq = empty_output(q_in.sizes(), copt);
+  at::Tensor dk = empty_output(k_in.sizes(), copt);
+  at::Tensor dv = empty_output(v_in.sizes(), copt);
+  if (g.BH * g.T > 0 && g.BH * g.S > 0) {
+    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
+    const at::Tensor dout = prepare(grad_out_in, ct), out = prepare(out_in, ct);
+    const at::Tensor lse = lse_in.contiguous();
+    const Dropout drop(dropout_p, seed, offset);
+    AT_DISPATCH_FLOATING_TYPES(ct, "causal_attention_backward_cpu",
+                               [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  const auto st = q_in.scalar_type();
+  if (st != ct) {
+    return {dq.to(st), dk.to(st), dv.to(st)};
+  }
+  return {dq, dk, dv};
+}
+
+TORCH_LIBRARY_IMPL(attnext, CPU, m) {
+  m.impl("causal_attention", &causal_attention_cpu);
+  m.impl("_causal_attention_backward", &causal_attention_backward_cpu);
+}
+
+}  // namespace attnext
