@@ -60,6 +60,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace attnext {
@@ -269,6 +270,18 @@ void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, co
   blas_gemm<T>('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
 }
 
+// The tile products run inside at::parallel_for: BLAS must not start threads of
+// its own there (MKL's nested threads oversubscribe the cores, 100x slower).
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
 constexpr int64_t kBq = 64;  // query rows per tile
 constexpr int64_t kBk = 64;  // key columns per tile
 
@@ -320,6 +333,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const T inv_keep = static_cast<T>(drop.inv_keep);
   const int64_t nqt = ceil_div(g.T, kBq);
   at::parallel_for(0, g.BH * nqt, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas single_threaded_blas;
     std::vector<T> s(kBq * kBk), m(kBq), l(kBq), alpha(kBq);
     std::vector<int64_t> vis(kBq);
     std::vector<uint32_t> row_keys(kBq);
@@ -410,6 +424,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   T* dvp = dv.mutable_data_ptr<T>();
 
   at::parallel_for(0, g.BH * nchunks, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas single_threaded_blas;
     std::vector<T> s(kBq * kBk), dp(kBq * kBk);
     std::vector<T> z(drop.on ? kBq * kBk : 0), pd(drop.on ? kBq * kBk : 0);
     std::vector<int64_t> vis(kBq);
