@@ -97,8 +97,10 @@ class MultiHeadAttention(nn.Module):
         w = torch.cat(
             [h.query.weight for h in self.heads] + [h.key.weight for h in self.heads] + [h.value.weight for h in self.heads]
         )  # (3 * nh * hs, C)
-        qkv = F.linear(x, w).view(B, T, 3, nh, hs)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, nh, T, hs) views, read in place
+        # split (whose backward is one cat), not indexing (whose backward zero-fills the whole
+        # (B, T, 3 * nh * hs) gradient once per index)
+        q, k, v = F.linear(x, w).split(nh * hs, dim=2)  # 3 x (B, T, nh * hs)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) views, read in place
         p = self.heads[0].dropout.p if self.training else 0.0
         out = causal_attention(q, k, v, scale=hs**-0.5, dropout_p=p)  # (B, nh, T, hs)
         out = out.transpose(1, 2).reshape(B, T, nh * hs)  # the heads side by side, as torch.cat(dim=-1)
