@@ -14,7 +14,7 @@ torch.utils.benchmark.Timer with num_threads=torch.get_num_threads(), median and
 IQR of blocked_autorange; FLOP/s count causal attention as half the dense work
 (fwd 2 matmuls of 2*T*T*hs flops each, halved; bwd 2.5x the fwd). Default
 allocator settings (what a user has). Peak memory: each (provider, case) runs once
-in a fresh subprocess that reports the growth of its peak RSS over the run.
+in a fresh subprocess that reports the growth of its peak RSS (VmHWM) over the step.
 
 Rows are appended to benchmarks/results/cpu.csv.
 
@@ -182,18 +182,30 @@ def _check(outputs, ref, dtype):
 
 def _peak_memory_mb(kind, provider, spec, dtype_name, mode):
     """Peak RSS growth (MiB) of one step, measured in a fresh process."""
-    code = (
-        "import json, resource, sys, torch\n"
-        f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {HERE!r})\n"
-        "import bench_attention as b\n"
-        f"dtype = b.DTYPES[{dtype_name!r}]\n"
-        f"if {kind!r} == 'attention': step, _ = b.make_attention_case({provider!r}, {tuple(spec)!r}, dtype, {mode!r})\n"
-        f"else: step, _ = b.make_mha_case({provider!r}, {dict(spec)!r}, dtype, {mode!r})\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "step()\n"
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(json.dumps((after - before) / 1024.0))\n"
-    )
+    if kind == "attention":
+        make = f"b.make_attention_case({provider!r}, {tuple(spec)!r}, dtype, {mode!r})"
+        warm = f"b.make_attention_case({provider!r}, (1, 2, 64, 16), dtype, {mode!r})"
+    else:
+        make = f"b.make_mha_case({provider!r}, {dict(spec)!r}, dtype, {mode!r})"
+        warm = f"b.make_mha_case({provider!r}, dict(B=1, T=16, n_embd=12, num_heads=2), dtype, {mode!r})"
+    # VmHWM (this process's own peak RSS; getrusage's ru_maxrss would start at the
+    # parent's peak, inherited through fork), reset to the current RSS just before
+    # the step by writing 5 to /proc/self/clear_refs.
+    code = "\n".join([
+        "import json, sys, torch",
+        f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {HERE!r})",
+        "import bench_attention as b",
+        "def kib(field):",
+        "    for line in open('/proc/self/status'):",
+        "        if line.startswith(field): return int(line.split()[1])",
+        f"dtype = b.DTYPES[{dtype_name!r}]",
+        f"{warm}[0]()",  # libraries' one-time buffers (BLAS, thread pools) are not the provider's
+        f"step, _ = {make}",
+        "open('/proc/self/clear_refs', 'w').write('5')",
+        "before = kib('VmRSS:')",
+        "step()",
+        "print(json.dumps((kib('VmHWM:') - before) / 1024.0))",
+    ])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         return float("nan")

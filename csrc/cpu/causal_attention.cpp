@@ -9,9 +9,13 @@
 // softmax: S = scale q k^T (BLAS gemm into a per-thread tile), running max m
 // and sum l per row, the output accumulator rescaled by exp(m_old - m_new),
 // then O += P v. At the end O /= l and lse = m + log(l) is kept for the
-// backward. Query tiles are visited in a zigzag order (0, n-1, 1, n-2, ...)
-// within each batch so that the contiguous chunks at::parallel_for hands to
-// each thread hold about the same work.
+// backward.
+//
+// Scheduling: work items are handed out one at a time from a shared counter
+// to torch's intra-op threads (dynamic scheduling), the longest first (the
+// query tiles near the bottom of the matrix see the most keys). Causal tiles
+// have unequal work, and on a shared machine one thread may lose its core for
+// a while: with static chunks everyone would wait for it.
 //
 // Backward: D = rowsum(dO * O) first; then one work item per (batch, chunk of
 // key tiles). For each of its key tiles the item walks the query tiles that
@@ -39,6 +43,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -286,7 +291,24 @@ constexpr int64_t kBq = 64;  // query rows per tile
 constexpr int64_t kBk = 64;  // key columns per tile
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t zigzag(int64_t u, int64_t n) { return (u & 1) ? n - 1 - (u >> 1) : (u >> 1); }
+
+// Runs body(state, item) for every item in [0, n) on torch's intra-op threads,
+// each thread taking the next item from a shared counter; make_state() builds
+// one thread's scratch buffers once.
+template <typename MakeState, typename Body>
+void parallel_items(int64_t n, MakeState make_state, Body body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SingleThreadedBlas single_threaded_blas;
+    auto state = make_state();
+    for (int64_t item = next.fetch_add(1, std::memory_order_relaxed); item < n;
+         item = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(state, item);
+    }
+  });
+}
 
 // A (.., rows, d) tensor as the kernels read it: per-batch offsets + row stride.
 template <typename T>
@@ -332,14 +354,26 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const T scale = static_cast<T>(scale_d);
   const T inv_keep = static_cast<T>(drop.inv_keep);
   const int64_t nqt = ceil_div(g.T, kBq);
-  at::parallel_for(0, g.BH * nqt, 1, [&](int64_t begin, int64_t end) {
-    const SingleThreadedBlas single_threaded_blas;
-    std::vector<T> s(kBq * kBk), m(kBq), l(kBq), alpha(kBq);
-    std::vector<int64_t> vis(kBq);
-    std::vector<uint32_t> row_keys(kBq);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / nqt;
-      const int64_t t0 = zigzag(item % nqt, nqt) * kBq;
+  struct Scratch {
+    std::vector<T> s, m, l, alpha;
+    std::vector<int64_t> vis;
+    std::vector<uint32_t> row_keys;
+  };
+  auto make_scratch = [] {
+    return Scratch{std::vector<T>(kBq * kBk), std::vector<T>(kBq), std::vector<T>(kBq), std::vector<T>(kBq),
+                   std::vector<int64_t>(kBq), std::vector<uint32_t>(kBq)};
+  };
+  // item u: query tile nqt - 1 - u / BH (the longest rows first) of batch u % BH
+  parallel_items(g.BH * nqt, make_scratch, [&](Scratch& sc, int64_t item) {
+    auto& s = sc.s;
+    auto& m = sc.m;
+    auto& l = sc.l;
+    auto& alpha = sc.alpha;
+    auto& vis = sc.vis;
+    auto& row_keys = sc.row_keys;
+    {
+      const int64_t b = item % g.BH;
+      const int64_t t0 = (nqt - 1 - item / g.BH) * kBq;
       const int64_t nr = std::min(kBq, g.T - t0);
       T* o = op + (b * g.T + t0) * g.hsv;  // (nr, hsv), the accumulator
       std::fill(o, o + nr * g.hsv, T(0));
@@ -423,13 +457,24 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   T* dkp = dk.mutable_data_ptr<T>();
   T* dvp = dv.mutable_data_ptr<T>();
 
-  at::parallel_for(0, g.BH * nchunks, 1, [&](int64_t begin, int64_t end) {
-    const SingleThreadedBlas single_threaded_blas;
-    std::vector<T> s(kBq * kBk), dp(kBq * kBk);
-    std::vector<T> z(drop.on ? kBq * kBk : 0), pd(drop.on ? kBq * kBk : 0);
-    std::vector<int64_t> vis(kBq);
-    std::vector<uint32_t> row_keys(kBq);
-    for (int64_t item = begin; item < end; ++item) {
+  struct Scratch {
+    std::vector<T> s, dp, z, pd;
+    std::vector<int64_t> vis;
+    std::vector<uint32_t> row_keys;
+  };
+  auto make_scratch = [&] {
+    const int64_t nz = drop.on ? kBq * kBk : 0;
+    return Scratch{std::vector<T>(kBq * kBk), std::vector<T>(kBq * kBk), std::vector<T>(nz), std::vector<T>(nz),
+                   std::vector<int64_t>(kBq), std::vector<uint32_t>(kBq)};
+  };
+  parallel_items(g.BH * nchunks, make_scratch, [&](Scratch& sc, int64_t item) {
+    auto& s = sc.s;
+    auto& dp = sc.dp;
+    auto& z = sc.z;
+    auto& pd = sc.pd;
+    auto& vis = sc.vis;
+    auto& row_keys = sc.row_keys;
+    {
       const int64_t b = item / nchunks, chunk = item % nchunks;
       T* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;  // (T, hs)
       // key tiles chunk, 2c-1-chunk, 2c+chunk, ...: a boustrophedon deal, so the
