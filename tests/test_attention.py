@@ -437,3 +437,30 @@ def test_empty_inputs():
     q, k, v = make_qkv((2,), 0, 0, 8, 8, dtype=torch.float32)
     out = attnext.causal_attention(q, k, v)
     assert out.shape == (2, 0, 8)
+
+
+@needs_native
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_bfloat16_strided_views_and_chunked_backward(dropout_p):
+    # bf16 tiles widened as read from nanoGPT-style strided views; 3 batches (not a
+    # multiple of the thread count) also takes the chunked-dQ backward path.
+    B, T, nh, hs = 1, 150, 3, 16
+    x = torch.randn(B, T, 3 * nh * hs, dtype=torch.float64).bfloat16().double()
+    xb = x.bfloat16().requires_grad_()
+    xd = x.clone().requires_grad_()
+    qb, kb, vb = (t.view(B, T, nh, hs).transpose(1, 2) for t in xb.split(nh * hs, dim=2))
+    qd, kd, vd = (t.view(B, T, nh, hs).transpose(1, 2) for t in xd.split(nh * hs, dim=2))
+    out = attnext.causal_attention(qb, kb, vb, dropout_p=dropout_p, align="bottom_right",
+                                   generator=torch.Generator().manual_seed(1))
+    ref, _ = reference.causal_attention(qd, kd, vd, hs**-0.5, dropout_p, True, *_seed_of(1))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(out, xb, g.bfloat16())
+    (rx,) = torch.autograd.grad(ref, xd, g.bfloat16().double())
+    torch.testing.assert_close(gx.double(), rx, atol=5e-2, rtol=5e-2)
+
+
+def _seed_of(generator_seed):
+    """The (seed, offset) attnext draws from a generator seeded with generator_seed."""
+    return attnext.ops._draw_dropout_seed(torch.Generator().manual_seed(generator_seed))

@@ -34,11 +34,13 @@
 // computes the same hash with torch integer ops.
 //
 // Types: float and double natively (float accumulation, double for double);
-// bfloat16 inputs are widened once into float copies and results rounded once.
+// bfloat16 tiles are widened into per-thread float buffers as they are read
+// (no whole-tensor copies) and results rounded once.
 // Memory: O(B * T * hs) plus per-thread tiles, never O(T * S).
 // Inputs are read through their strides (nanoGPT's q.transpose(1, 2) views)
 // when their rows are unit-stride; otherwise a contiguous copy is made.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -345,85 +347,142 @@ struct Geometry {
   }
 };
 
+// ---- tiles of the inputs as the compute type T (float for bfloat16)
+
+ATTNEXT_MULTIVERSION void widen_bf16_row(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = vec::bf16_to_float(src[j]);
+}
+
+ATTNEXT_MULTIVERSION void narrow_bf16_row(const float* src, uint16_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = vec::float_to_bf16(src[j]);
+}
+
+// A row-major block as the gemm reads it.
 template <typename T>
+struct Block {
+  const T* p;
+  int64_t ld;
+};
+
+// (rows, cols) of an input at src (row stride ld) as T: the input itself when it
+// already is T, else widened into buf (row stride cols).
+template <typename T, typename in_t>
+Block<T> load_block(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* buf) {
+  if constexpr (std::is_same<T, in_t>::value) {
+    return {src, ld};
+  } else {
+    static_assert(std::is_same<in_t, at::BFloat16>::value && std::is_same<T, float>::value, "bfloat16 -> float only");
+    for (int64_t r = 0; r < rows; ++r) {
+      widen_bf16_row(reinterpret_cast<const uint16_t*>(src + r * ld), buf + r * cols, cols);
+    }
+    return {buf, std::max<int64_t>(cols, 1)};
+  }
+}
+
+// (rows, cols) of T at src (row stride lds) into out_t at dst (row stride ldd), rounded once.
+template <typename T, typename out_t>
+void store_block(const T* src, int64_t lds, int64_t rows, int64_t cols, out_t* dst, int64_t ldd) {
+  if constexpr (std::is_same<T, out_t>::value) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, sizeof(T) * cols);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      narrow_bf16_row(src + r * lds, reinterpret_cast<uint16_t*>(dst + r * ldd), cols);
+    }
+  }
+}
+
+template <typename in_t, typename T = at::opmath_type<in_t>>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
               const Geometry& g, double scale_d, const Dropout& drop) {
-  const Rows2D<T> Q(q), K(k), V(v);
-  T* op = out.mutable_data_ptr<T>();
+  constexpr bool direct = std::is_same<T, in_t>::value;  // accumulate straight into `out`
+  const Rows2D<in_t> Q(q), K(k), V(v);
+  in_t* op = out.mutable_data_ptr<in_t>();
   T* lp = lse.mutable_data_ptr<T>();
   const T scale = static_cast<T>(scale_d);
   const T inv_keep = static_cast<T>(drop.inv_keep);
   const int64_t nqt = ceil_div(g.T, kBq);
   struct Scratch {
-    std::vector<T> s, m, l, alpha;
+    std::vector<T> s, m, l, alpha, o, qbuf, kbuf, vbuf;
     std::vector<int64_t> vis;
     std::vector<uint32_t> row_keys;
   };
-  auto make_scratch = [] {
-    return Scratch{std::vector<T>(kBq * kBk), std::vector<T>(kBq), std::vector<T>(kBq), std::vector<T>(kBq),
-                   std::vector<int64_t>(kBq), std::vector<uint32_t>(kBq)};
+  auto make_scratch = [&] {
+    const int64_t w = direct ? 0 : 1;  // widened copies only for bfloat16
+    return Scratch{std::vector<T>(kBq * kBk),           std::vector<T>(kBq),
+                   std::vector<T>(kBq),                 std::vector<T>(kBq),
+                   std::vector<T>(w * kBq * g.hsv),     std::vector<T>(w * kBq * g.hs),
+                   std::vector<T>(w * kBk * g.hs),      std::vector<T>(w * kBk * g.hsv),
+                   std::vector<int64_t>(kBq),           std::vector<uint32_t>(kBq)};
   };
   // item u: query tile nqt - 1 - u / BH (the longest rows first) of batch u % BH
   parallel_items(g.BH * nqt, make_scratch, [&](Scratch& sc, int64_t item) {
-    auto& s = sc.s;
-    auto& m = sc.m;
-    auto& l = sc.l;
-    auto& alpha = sc.alpha;
-    auto& vis = sc.vis;
-    auto& row_keys = sc.row_keys;
-    {
-      const int64_t b = item % g.BH;
-      const int64_t t0 = (nqt - 1 - item / g.BH) * kBq;
-      const int64_t nr = std::min(kBq, g.T - t0);
-      T* o = op + (b * g.T + t0) * g.hsv;  // (nr, hsv), the accumulator
-      std::fill(o, o + nr * g.hsv, T(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
-      std::fill(l.begin(), l.end(), T(0));
+    const int64_t b = item % g.BH;
+    const int64_t t0 = (nqt - 1 - item / g.BH) * kBq;
+    const int64_t nr = std::min(kBq, g.T - t0);
+    in_t* out_tile = op + (b * g.T + t0) * g.hsv;  // (nr, hsv)
+    T* o;                                           // (nr, hsv) accumulator, row stride hsv
+    if constexpr (direct) {
+      o = out_tile;
+    } else {
+      o = sc.o.data();
+    }
+    T* s = sc.s.data();
+    std::fill(o, o + nr * g.hsv, T(0));
+    std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<T>::infinity());
+    std::fill(sc.l.begin(), sc.l.end(), T(0));
+    if (drop.on) {
+      for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+    }
+    const int64_t kv_end = g.visible(t0 + nr - 1);
+    const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
+    for (int64_t k0 = 0; k0 < kv_end; k0 += kBk) {
+      const int64_t nc = std::min(kBk, kv_end - k0);
+      const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
+      const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
+      mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBk);  // S: (nr, nc)
+      for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+      fwd_tile(s, nr, nc, kBk, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       if (drop.on) {
-        for (int64_t r = 0; r < nr; ++r) row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+        dropout_tile(s, static_cast<T*>(nullptr), nr, nc, kBk, sc.row_keys.data(), static_cast<uint32_t>(k0),
+                     drop.threshold, inv_keep);
       }
-      const int64_t kv_end = g.visible(t0 + nr - 1);
-      const T* qb = Q.at(b, t0);
-      for (int64_t k0 = 0; k0 < kv_end; k0 += kBk) {
-        const int64_t nc = std::min(kBk, kv_end - k0);
-        mm_nt<T>(nr, nc, g.hs, scale, qb, Q.ld, K.at(b, k0), K.ld, T(0), s.data(), kBk);  // (nr, nc)
-        for (int64_t r = 0; r < nr; ++r) vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-        fwd_tile(s.data(), nr, nc, kBk, vis.data(), m.data(), l.data(), alpha.data());
-        if (drop.on) {
-          dropout_tile(s.data(), static_cast<T*>(nullptr), nr, nc, kBk, row_keys.data(), static_cast<uint32_t>(k0),
-                       drop.threshold, inv_keep);
-        }
-        if (k0 > 0) {
-          for (int64_t r = 0; r < nr; ++r) {
-            if (alpha[r] != T(1)) {
-              T* orow = o + r * g.hsv;
-              const T a = alpha[r];
-              for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= a;
-            }
+      if (k0 > 0) {
+        for (int64_t r = 0; r < nr; ++r) {
+          const T a = sc.alpha[r];
+          if (a != T(1)) {
+            T* orow = o + r * g.hsv;
+            for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= a;
           }
         }
-        mm_nn<T>(nr, g.hsv, nc, T(1), s.data(), kBk, V.at(b, k0), V.ld, T(1), o, std::max<int64_t>(g.hsv, 1));
       }
-      for (int64_t r = 0; r < nr; ++r) {
-        T* orow = o + r * g.hsv;
-        if (l[r] != T(0)) {  // NaN from the inputs propagates as in torch.softmax
-          const T inv = T(1) / l[r];
-          for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= inv;
-          lp[b * g.T + t0 + r] = m[r] + std::log(l[r]);
-        } else {
-          // no visible key (bottom-right with T > S, or S == 0): output 0, lse -inf
-          lp[b * g.T + t0 + r] = -std::numeric_limits<T>::infinity();
-        }
+      mm_nn<T>(nr, g.hsv, nc, T(1), s, kBk, vb.p, vb.ld, T(1), o, std::max<int64_t>(g.hsv, 1));  // O += P V
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      T* orow = o + r * g.hsv;
+      const T l = sc.l[r];
+      if (l != T(0)) {  // NaN from the inputs propagates as in torch.softmax
+        const T inv = T(1) / l;
+        for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= inv;
+        lp[b * g.T + t0 + r] = sc.m[r] + std::log(l);
+      } else {
+        // no visible key (bottom-right with T > S, or S == 0): output 0, lse -inf
+        lp[b * g.T + t0 + r] = -std::numeric_limits<T>::infinity();
       }
+    }
+    if constexpr (!direct) {
+      store_block(o, g.hsv, nr, g.hsv, out_tile, g.hsv);
     }
   });
 }
 
-template <typename T>
+template <typename in_t, typename T = at::opmath_type<in_t>>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               const Geometry& g, double scale_d, const Dropout& drop) {
-  const Rows2D<T> Q(q), K(k), V(v), dO(dout), O(out);
+  constexpr bool direct = std::is_same<T, in_t>::value;  // accumulate straight into the outputs
+  const Rows2D<in_t> Q(q), K(k), V(v), dO(dout), O(out);
   const T* lp = lse.const_data_ptr<T>();  // (BH, T), contiguous
   const T scale = static_cast<T>(scale_d);
   const T inv_keep = static_cast<T>(drop.inv_keep);
@@ -432,95 +491,114 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   std::vector<T> D(g.BH * g.T);
   at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const T* a = dO.at(i / g.T, i % g.T);
-      const T* c = O.at(i / g.T, i % g.T);
+      const in_t* a = dO.at(i / g.T, i % g.T);
+      const in_t* c = O.at(i / g.T, i % g.T);
       T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < g.hsv; ++j) acc += a[j] * c[j];
+      for (int64_t j = 0; j < g.hsv; ++j) acc += static_cast<T>(a[j]) * static_cast<T>(c[j]);
       D[i] = acc;
     }
   });
 
   // Enough batches to keep every thread busy with whole batches: one chunk each,
-  // dQ straight into the output. Otherwise split the key tiles of a batch into
-  // chunks, each with its own dQ copy.
+  // dQ accumulated in place. Otherwise split the key tiles of a batch into
+  // chunks, each with its own dQ copy, summed at the end.
   const int64_t nkt = ceil_div(g.S, kBk);
   const int64_t nthreads = at::get_num_threads();
   int64_t nchunks = 1;
   if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
     nchunks = std::max<int64_t>(1, std::min(nkt, ceil_div(2 * nthreads, g.BH)));
   }
-  at::Tensor dq_acc = nchunks == 1 ? dq : at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options());
-  at::Tensor dq3 = dq.view({g.BH, g.T, g.hs});
-  if (nchunks == 1) dq.zero_();
+  const bool dq_in_place = direct && nchunks == 1;
+  at::Tensor dq_acc = dq_in_place ? dq : at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(lse.dtype()));
+  if (dq_in_place) dq.zero_();
   T* dqp = dq_acc.mutable_data_ptr<T>();
-  T* dkp = dk.mutable_data_ptr<T>();
-  T* dvp = dv.mutable_data_ptr<T>();
+  in_t* dkp = dk.mutable_data_ptr<in_t>();
+  in_t* dvp = dv.mutable_data_ptr<in_t>();
 
   struct Scratch {
-    std::vector<T> s, dp, z, pd;
+    std::vector<T> s, dp, z, pd, dk, dv, qbuf, kbuf, vbuf, dobuf;
     std::vector<int64_t> vis;
     std::vector<uint32_t> row_keys;
   };
   auto make_scratch = [&] {
     const int64_t nz = drop.on ? kBq * kBk : 0;
-    return Scratch{std::vector<T>(kBq * kBk), std::vector<T>(kBq * kBk), std::vector<T>(nz), std::vector<T>(nz),
-                   std::vector<int64_t>(kBq), std::vector<uint32_t>(kBq)};
+    const int64_t w = direct ? 0 : 1;
+    return Scratch{std::vector<T>(kBq * kBk),       std::vector<T>(kBq * kBk),
+                   std::vector<T>(nz),              std::vector<T>(nz),
+                   std::vector<T>(w * kBk * g.hs),  std::vector<T>(w * kBk * g.hsv),
+                   std::vector<T>(w * kBq * g.hs),  std::vector<T>(w * kBk * g.hs),
+                   std::vector<T>(w * kBk * g.hsv), std::vector<T>(w * kBq * g.hsv),
+                   std::vector<int64_t>(kBq),       std::vector<uint32_t>(kBq)};
   };
   parallel_items(g.BH * nchunks, make_scratch, [&](Scratch& sc, int64_t item) {
-    auto& s = sc.s;
-    auto& dp = sc.dp;
-    auto& z = sc.z;
-    auto& pd = sc.pd;
-    auto& vis = sc.vis;
-    auto& row_keys = sc.row_keys;
-    {
-      const int64_t b = item / nchunks, chunk = item % nchunks;
-      T* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;  // (T, hs)
-      // key tiles chunk, 2c-1-chunk, 2c+chunk, ...: a boustrophedon deal, so the
-      // chunks get about the same work although early key tiles have more.
-      for (int64_t i = 0;; ++i) {
-        const int64_t kt = i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
-        if (kt >= nkt) break;
-        const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0);
-        T* dkt = dkp + (b * g.S + k0) * g.hs;  // (nc, hs)
-        T* dvt = dvp + (b * g.S + k0) * g.hsv;  // (nc, hsv)
-        std::fill(dkt, dkt + nc * g.hs, T(0));
-        std::fill(dvt, dvt + nc * g.hsv, T(0));
-        const T* kb = K.at(b, k0);
-        const T* vb = V.at(b, k0);
-        // the first query row that sees key k0: t + 1 + shift > k0
-        const int64_t t_first = std::max<int64_t>(0, k0 - g.shift);
-        for (int64_t t0 = t_first; t0 < g.T; t0 += kBq) {
-          const int64_t nr = std::min(kBq, g.T - t0);
-          const T* qb = Q.at(b, t0);
-          const T* dob = dO.at(b, t0);
-          mm_nt<T>(nr, nc, g.hs, scale, qb, Q.ld, kb, K.ld, T(0), s.data(), kBk);  // S: (nr, nc)
-          for (int64_t r = 0; r < nr; ++r) vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-          bwd_p_tile(s.data(), nr, nc, kBk, vis.data(), lp + b * g.T + t0);  // P
-          const T* pdrop = s.data();
-          if (drop.on) {
-            for (int64_t r = 0; r < nr; ++r) row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
-            dropout_tile(static_cast<T*>(nullptr), z.data(), nr, nc, kBk, row_keys.data(), static_cast<uint32_t>(k0),
-                         drop.threshold, inv_keep);
-            for (int64_t r = 0; r < nr; ++r) {
-              for (int64_t c = 0; c < nc; ++c) pd[r * kBk + c] = s[r * kBk + c] * z[r * kBk + c];
-            }
-            pdrop = pd.data();
+    const int64_t b = item / nchunks, chunk = item % nchunks;
+    T* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;  // (T, hs)
+    T* s = sc.s.data();
+    T* dp = sc.dp.data();
+    // key tiles chunk, 2c-1-chunk, 2c+chunk, ...: a boustrophedon deal, so the
+    // chunks get about the same work although early key tiles have more.
+    for (int64_t i = 0;; ++i) {
+      const int64_t kt = i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
+      if (kt >= nkt) break;
+      const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0);
+      in_t* dk_out = dkp + (b * g.S + k0) * g.hs;   // (nc, hs)
+      in_t* dv_out = dvp + (b * g.S + k0) * g.hsv;  // (nc, hsv)
+      T* dkt;
+      T* dvt;
+      if constexpr (direct) {
+        dkt = dk_out;
+        dvt = dv_out;
+      } else {
+        dkt = sc.dk.data();
+        dvt = sc.dv.data();
+      }
+      std::fill(dkt, dkt + nc * g.hs, T(0));
+      std::fill(dvt, dvt + nc * g.hsv, T(0));
+      const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
+      const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
+      // the first query row that sees key k0: t + 1 + shift > k0
+      const int64_t t_first = std::max<int64_t>(0, k0 - g.shift);
+      for (int64_t t0 = t_first; t0 < g.T; t0 += kBq) {
+        const int64_t nr = std::min(kBq, g.T - t0);
+        const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
+        const Block<T> dob = load_block(dO.at(b, t0), dO.ld, nr, g.hsv, sc.dobuf.data());
+        mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBk);  // S: (nr, nc)
+        for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+        bwd_p_tile(s, nr, nc, kBk, sc.vis.data(), lp + b * g.T + t0);  // P
+        const T* pdrop = s;
+        T* z = nullptr;
+        if (drop.on) {
+          z = sc.z.data();
+          for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+          dropout_tile(static_cast<T*>(nullptr), z, nr, nc, kBk, sc.row_keys.data(), static_cast<uint32_t>(k0),
+                       drop.threshold, inv_keep);
+          T* pd = sc.pd.data();
+          for (int64_t r = 0; r < nr; ++r) {
+            for (int64_t c = 0; c < nc; ++c) pd[r * kBk + c] = s[r * kBk + c] * z[r * kBk + c];
           }
-          mm_tn<T>(nc, g.hsv, nr, T(1), pdrop, kBk, dob, dO.ld, T(1), dvt, std::max<int64_t>(g.hsv, 1));  // dV
-          mm_nt<T>(nr, nc, g.hsv, T(1), dob, dO.ld, vb, V.ld, T(0), dp.data(), kBk);  // dP: (nr, nc)
-          bwd_ds_tile(s.data(), dp.data(), drop.on ? z.data() : static_cast<T*>(nullptr), nr, nc, kBk,
-                      D.data() + b * g.T + t0, scale);  // dS (scaled)
-          mm_nn<T>(nr, g.hs, nc, T(1), dp.data(), kBk, kb, K.ld, T(1), dqb + t0 * g.hs,
-                   std::max<int64_t>(g.hs, 1));  // dQ
-          mm_tn<T>(nc, g.hs, nr, T(1), dp.data(), kBk, qb, Q.ld, T(1), dkt, std::max<int64_t>(g.hs, 1));  // dK
+          pdrop = pd;
         }
+        mm_tn<T>(nc, g.hsv, nr, T(1), pdrop, kBk, dob.p, dob.ld, T(1), dvt, std::max<int64_t>(g.hsv, 1));  // dV
+        mm_nt<T>(nr, nc, g.hsv, T(1), dob.p, dob.ld, vb.p, vb.ld, T(0), dp, kBk);  // dP: (nr, nc)
+        bwd_ds_tile(s, dp, z, nr, nc, kBk, D.data() + b * g.T + t0, scale);  // dS, scaled
+        mm_nn<T>(nr, g.hs, nc, T(1), dp, kBk, kb.p, kb.ld, T(1), dqb + t0 * g.hs, std::max<int64_t>(g.hs, 1));  // dQ
+        mm_tn<T>(nc, g.hs, nr, T(1), dp, kBk, qb.p, qb.ld, T(1), dkt, std::max<int64_t>(g.hs, 1));  // dK
+      }
+      if constexpr (!direct) {
+        store_block(dkt, g.hs, nc, g.hs, dk_out, g.hs);
+        store_block(dvt, g.hsv, nc, g.hsv, dv_out, g.hsv);
       }
     }
   });
-  if (nchunks > 1) {
-    at::sum_out(dq3, dq_acc, {0});
+  if (!dq_in_place) {
+    at::Tensor dq3 = dq.view({g.BH, g.T, g.hs});
+    if (nchunks == 1) {
+      dq3.copy_(dq_acc[0]);
+    } else if (direct) {
+      at::sum_out(dq3, dq_acc, {0});
+    } else {
+      dq3.copy_(dq_acc.sum(0));
+    }
   }
 }
 
@@ -535,10 +613,10 @@ void check_input(const at::Tensor& t, const char* name, const char* shape) {
   check_min_dim(t, 2, name, shape);
 }
 
-// Rows the kernel can read in place: unit-stride last dim, a row stride that
-// is a valid BLAS leading dimension; the compute dtype (float for bfloat16).
-at::Tensor prepare(const at::Tensor& t, at::ScalarType compute) {
-  at::Tensor r = t.scalar_type() == compute ? t : t.to(compute);
+// Rows the kernel can read in place: unit-stride last dim and a row stride that
+// is a valid BLAS leading dimension; anything else is copied.
+at::Tensor prepare(const at::Tensor& t) {
+  at::Tensor r = t;
   const int64_t d = r.size(-1);
   const bool unit = d <= 1 || r.stride(-1) == 1;
   const bool ld_ok = r.size(-2) <= 1 || r.stride(-2) >= std::max<int64_t>(d, 1);
@@ -586,20 +664,17 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q_in, 
                                                         bool bottom_right, int64_t seed, int64_t offset) {
   const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
   const at::ScalarType ct = compute_type(q_in.scalar_type());
-  const auto copt = q_in.options().dtype(ct);
-  // out: (..., T, hs_v); lse: (..., T)
+  // out: (..., T, hs_v) in the input dtype; lse: (..., T) in the compute dtype
   std::vector<int64_t> out_sizes = q_in.sizes().vec();
   out_sizes.back() = g.hsv;
   std::vector<int64_t> lse_sizes(q_in.sizes().begin(), q_in.sizes().end() - 1);
-  at::Tensor out = empty_output(out_sizes, copt);
-  at::Tensor lse = at::empty(lse_sizes, copt);
+  at::Tensor out = empty_output(out_sizes, q_in.options());
+  at::Tensor lse = at::empty(lse_sizes, q_in.options().dtype(ct));
   if (lse.numel() > 0) {
-    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
+    const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
     const Dropout drop(dropout_p, seed, offset);
-    AT_DISPATCH_FLOATING_TYPES(ct, "causal_attention_cpu", [&] { fwd_impl<scalar_t>(q, k, v, out, lse, g, scale, drop); });
-  }
-  if (q_in.scalar_type() != ct) {
-    out = out.to(q_in.scalar_type());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_cpu",
+                                   [&] { fwd_impl<scalar_t>(q, k, v, out, lse, g, scale, drop); });
   }
   return {out, lse};
 }
@@ -624,25 +699,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
               " tensor, got ", lse_in.scalar_type(), " on ", lse_in.device());
   TORCH_CHECK(lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1), "attnext: lse must have shape ",
               q_in.sizes().slice(0, q_in.dim() - 1), ", got ", lse_in.sizes());
-  const auto copt = q_in.options().dtype(ct);
-  at::Tensor dq = empty_output(q_in.sizes(), copt);
-  at::Tensor dk = empty_output(k_in.sizes(), copt);
-  at::Tensor dv = empty_output(v_in.sizes(), copt);
+  at::Tensor dq = empty_output(q_in.sizes(), q_in.options());
+  at::Tensor dk = empty_output(k_in.sizes(), q_in.options());
+  at::Tensor dv = empty_output(v_in.sizes(), q_in.options());
   if (g.BH * g.T > 0 && g.BH * g.S > 0) {
-    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), v = prepare(v_in, ct);
-    const at::Tensor dout = prepare(grad_out_in, ct), out = prepare(out_in, ct);
+    const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+    const at::Tensor dout = prepare(grad_out_in), out = prepare(out_in);
     const at::Tensor lse = lse_in.contiguous();
     const Dropout drop(dropout_p, seed, offset);
-    AT_DISPATCH_FLOATING_TYPES(ct, "causal_attention_backward_cpu",
-                               [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_backward_cpu",
+                                   [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
   } else {
     dq.zero_();
     dk.zero_();
     dv.zero_();
-  }
-  const auto st = q_in.scalar_type();
-  if (st != ct) {
-    return {dq.to(st), dk.to(st), dv.to(st)};
   }
   return {dq, dk, dv};
 }
