@@ -50,6 +50,7 @@ CSV_COLUMNS = [
     "median_ms", "iqr_ms", "gflops_or_gbs", "ratio_vs", "peer",
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+NAN = float("nan")
 PEERS = ["eager", "sdpa3d", "sdpa4d"]
 
 # (B, nh, T, hs): the targets' shapes
@@ -237,7 +238,9 @@ def _device():
 def run(quick: bool) -> list:
     """Measure everything; returns one dict per CSV row (see CSV_COLUMNS).
 
-    Extra keys in the dicts (not written to the CSV): ``peak_mb`` for memory rows.
+    Numbers are floats (NaN where a column does not apply). Peak-memory rows have
+    mode ``"<mode>:peak_rss_mb"`` and the MiB in ``median_ms`` (and ``peak_mb``).
+    Extra keys not in the CSV: ``peak_mb``, ``seq_len``.
     """
     if attnext.explain("causal_attention", torch.empty(1, 1, dtype=torch.float32)):
         print("bench_attention: warning: attnext runs its eager fallback here:", attnext.explain(
@@ -277,7 +280,7 @@ def run(quick: bool) -> list:
                 for p, (med, iqr) in times.items():
                     base = dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}", dtype=dtype_name,
                                 mode=mode, provider=p, median_ms=round(med, 3), iqr_ms=round(iqr, 3),
-                                gflops_or_gbs=round(flops / (med * 1e-3) / 1e9, 2))
+                                gflops_or_gbs=round(flops / (med * 1e-3) / 1e9, 2), seq_len=T)
                     if p == "attnext":
                         for peer in PEERS:
                             if peer in times:
@@ -288,8 +291,9 @@ def run(quick: bool) -> list:
                     for p in providers:
                         mb = _peak_memory_mb("attention", p, shape, dtype_name, mode)
                         rows.append(dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}",
-                                         dtype=dtype_name, mode=mode + ":peak_rss_mb", provider=p, median_ms="",
-                                         iqr_ms="", gflops_or_gbs="", ratio_vs="", peer="", peak_mb=round(mb, 1)))
+                                         dtype=dtype_name, mode=mode + ":peak_rss_mb", provider=p,
+                                         median_ms=round(mb, 1), iqr_ms=NAN, gflops_or_gbs=NAN, ratio_vs="",
+                                         peer="", peak_mb=round(mb, 1), seq_len=T))
     # the lecture's MultiHeadAttention module, eager vs fused
     cfg = MHA_QUICK if quick else MHA_FULL
     shape_s = ",".join(f"{k}={v}" for k, v in cfg.items())
@@ -302,15 +306,15 @@ def run(quick: bool) -> list:
         times = {p: _time(make_mha_case(p, cfg, torch.float32, mode)[0], min_run_time) for p in ("attnext", "eager")}
         for p, (med, iqr) in times.items():
             rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32", mode=mode, provider=p,
-                             median_ms=round(med, 3), iqr_ms=round(iqr, 3), gflops_or_gbs="",
+                             median_ms=round(med, 3), iqr_ms=round(iqr, 3), gflops_or_gbs=NAN,
                              ratio_vs=round(times["eager"][0] / med, 3) if p == "attnext" else "",
                              peer="eager" if p == "attnext" else ""))
         if not quick:
             for p in ("attnext", "eager"):
                 mb = _peak_memory_mb("mha", p, cfg, "float32", mode)
                 rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32",
-                                 mode=mode + ":peak_rss_mb", provider=p, median_ms="", iqr_ms="", gflops_or_gbs="",
-                                 ratio_vs="", peer="", peak_mb=round(mb, 1)))
+                                 mode=mode + ":peak_rss_mb", provider=p, median_ms=round(mb, 1), iqr_ms=NAN,
+                                 gflops_or_gbs=NAN, ratio_vs="", peer="", peak_mb=round(mb, 1)))
     return rows
 
 
@@ -331,9 +335,6 @@ def _append_csv(rows, path):
         if new:
             w.writeheader()
         for r in rows:
-            r = dict(r)
-            if "peak_mb" in r:
-                r["median_ms"] = r["peak_mb"]  # memory rows: the value column holds MiB (mode says so)
             w.writerow(r)
 
 
