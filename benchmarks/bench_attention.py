@@ -1,7 +1,7 @@
 """Benchmark attnext.causal_attention against its peers on the CPU.
 
 Providers (one setup factory each):
-  eager    the lecture's math (attnext.reference: q @ k^T, masked_fill, softmax, @ v), 4-D
+  eager    the lecture's math (q @ k^T * scale, masked_fill, softmax, @ v), 4-D
   sdpa3d   F.scaled_dot_product_attention(is_causal=True) on 3-D (B*nh, T, hs) inputs
            (the lecture's Head shape: SDPA falls to its math path)
   sdpa4d   the same on 4-D (B, nh, T, hs) inputs (SDPA's CPU flash kernel)
@@ -65,8 +65,10 @@ MHA_QUICK = dict(B=4, T=128, n_embd=384, num_heads=6)
 
 def _attention(provider, q, k, v):
     B, nh, T, hs = q.shape
-    if provider == "eager":
-        return reference.causal_attention(q, k, v, hs**-0.5)[0]
+    if provider == "eager":  # the lecture's Head after its projections
+        wei = q @ k.transpose(-2, -1) * hs**-0.5  # (B, nh, T, T)
+        wei = wei.masked_fill(reference.causal_mask(T, T, device=q.device) == 0, float("-inf"))
+        return torch.softmax(wei, dim=-1) @ v
     if provider == "sdpa4d":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if provider == "sdpa3d":

@@ -289,8 +289,15 @@ struct SingleThreadedBlas {
   }
 };
 
+#ifndef ATTNEXT_FWD_KEY_TILE
+#define ATTNEXT_FWD_KEY_TILE 256
+#endif
 constexpr int64_t kBq = 64;  // query rows per tile
-constexpr int64_t kBk = 64;  // key columns per tile
+constexpr int64_t kBk = 64;  // key columns per tile (backward)
+// Forward key tiles can be wider at no cost in wasted work (a tile is cut at
+// the causal boundary of its query tile's last row), and wider tiles mean
+// fewer, more efficient BLAS calls.
+constexpr int64_t kBkF = ATTNEXT_FWD_KEY_TILE;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -410,10 +417,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   };
   auto make_scratch = [&] {
     const int64_t w = direct ? 0 : 1;  // widened copies only for bfloat16
-    return Scratch{std::vector<T>(kBq * kBk),           std::vector<T>(kBq),
+    return Scratch{std::vector<T>(kBq * kBkF),           std::vector<T>(kBq),
                    std::vector<T>(kBq),                 std::vector<T>(kBq),
                    std::vector<T>(w * kBq * g.hsv),     std::vector<T>(w * kBq * g.hs),
-                   std::vector<T>(w * kBk * g.hs),      std::vector<T>(w * kBk * g.hsv),
+                   std::vector<T>(w * kBkF * g.hs),      std::vector<T>(w * kBkF * g.hsv),
                    std::vector<int64_t>(kBq),           std::vector<uint32_t>(kBq)};
   };
   // item u: query tile nqt - 1 - u / BH (the longest rows first) of batch u % BH
@@ -437,15 +444,15 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     }
     const int64_t kv_end = g.visible(t0 + nr - 1);
     const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
-    for (int64_t k0 = 0; k0 < kv_end; k0 += kBk) {
-      const int64_t nc = std::min(kBk, kv_end - k0);
+    for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
+      const int64_t nc = std::min(kBkF, kv_end - k0);
       const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
       const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
-      mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBk);  // S: (nr, nc)
+      mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBkF);  // S: (nr, nc)
       for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-      fwd_tile(s, nr, nc, kBk, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
+      fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       if (drop.on) {
-        dropout_tile(s, static_cast<T*>(nullptr), nr, nc, kBk, sc.row_keys.data(), static_cast<uint32_t>(k0),
+        dropout_tile(s, static_cast<T*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
                      drop.threshold, inv_keep);
       }
       if (k0 > 0) {
@@ -457,7 +464,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
           }
         }
       }
-      mm_nn<T>(nr, g.hsv, nc, T(1), s, kBk, vb.p, vb.ld, T(1), o, std::max<int64_t>(g.hsv, 1));  // O += P V
+      mm_nn<T>(nr, g.hsv, nc, T(1), s, kBkF, vb.p, vb.ld, T(1), o, std::max<int64_t>(g.hsv, 1));  // O += P V
     }
     for (int64_t r = 0; r < nr; ++r) {
       T* orow = o + r * g.hsv;
