@@ -263,7 +263,8 @@ def _check_attention_args(q, k, v, dropout_p) -> float:
 
 def _draw_dropout_seed(generator: Optional[torch.Generator]) -> Tuple[int, int]:
     """(seed, offset) for one dropout call, drawn from ``generator`` (default: torch's CPU generator)."""
-    seed, offset = torch.empty(2, dtype=torch.int64).random_(generator=generator).tolist()
+    # out-of-place randint (torch.compile traces it; in-place random_ it does not)
+    seed, offset = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=generator).tolist()
     return seed, offset
 
 
@@ -308,7 +309,7 @@ def causal_attention(
     saved per-row logsumexp and regenerates the forward's dropout mask from the same
     (seed, offset). The mask is a counter-based hash of (seed, offset, batch, row,
     column), identical in the native kernel and the fallback. Under
-    ``torch.compile(fullgraph=True)`` drawing the seed needs
+    ``torch.compile(fullgraph=True)`` drawing the seed (an unbacked SymInt) needs
     ``torch._dynamo.config.capture_scalar_outputs = True`` when ``dropout_p > 0``.
     """
     bottom_right = _bottom_right(align)

@@ -31,10 +31,10 @@ TORCH_LIBRARY(attnext, m) {
   // is a pure function of its arguments.
   m.def(
       "causal_attention(Tensor q, Tensor k, Tensor v, float scale, float dropout_p=0.0, bool bottom_right=False, "
-      "int seed=0, int offset=0) -> (Tensor out, Tensor lse)");
+      "SymInt seed=0, SymInt offset=0) -> (Tensor out, Tensor lse)");
   // (grad_q, grad_k, grad_v), recomputing the weights from lse and the dropout mask from (seed, offset).
   m.def(
       "_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "float scale, float dropout_p=0.0, bool bottom_right=False, int seed=0, int offset=0) -> "
+      "float scale, float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

@@ -464,3 +464,25 @@ def test_bfloat16_strided_views_and_chunked_backward(dropout_p):
 def _seed_of(generator_seed):
     """The (seed, offset) attnext draws from a generator seeded with generator_seed."""
     return attnext.ops._draw_dropout_seed(torch.Generator().manual_seed(generator_seed))
+
+
+@needs_native
+def test_torch_compile_fullgraph_with_dropout():
+    # the dropout seed is drawn inside the graph (an unbacked SymInt into the op)
+    torch._dynamo.reset()
+    q, k, v = make_qkv((2, 2), 40, 40, 8, 8, dtype=torch.float32)
+
+    def f(q, k, v):
+        return attnext.causal_attention(q, k, v, dropout_p=0.2)
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(0)
+        out = compiled(q, k, v)
+    torch.manual_seed(0)
+    ref = f(q, k, v)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
