@@ -10,8 +10,9 @@ plus the lecture's MultiHeadAttention module, eager vs attnext.nn.MultiHeadAtten
 
 Modes fwd and fwd+bwd, float32 and bfloat16. Every provider's output is checked
 against the float64 reference before anything is timed. Timing:
-torch.utils.benchmark.Timer with num_threads=torch.get_num_threads(), median and
-IQR of blocked_autorange; FLOP/s count causal attention as half the dense work
+torch.utils.benchmark.Timer with num_threads=torch.get_num_threads(), the providers
+of a case measured in turn over several rounds (fair ratios on a shared machine),
+median and IQR of all their blocked_autorange samples; FLOP/s count causal attention as half the dense work
 (fwd 2 matmuls of 2*T*T*hs flops each, halved; bwd 2.5x the fwd). Default
 allocator settings (what a user has). Peak memory: each (provider, case) runs once
 in a fresh subprocess that reports the growth of its peak RSS (VmHWM) over the step.
@@ -162,12 +163,32 @@ def make_mha_case(provider, cfg, dtype, mode, seed=0):
 # ----------------------------------------------------------------------------- measuring
 
 
-def _time(step, min_run_time):
-    step()  # warm-up (first-touch allocations, lazy init)
-    m = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time
-    )
-    return m.median * 1e3, m.iqr * 1e3
+def _quantile(xs, q):
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _time_interleaved(steps, min_run_time, rounds):
+    """{provider: (median_ms, iqr_ms)}, measuring the providers in turn, `rounds` times.
+
+    On a shared machine the load changes over seconds; interleaving gives every
+    provider the same mix of quiet and busy moments, so the ratios stay fair.
+    """
+    for step in steps.values():
+        step()  # warm-up (first-touch allocations, lazy init)
+    samples = {p: [] for p in steps}
+    names = list(steps)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for p in order:
+            m = Timer("step()", globals={"step": steps[p]}, num_threads=torch.get_num_threads()).blocked_autorange(
+                min_run_time=min_run_time / rounds
+            )
+            samples[p] += [t * 1e3 for t in m.times]
+    return {p: (_quantile(ts, 0.5), _quantile(ts, 0.75) - _quantile(ts, 0.25)) for p, ts in samples.items()}
 
 
 def _attention_flops(B, nh, T, hs, mode):
@@ -247,7 +268,8 @@ def run(quick: bool) -> list:
     if attnext.explain("causal_attention", torch.empty(1, 1, dtype=torch.float32)):
         print("bench_attention: warning: attnext runs its eager fallback here:", attnext.explain(
             "causal_attention", torch.empty(1, 1)), file=sys.stderr)
-    min_run_time = 0.2 if quick else 1.0
+    min_run_time = 0.2 if quick else 1.0  # per provider and case
+    rounds = 2 if quick else 4
     cases = CASES_QUICK if quick else CASES_FULL
     dtypes = ["float32"] if quick else ["float32", "bfloat16"]
     modes = ["fwd", "fwd+bwd"]
@@ -272,12 +294,8 @@ def run(quick: bool) -> list:
                     outs[p] = step().detach()
                 ref = reference.causal_attention(q.detach().double(), k.detach().double(), v.detach().double(), hs**-0.5)[0]
                 _check(outs, ref, dtype)
-                times = {}
-                for p in providers:
-                    if quick and p == "eager" and T > 1024:
-                        continue
-                    step, _ = make_attention_case(p, shape, dtype, mode)
-                    times[p] = _time(step, min_run_time)
+                steps = {p: make_attention_case(p, shape, dtype, mode)[0] for p in providers}
+                times = _time_interleaved(steps, min_run_time * len(steps), rounds)
                 flops = _attention_flops(B, nh, T, hs, mode)
                 for p, (med, iqr) in times.items():
                     base = dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}", dtype=dtype_name,
@@ -305,7 +323,8 @@ def run(quick: bool) -> list:
             step, _ = make_mha_case(p, cfg, torch.float32, mode)
             outs[p] = step().detach()
         _check({"attnext": outs["attnext"]}, outs["eager"].double(), torch.float32)
-        times = {p: _time(make_mha_case(p, cfg, torch.float32, mode)[0], min_run_time) for p in ("attnext", "eager")}
+        steps = {p: make_mha_case(p, cfg, torch.float32, mode)[0] for p in ("attnext", "eager")}
+        times = _time_interleaved(steps, min_run_time * len(steps), rounds)
         for p, (med, iqr) in times.items():
             rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32", mode=mode, provider=p,
                              median_ms=round(med, 3), iqr_ms=round(iqr, 3), gflops_or_gbs=NAN,
@@ -345,7 +364,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes, float32 only, no memory runs")
     ap.add_argument("--csv", default=os.path.join(HERE, "results", "cpu.csv"), help="where rows are appended")
     ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args.quick)
     _print(rows)
     if not args.no_csv:

@@ -3,9 +3,10 @@
 // out = dropout(softmax(scale * q k^T, causal)) v for q: (..., T, hs),
 // k: (..., S, hs), v: (..., S, hs_v); the (T, S) weight matrix never exists.
 //
-// Forward: one work item per (batch, query tile of kBq rows). The item walks
-// the key tiles of kBk columns left to right up to the causal boundary of its
-// last row (tiles wholly above the diagonal are never touched), with an online
+// Forward: one work item per (batch, query tile of kBq = 64 rows). The item
+// walks key tiles of kBkF = 256 columns left to right up to the causal
+// boundary of its last row (the last tile is cut there; nothing above the
+// diagonal of the query tile is touched), with an online
 // softmax: S = scale q k^T (BLAS gemm into a per-thread tile), running max m
 // and sum l per row, the output accumulator rescaled by exp(m_old - m_new),
 // then O += P v. At the end O /= l and lse = m + log(l) is kept for the
@@ -18,7 +19,7 @@
 // a while: with static chunks everyone would wait for it.
 //
 // Backward: D = rowsum(dO * O) first; then one work item per (batch, chunk of
-// key tiles). For each of its key tiles the item walks the query tiles that
+// key tiles of kBk = 64). For each of its key tiles the item walks the query tiles that
 // can see it, recomputes P = exp(S - lse), and accumulates
 //   dV += P^T dO, dP = dO v^T, dS = scale P (dP - D),
 //   dQ += dS k, dK += dS^T q
@@ -37,6 +38,9 @@
 // bfloat16 tiles are widened into per-thread float buffers as they are read
 // (no whole-tensor copies) and results rounded once.
 // Memory: O(B * T * hs) plus per-thread tiles, never O(T * S).
+// Limits: BLAS takes 32-bit leading dimensions (the LP64 interface torch's
+// MKL uses): inputs with larger row strides are copied. hs and hs_v must fit
+// an int. At most 16 batch dims (RowIndexer).
 // Inputs are read through their strides (nanoGPT's q.transpose(1, 2) views)
 // when their rows are unit-stride; otherwise a contiguous copy is made.
 #include <ATen/ATen.h>
@@ -46,6 +50,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -626,7 +631,7 @@ at::Tensor prepare(const at::Tensor& t) {
   at::Tensor r = t;
   const int64_t d = r.size(-1);
   const bool unit = d <= 1 || r.stride(-1) == 1;
-  const bool ld_ok = r.size(-2) <= 1 || r.stride(-2) >= std::max<int64_t>(d, 1);
+  const bool ld_ok = r.size(-2) <= 1 || (r.stride(-2) >= std::max<int64_t>(d, 1) && r.stride(-2) <= INT32_MAX);
   if (!unit || !ld_ok) {
     r = r.contiguous();
   }
@@ -649,6 +654,7 @@ Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               q.sizes(), " and k ", k.sizes());
   TORCH_CHECK(k.size(-2) == v.size(-2), "attnext: k and v must have the same number of keys (dim -2), got k ",
               k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(q.size(-1) <= INT32_MAX && v.size(-1) <= INT32_MAX, "attnext: head sizes above 2^31 - 1 are not supported");
   check_scale(scale);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "attnext: dropout_p must be in [0, 1), got ", dropout_p);
   Geometry g;
