@@ -51,10 +51,14 @@ def _extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + [
         "-DATTNEXT_PYTHON_MODULE",
-        # `#pragma omp simd` vectorises the row loops without linking an OpenMP runtime.
-        "-fopenmp-simd",
+        # at::parallel_for is inline in ATen's headers and is parallel only where the
+        # including file is compiled with OpenMP (_OPENMP defined); without it every
+        # at::parallel_for in our kernels runs on one thread. The runtime is torch's
+        # own libgomp (same soname, already loaded by torch).
+        "-fopenmp",
         "-fvisibility=hidden",
     ]
+    link = ["-fopenmp"]
     extra = {"cxx": cxx}
     if use_cuda:
         sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -74,6 +78,7 @@ def _extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
+        extra_link_args=link,
     )
 
 
