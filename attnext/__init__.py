@@ -4,12 +4,26 @@ Ops (also as ``torch.ops.attnext.*`` when the extension is built):
     causal_softmax(x, scale=1.0, *, align="top_left")
     matmul(a, b)           torch.matmul semantics, broadcast operands never copied
     causal_mean(x)         running mean over T ("the efficient bag of words")
+    causal_attention(q, k, v, *, scale=None, dropout_p=0.0, align="top_left")
+                           the fused attention head: no (T, S) matrix
+
+Modules (attnext.nn): Head, MultiHeadAttention (the lecture's), CausalSelfAttention (nanoGPT's).
 
 Native kernels run where they exist (CPU C++, CUDA); everything else runs the
 eager reference in :mod:`attnext.reference`. ``attnext.explain(op, *tensors)``
 says why an input would take the fallback.
 """
-from .ops import _C, causal_mean, causal_softmax, explain, kernels_enabled, matmul, set_kernels_enabled
+from .ops import (
+    _C,
+    causal_attention,
+    causal_mean,
+    causal_softmax,
+    explain,
+    kernels_enabled,
+    matmul,
+    set_kernels_enabled,
+)
+from . import nn  # noqa: E402  (after .ops: the modules call the public ops)
 
 __version__ = "0.1.0"
 
@@ -20,12 +34,14 @@ def native_available() -> bool:
 
 
 __all__ = [
+    "causal_attention",
     "causal_mean",
     "causal_softmax",
     "explain",
     "kernels_enabled",
     "matmul",
     "native_available",
+    "nn",
     "set_kernels_enabled",
     "__version__",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,13 @@ _KERNEL_DTYPES = {
     "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
     "cuda": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
     "meta": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
+}
+# Ops whose native kernels take fewer dtypes than the table above.
+_OP_KERNEL_DTYPES = {
+    "causal_attention": {
+        "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
+        "meta": frozenset({torch.float32, torch.float64, torch.bfloat16}),
+    },
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
@@ -89,13 +96,14 @@ def _fallback_reasons(op: str, tensors: Sequence[Tensor]) -> List[str]:
     if not _kernels_enabled:
         reasons.append("native kernels are disabled (ATTNEXT_DISABLE_KERNELS=1 or attnext.set_kernels_enabled(False))")
     devices = _DEVICES.get(op, frozenset())
+    dtypes = _OP_KERNEL_DTYPES.get(op, _KERNEL_DTYPES)
     for t in tensors:
         dev = t.device.type
         if dev not in devices:
             reasons.append(f"attnext::{op} has no native kernel for device type '{dev}' in this build")
-        elif t.dtype not in _KERNEL_DTYPES.get(dev, ()):
+        elif t.dtype not in dtypes.get(dev, ()):
             reasons.append(f"attnext::{op} has no native {dev} kernel for dtype {t.dtype}")
-    return reasons
+    return list(dict.fromkeys(reasons))
 
 
 def explain(op: str, *tensors: Tensor) -> List[str]:
@@ -414,9 +422,143 @@ _PUBLIC_OPS = {
     "causal_softmax": "_causal_softmax_backward",
     "matmul": "_matmul_backward",
     "causal_mean": "_causal_mean_backward",
+    "causal_attention": "_causal_attention_backward",
 }
+# ----------------------------------------------------------------------------- causal_attention
 
-if _C is not None:
+
+def _check_attention_args(q, k, v, dropout_p) -> float:
+    _check_tensor(q, "q", 2, "(..., T, hs)")
+    _check_tensor(k, "k", 2, "(..., S, hs)")
+    _check_tensor(v, "v", 2, "(..., S, hs_v)")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise RuntimeError(f"attnext: q and {name} must be on the same device, got {q.device} and {t.device}")
+        if t.dtype != q.dtype:
+            raise RuntimeError(f"attnext: q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
+    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        raise RuntimeError(
+            "attnext: q, k and v must have the same batch dims, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise RuntimeError(
+            f"attnext: q and k must have the same head size (last dim), got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise RuntimeError(
+            f"attnext: k and v must have the same number of keys (dim -2), got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"attnext: dropout_p must be a Python number, got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"attnext: dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def _draw_dropout_seed(generator: Optional[torch.Generator]) -> Tuple[int, int]:
+    """(seed, offset) for one dropout call, drawn from ``generator`` (default: torch's CPU generator)."""
+    # out-of-place randint (torch.compile traces it; in-place random_ it does not)
+    seed, offset = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=generator).tolist()
+    return seed, offset
+
+
+def causal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    align: str = "top_left",
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Fused causal attention head: ``dropout(softmax(q @ k^T * scale, causal)) @ v``.
+
+    The ``(T, S)`` weight matrix is never materialised (memory ``O(T * hs)`` per batch).
+
+    Args:
+        q: ``(..., T, hs)`` queries, any number of batch dims (the lecture's
+            ``(B, T, hs)``, nanoGPT's ``(B, nh, T, hs)``), float32/float64/bfloat16
+            natively (other floating dtypes run the eager fallback), any strides
+            (views such as ``x.view(B, T, nh, hs).transpose(1, 2)`` are read in place).
+        k: ``(..., S, hs)`` keys: same batch dims, dtype and device as ``q``, same ``hs``.
+        v: ``(..., S, hs_v)`` values; ``hs_v`` may differ from ``hs``.
+        scale: multiplies ``q @ k^T``; ``None`` (default) means ``hs ** -0.5``.
+        dropout_p: probability of zeroing each attention weight after the softmax
+            (kept weights are scaled by ``1 / (1 - dropout_p)``), in ``[0, 1)``.
+            Default 0.0: no dropout and no extra cost. Pass 0.0 in eval mode.
+        align: ``"top_left"`` (default; like ``torch.tril`` and SDPA's ``is_causal``):
+            query ``i`` sees keys ``j <= i``. ``"bottom_right"`` (decoding with a
+            KV cache): ``j <= i + S - T``.
+        generator: where the dropout mask's (seed, offset) are drawn from; default
+            torch's default CPU generator, so ``torch.manual_seed`` makes a training
+            step reproducible. Unused when ``dropout_p == 0``.
+
+    Returns:
+        ``(..., T, hs_v)`` contiguous, same dtype as ``q``. A query that sees no key
+        (bottom-right with ``T > S``) gets a zero row.
+
+    Differentiable in ``q``, ``k`` and ``v``: the backward
+    (``torch.ops.attnext._causal_attention_backward``) recomputes the weights from the
+    saved per-row logsumexp and regenerates the forward's dropout mask from the same
+    (seed, offset). The mask is a counter-based hash of (seed, offset, batch, row,
+    column), identical in the native kernel and the fallback. Under
+    ``torch.compile(fullgraph=True)`` drawing the seed (an unbacked SymInt) needs
+    ``torch._dynamo.config.capture_scalar_outputs = True`` when ``dropout_p > 0``.
+    """
+    bottom_right = _bottom_right(align)
+    dropout_p = _check_attention_args(q, k, v, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else _check_scale(scale)
+    seed = offset = 0
+    if dropout_p > 0:
+        seed, offset = _draw_dropout_seed(generator)
+    if _fallback_reasons("causal_attention", (q, k, v)):
+        out, _ = reference.causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset)
+        return out
+    out, _ = torch.ops.attnext.causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset)
+    return out
+
+
+def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0):
+    torch._check(q.dim() >= 2, lambda: f"attnext: q must have at least 2 dims (..., T, hs), got {q.dim()}")
+    torch._check(q.shape[-1] == k.shape[-1], lambda: "attnext: q and k must have the same head size (last dim)")
+    torch._check(k.shape[-2] == v.shape[-2], lambda: "attnext: k and v must have the same number of keys (dim -2)")
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+def _causal_attention_backward_fake(grad_out, q, k, v, out, lse, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0):
+    torch._check(grad_out.shape == out.shape, lambda: "attnext: grad_out must have the shape of out")
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
+
+
+def _causal_attention_setup_context(ctx, inputs, output):
+    q, k, v, scale, dropout_p, bottom_right, seed, offset = inputs
+    out, lse = output
+    ctx.args = (scale, dropout_p, bottom_right, seed, offset)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _causal_attention_bwd(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    gq = gk = gv = None
+    if any(ctx.needs_input_grad[:3]):
+        gq, gk, gv = torch.ops.attnext._causal_attention_backward(grad_out, q, k, v, out, lse, *ctx.args)
+        gq = gq if ctx.needs_input_grad[0] else None
+        gk = gk if ctx.needs_input_grad[1] else None
+        gv = gv if ctx.needs_input_grad[2] else None
+    return gq, gk, gv, None, None, None, None, None
+
+
+if _has_op("causal_softmax"):
     torch.library.register_fake("attnext::causal_softmax")(_causal_softmax_fake)
     torch.library.register_fake("attnext::_causal_softmax_backward")(_causal_softmax_backward_fake)
     torch.library.register_autograd(
@@ -440,6 +582,12 @@ if _has_op("causal_mean"):
     torch.library.register_autograd("attnext::causal_mean", _causal_mean_bwd, setup_context=_causal_mean_setup_context)
     torch.library.register_autograd(
         "attnext::_causal_mean_backward", _causal_mean_backward_bwd, setup_context=_causal_mean_setup_context
+    )
+if _has_op("causal_attention"):
+    torch.library.register_fake("attnext::causal_attention")(_causal_attention_fake)
+    torch.library.register_fake("attnext::_causal_attention_backward")(_causal_attention_backward_fake)
+    torch.library.register_autograd(
+        "attnext::causal_attention", _causal_attention_bwd, setup_context=_causal_attention_setup_context
     )
 if _C is not None:
     _DEVICES = {op: _registered_devices(op) for op in _PUBLIC_OPS}

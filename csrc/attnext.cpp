@@ -34,4 +34,17 @@ TORCH_LIBRARY(attnext, m) {
   m.def("causal_mean(Tensor x) -> Tensor");
   // grad_x[t] = sum_{i >= t} grad_y[i] / (i + 1); linear, its own adjoint's adjoint is causal_mean.
   m.def("_causal_mean_backward(Tensor grad_y) -> Tensor");
+  // out = dropout(causal_softmax(q k^T, scale)) v without the (T, S) matrix;
+  // q: (..., T, hs), k: (..., S, hs), v: (..., S, hs_v) -> out (..., T, hs_v) and the
+  // per-row logsumexp lse (..., T) (float32; float64 for float64). Dropout keeps
+  // weight (b, t, j) by a counter-based hash of (seed, offset, b, t, j), so the op
+  // is a pure function of its arguments.
+  m.def(
+      "causal_attention(Tensor q, Tensor k, Tensor v, float scale, float dropout_p=0.0, bool bottom_right=False, "
+      "SymInt seed=0, SymInt offset=0) -> (Tensor out, Tensor lse)");
+  // (grad_q, grad_k, grad_v), recomputing the weights from lse and the dropout mask from (seed, offset).
+  m.def(
+      "_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float scale, float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

@@ -31,5 +31,14 @@ ATTNEXT_API std::tuple<at::Tensor, at::Tensor> matmul_backward_cpu(const at::Ten
 ATTNEXT_API at::Tensor causal_mean_cpu(const at::Tensor& x);
 // grad_y: (..., T, C) -> grad_x (..., T, C), contiguous.
 ATTNEXT_API at::Tensor causal_mean_backward_cpu(const at::Tensor& grad_y);
+// q: (..., T, hs), k: (..., S, hs), v: (..., S, hs_v) -> (out (..., T, hs_v), lse (..., T)).
+ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& v, double scale,
+                                                                    double dropout_p, bool bottom_right, int64_t seed,
+                                                                    int64_t offset);
+// -> (grad_q, grad_k, grad_v), shaped like q, k, v, contiguous.
+ATTNEXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset);
 
 }  // namespace attnext

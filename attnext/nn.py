@@ -1,0 +1,159 @@
+"""Drop-in attention modules backed by :func:`attnext.causal_attention`.
+
+Parameter names follow the originals so their state_dicts load unchanged:
+
+* :class:`Head` and :class:`MultiHeadAttention`: the lecture's (karpathy/ng-video-lecture
+  ``gpt.py``): ``key``, ``query``, ``value``; ``heads.{i}.key/query/value``, ``proj``.
+* :class:`CausalSelfAttention`: nanoGPT's ``model.py``: ``c_attn``, ``c_proj``.
+
+The causal mask is never stored: the originals' ``tril`` / ``bias`` mask buffers are
+accepted (and ignored) when loading their state_dicts. Attention dropout is fused
+into the kernel and is off in eval mode.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .ops import causal_attention
+
+
+def _drop_mask_buffers(names):
+    """A load_state_dict pre-hook that discards the originals' causal-mask buffers."""
+
+    def hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in names:
+            state_dict.pop(prefix + name, None)
+
+    return hook
+
+
+class Head(nn.Module):
+    """One head of causal self-attention, as the lecture's ``Head``, fused.
+
+    Args:
+        n_embd: channels C of the input.
+        head_size: hs, the size of each of key, query and value.
+        block_size: the longest sequence the lecture's ``tril`` allowed; inputs longer
+            than this are rejected as the lecture's module would.
+        dropout: dropout on the attention weights (training mode only). Default 0.0.
+
+    Input ``(B, T, C)`` with ``T <= block_size``, output ``(B, T, hs)``.
+    """
+
+    def __init__(self, n_embd: int, head_size: int, block_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.key = nn.Linear(n_embd, head_size, bias=False)
+        self.query = nn.Linear(n_embd, head_size, bias=False)
+        self.value = nn.Linear(n_embd, head_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.block_size = block_size
+        self._register_load_state_dict_pre_hook(_drop_mask_buffers(("tril",)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        if T > self.block_size:
+            raise ValueError(f"attnext.nn.Head: sequence length {T} exceeds block_size {self.block_size}")
+        k = self.key(x)  # (B, T, hs)
+        q = self.query(x)  # (B, T, hs)
+        v = self.value(x)  # (B, T, hs)
+        p = self.dropout.p if self.training else 0.0
+        return causal_attention(q, k, v, scale=k.shape[-1] ** -0.5, dropout_p=p)  # (B, T, hs)
+
+
+class MultiHeadAttention(nn.Module):
+    """The lecture's ``MultiHeadAttention``: all heads in one fused call.
+
+    Args:
+        num_heads: nh.
+        head_size: hs of each head.
+        n_embd: channels C of the input (and of the output, after ``proj``).
+        block_size: the longest sequence allowed.
+        dropout: dropout on the attention weights and after ``proj`` (training only).
+
+    Input ``(B, T, C)``, output ``(B, T, C)``. The heads' key/query/value weights
+    (``heads.{i}.key.weight`` ...) are stacked into one ``(3 * nh * hs, C)`` projection
+    per call, so the heads run as one ``(B, nh, T, hs)`` attention instead of a Python
+    loop and ``torch.cat``.
+    """
+
+    def __init__(self, num_heads: int, head_size: int, n_embd: int, block_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = nn.ModuleList([Head(n_embd, head_size, block_size, dropout) for _ in range(num_heads)])
+        self.proj = nn.Linear(head_size * num_heads, n_embd)
+        self.dropout = nn.Dropout(dropout)
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.block_size = block_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        if T > self.block_size:
+            raise ValueError(
+                f"attnext.nn.MultiHeadAttention: sequence length {T} exceeds block_size {self.block_size}"
+            )
+        nh, hs = self.num_heads, self.head_size
+        w = torch.cat(
+            [h.query.weight for h in self.heads] + [h.key.weight for h in self.heads] + [h.value.weight for h in self.heads]
+        )  # (3 * nh * hs, C)
+        # split (whose backward is one cat), not indexing (whose backward zero-fills the whole
+        # (B, T, 3 * nh * hs) gradient once per index)
+        q, k, v = F.linear(x, w).split(nh * hs, dim=2)  # 3 x (B, T, nh * hs)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) views, read in place
+        p = self.heads[0].dropout.p if self.training else 0.0
+        out = causal_attention(q, k, v, scale=hs**-0.5, dropout_p=p)  # (B, nh, T, hs)
+        out = out.transpose(1, 2).reshape(B, T, nh * hs)  # the heads side by side, as torch.cat(dim=-1)
+        return self.dropout(self.proj(out))
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's ``CausalSelfAttention`` with the fused kernel.
+
+    Construct with nanoGPT's ``config`` (any object with ``n_embd``, ``n_head``,
+    ``block_size``, ``dropout``, ``bias``) or with those as keywords.
+
+    Input ``(B, T, C)`` with ``C == n_embd`` and ``T <= block_size``, output ``(B, T, C)``.
+    """
+
+    def __init__(
+        self,
+        config=None,
+        *,
+        n_embd: int = None,
+        n_head: int = None,
+        block_size: int = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if config is not None:
+            n_embd, n_head, block_size = config.n_embd, config.n_head, config.block_size
+            dropout, bias = config.dropout, config.bias
+        if n_embd is None or n_head is None or block_size is None:
+            raise TypeError("attnext.nn.CausalSelfAttention: give a config or n_embd, n_head and block_size")
+        if n_embd % n_head != 0:
+            raise ValueError(f"attnext.nn.CausalSelfAttention: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.n_head = n_head
+        self.n_embd = n_embd
+        self.dropout = dropout
+        self.block_size = block_size
+        self._register_load_state_dict_pre_hook(_drop_mask_buffers(("bias",)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.size()
+        if T > self.block_size:
+            raise ValueError(
+                f"attnext.nn.CausalSelfAttention: sequence length {T} exceeds block_size {self.block_size}"
+            )
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs), a strided view
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))

@@ -1,0 +1,379 @@
+"""Benchmark attnext.causal_attention against its peers on the CPU.
+
+Providers (one setup factory each):
+  eager    the lecture's math (q @ k^T * scale, masked_fill, softmax, @ v), 4-D
+  sdpa3d   F.scaled_dot_product_attention(is_causal=True) on 3-D (B*nh, T, hs) inputs
+           (the lecture's Head shape: SDPA falls to its math path)
+  sdpa4d   the same on 4-D (B, nh, T, hs) inputs (SDPA's CPU flash kernel)
+  attnext  attnext.causal_attention on 4-D inputs
+plus the lecture's MultiHeadAttention module, eager vs attnext.nn.MultiHeadAttention.
+
+Modes fwd and fwd+bwd, float32 and bfloat16. Every provider's output is checked
+against the float64 reference before anything is timed. Timing:
+torch.utils.benchmark.Timer with num_threads=torch.get_num_threads(), the providers
+of a case measured in turn over several rounds (fair ratios on a shared machine),
+median and IQR of all their blocked_autorange samples; FLOP/s count causal attention as half the dense work
+(fwd 2 matmuls of 2*T*T*hs flops each, halved; bwd 2.5x the fwd). Default
+allocator settings (what a user has). Peak memory: each (provider, case) runs once
+in a fresh subprocess that reports the growth of its peak RSS (VmHWM) over the step.
+
+Rows are appended to benchmarks/results/cpu.csv.
+
+  python benchmarks/bench_attention.py            # full
+  python benchmarks/bench_attention.py --quick    # small, for a smoke check
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import attnext  # noqa: E402
+from attnext import reference  # noqa: E402
+
+CSV_COLUMNS = [
+    "date", "device", "torch", "git_sha", "op", "shape", "dtype", "mode", "provider",
+    "median_ms", "iqr_ms", "gflops_or_gbs", "ratio_vs", "peer",
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+NAN = float("nan")
+PEERS = ["eager", "sdpa3d", "sdpa4d"]
+
+# (B, nh, T, hs): the targets' shapes
+CASES_FULL = [(1, 64, 256, 64), (1, 8, 2048, 64)]
+CASES_QUICK = [(1, 8, 256, 64)]
+MHA_FULL = dict(B=64, T=256, n_embd=384, num_heads=6)
+MHA_QUICK = dict(B=4, T=128, n_embd=384, num_heads=6)
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def _attention(provider, q, k, v):
+    B, nh, T, hs = q.shape
+    if provider == "eager":  # the lecture's Head after its projections
+        wei = q @ k.transpose(-2, -1) * hs**-0.5  # (B, nh, T, T)
+        wei = wei.masked_fill(reference.causal_mask(T, T, device=q.device) == 0, float("-inf"))
+        return torch.softmax(wei, dim=-1) @ v
+    if provider == "sdpa4d":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if provider == "sdpa3d":
+        out = F.scaled_dot_product_attention(
+            q.reshape(B * nh, T, hs), k.reshape(B * nh, T, hs), v.reshape(B * nh, T, hs), is_causal=True
+        )
+        return out.view(B, nh, T, hs)
+    if provider == "attnext":
+        return attnext.causal_attention(q, k, v)
+    raise ValueError(provider)
+
+
+def make_attention_case(provider, shape, dtype, mode, seed=0):
+    """A no-argument callable running one step of `provider`, and its output for checking."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype).requires_grad_(mode != "fwd") for _ in range(3))
+    grad = torch.randn(shape, generator=g).to(dtype)
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return _attention(provider, q, k, v)
+
+    else:
+
+        def step():
+            out = _attention(provider, q, k, v)
+            out.backward(grad)
+            return out
+
+    return step, (q, k, v, grad)
+
+
+class LectureHead(nn.Module):
+    """karpathy/ng-video-lecture gpt.py Head (globals as arguments)."""
+
+    def __init__(self, n_embd, head_size, block_size):
+        super().__init__()
+        self.key = nn.Linear(n_embd, head_size, bias=False)
+        self.query = nn.Linear(n_embd, head_size, bias=False)
+        self.value = nn.Linear(n_embd, head_size, bias=False)
+        self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)))
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        k = self.key(x)
+        q = self.query(x)
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
+        wei = F.softmax(wei, dim=-1)
+        wei = self.dropout(wei)
+        return wei @ self.value(x)
+
+
+class LectureMultiHeadAttention(nn.Module):
+    def __init__(self, num_heads, head_size, n_embd, block_size):
+        super().__init__()
+        self.heads = nn.ModuleList([LectureHead(n_embd, head_size, block_size) for _ in range(num_heads)])
+        self.proj = nn.Linear(head_size * num_heads, n_embd)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.dropout(self.proj(torch.cat([h(x) for h in self.heads], dim=-1)))
+
+
+def make_mha_case(provider, cfg, dtype, mode, seed=0):
+    torch.manual_seed(seed)
+    hs = cfg["n_embd"] // cfg["num_heads"]
+    lecture = LectureMultiHeadAttention(cfg["num_heads"], hs, cfg["n_embd"], cfg["T"]).to(dtype)
+    if provider == "attnext":
+        module = attnext.nn.MultiHeadAttention(cfg["num_heads"], hs, cfg["n_embd"], cfg["T"]).to(dtype)
+        module.load_state_dict(lecture.state_dict())
+    else:
+        module = lecture
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(cfg["B"], cfg["T"], cfg["n_embd"], generator=g).to(dtype).requires_grad_(mode != "fwd")
+    grad = torch.randn(cfg["B"], cfg["T"], cfg["n_embd"], generator=g).to(dtype)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                return module(x)
+        out = module(x)
+        out.backward(grad)
+        return out
+
+    return step, x
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _time_interleaved(steps, min_run_time, rounds):
+    """{provider: (median_ms, iqr_ms)}, measuring the providers in turn, `rounds` times.
+
+    On a shared machine the load changes over seconds; interleaving gives every
+    provider the same mix of quiet and busy moments, so the ratios stay fair.
+    """
+    for step in steps.values():
+        step()  # warm-up (first-touch allocations, lazy init)
+    samples = {p: [] for p in steps}
+    names = list(steps)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for p in order:
+            m = Timer("step()", globals={"step": steps[p]}, num_threads=torch.get_num_threads()).blocked_autorange(
+                min_run_time=min_run_time / rounds
+            )
+            samples[p] += [t * 1e3 for t in m.times]
+    return {p: (_quantile(ts, 0.5), _quantile(ts, 0.75) - _quantile(ts, 0.25)) for p, ts in samples.items()}
+
+
+def _attention_flops(B, nh, T, hs, mode):
+    fwd = 4.0 * B * nh * T * T * hs / 2  # QK^T and PV, causal half
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def _check(outputs, ref, dtype):
+    tol = 2e-4 if dtype == torch.float32 else 5e-2
+    for provider, out in outputs.items():
+        err = (out.double() - ref).abs().max().item()
+        if err > tol * max(1.0, ref.abs().max().item()):
+            raise AssertionError(f"bench_attention: {provider} disagrees with the float64 reference (max err {err:.3g})")
+
+
+def _peak_memory_mb(kind, provider, spec, dtype_name, mode):
+    """Peak RSS growth (MiB) of one step, measured in a fresh process."""
+    if kind == "attention":
+        make = f"b.make_attention_case({provider!r}, {tuple(spec)!r}, dtype, {mode!r})"
+        warm = f"b.make_attention_case({provider!r}, (1, 2, 64, 16), dtype, {mode!r})"
+    else:
+        make = f"b.make_mha_case({provider!r}, {dict(spec)!r}, dtype, {mode!r})"
+        warm = f"b.make_mha_case({provider!r}, dict(B=1, T=16, n_embd=12, num_heads=2), dtype, {mode!r})"
+    # VmHWM (this process's own peak RSS; getrusage's ru_maxrss would start at the
+    # parent's peak, inherited through fork), reset to the current RSS just before
+    # the step by writing 5 to /proc/self/clear_refs.
+    code = "\n".join([
+        "import json, sys, torch",
+        f"sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {HERE!r})",
+        "import bench_attention as b",
+        "def kib(field):",
+        "    for line in open('/proc/self/status'):",
+        "        if line.startswith(field): return int(line.split()[1])",
+        f"dtype = b.DTYPES[{dtype_name!r}]",
+        f"{warm}[0]()",  # libraries' one-time buffers (BLAS, thread pools) are not the provider's
+        f"step, _ = {make}",
+        "open('/proc/self/clear_refs', 'w').write('5')",
+        "before = kib('VmRSS:')",
+        "step()",
+        "print(json.dumps((kib('VmHWM:') - before) / 1024.0))",
+    ])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        return float("nan")
+    return float(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def _git_sha():
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device():
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu:{name} x{torch.get_num_threads()}threads"
+
+
+def run(quick: bool) -> list:
+    """Measure everything; returns one dict per CSV row (see CSV_COLUMNS).
+
+    Numbers are floats (NaN where a column does not apply). Peak-memory rows have
+    mode ``"<mode>:peak_rss_mb"`` and the MiB in ``median_ms`` (and ``peak_mb``).
+    Extra keys not in the CSV: ``peak_mb``, ``seq_len``.
+    """
+    if attnext.explain("causal_attention", torch.empty(1, 1, dtype=torch.float32)):
+        print("bench_attention: warning: attnext runs its eager fallback here:", attnext.explain(
+            "causal_attention", torch.empty(1, 1)), file=sys.stderr)
+    min_run_time = 0.2 if quick else 1.0  # per provider and case
+    rounds = 2 if quick else 4
+    cases = CASES_QUICK if quick else CASES_FULL
+    dtypes = ["float32"] if quick else ["float32", "bfloat16"]
+    modes = ["fwd", "fwd+bwd"]
+    common = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        device=_device(),
+        torch=torch.__version__,
+        git_sha=_git_sha(),
+    )
+    rows = []
+    providers = ["attnext"] + PEERS
+    for shape in cases:
+        B, nh, T, hs = shape
+        ref_q, ref_k, ref_v = (None,) * 3
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for mode in modes:
+                # correctness first: every provider's output against the float64 reference
+                outs = {}
+                for p in providers:
+                    step, (q, k, v, _) = make_attention_case(p, shape, dtype, mode)
+                    outs[p] = step().detach()
+                ref = reference.causal_attention(q.detach().double(), k.detach().double(), v.detach().double(), hs**-0.5)[0]
+                _check(outs, ref, dtype)
+                steps = {p: make_attention_case(p, shape, dtype, mode)[0] for p in providers}
+                times = _time_interleaved(steps, min_run_time * len(steps), rounds)
+                flops = _attention_flops(B, nh, T, hs, mode)
+                for p, (med, iqr) in times.items():
+                    base = dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}", dtype=dtype_name,
+                                mode=mode, provider=p, median_ms=round(med, 3), iqr_ms=round(iqr, 3),
+                                gflops_or_gbs=round(flops / (med * 1e-3) / 1e9, 2), seq_len=T)
+                    if p == "attnext":
+                        for peer in PEERS:
+                            if peer in times:
+                                rows.append(dict(base, ratio_vs=round(times[peer][0] / med, 3), peer=peer))
+                    else:
+                        rows.append(dict(base, ratio_vs="", peer=""))
+                if not quick:
+                    for p in providers:
+                        mb = _peak_memory_mb("attention", p, shape, dtype_name, mode)
+                        rows.append(dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}",
+                                         dtype=dtype_name, mode=mode + ":peak_rss_mb", provider=p,
+                                         median_ms=round(mb, 1), iqr_ms=NAN, gflops_or_gbs=NAN, ratio_vs="",
+                                         peer="", peak_mb=round(mb, 1), seq_len=T))
+    # the lecture's MultiHeadAttention module, eager vs fused
+    cfg = MHA_QUICK if quick else MHA_FULL
+    shape_s = ",".join(f"{k}={v}" for k, v in cfg.items())
+    for mode in modes:
+        outs = {}
+        for p in ("attnext", "eager"):
+            step, _ = make_mha_case(p, cfg, torch.float32, mode)
+            outs[p] = step().detach()
+        _check({"attnext": outs["attnext"]}, outs["eager"].double(), torch.float32)
+        steps = {p: make_mha_case(p, cfg, torch.float32, mode)[0] for p in ("attnext", "eager")}
+        times = _time_interleaved(steps, min_run_time * len(steps), rounds)
+        for p, (med, iqr) in times.items():
+            rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32", mode=mode, provider=p,
+                             median_ms=round(med, 3), iqr_ms=round(iqr, 3), gflops_or_gbs=NAN,
+                             ratio_vs=round(times["eager"][0] / med, 3) if p == "attnext" else "",
+                             peer="eager" if p == "attnext" else ""))
+        if not quick:
+            for p in ("attnext", "eager"):
+                mb = _peak_memory_mb("mha", p, cfg, "float32", mode)
+                rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32",
+                                 mode=mode + ":peak_rss_mb", provider=p, median_ms=round(mb, 1), iqr_ms=NAN,
+                                 gflops_or_gbs=NAN, ratio_vs="", peer="", peak_mb=round(mb, 1)))
+    return rows
+
+
+def _print(rows):
+    print(f"{'op':<19}{'shape':<30}{'dtype':<10}{'mode':<22}{'provider':<9}{'median ms':>10}{'IQR':>8}"
+          f"{'GFLOP/s':>9}{'peak MiB':>9}  attnext speed-up")
+    for r in rows:
+        speed = f"{r['ratio_vs']}x vs {r['peer']}" if r.get("peer") else ""
+        print(f"{r['op']:<19}{r['shape']:<30}{r['dtype']:<10}{r['mode']:<22}{r['provider']:<9}"
+              f"{r['median_ms']!s:>10}{r['iqr_ms']!s:>8}{r['gflops_or_gbs']!s:>9}{r.get('peak_mb', '')!s:>9}  {speed}")
+
+
+def _append_csv(rows, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, float32 only, no memory runs")
+    ap.add_argument("--csv", default=os.path.join(HERE, "results", "cpu.csv"), help="where rows are appended")
+    ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args.quick)
+    _print(rows)
+    if not args.no_csv:
+        _append_csv(rows, args.csv)
+        print(f"appended {len(rows)} rows to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,738 @@
+// Fused causal attention on the CPU, forward and backward (flash-style).
+//
+// out = dropout(softmax(scale * q k^T, causal)) v for q: (..., T, hs),
+// k: (..., S, hs), v: (..., S, hs_v); the (T, S) weight matrix never exists.
+//
+// Forward: one work item per (batch, query tile of kBq = 64 rows). The item
+// walks key tiles of kBkF = 256 columns left to right up to the causal
+// boundary of its last row (the last tile is cut there; nothing above the
+// diagonal of the query tile is touched), with an online
+// softmax: S = scale q k^T (BLAS gemm into a per-thread tile), running max m
+// and sum l per row, the output accumulator rescaled by exp(m_old - m_new),
+// then O += P v. At the end O /= l and lse = m + log(l) is kept for the
+// backward.
+//
+// Scheduling: work items are handed out one at a time from a shared counter
+// to torch's intra-op threads (dynamic scheduling), the longest first (the
+// query tiles near the bottom of the matrix see the most keys). Causal tiles
+// have unequal work, and on a shared machine one thread may lose its core for
+// a while: with static chunks everyone would wait for it.
+//
+// Backward: D = rowsum(dO * O) first; then one work item per (batch, chunk of
+// key tiles of kBk = 64). For each of its key tiles the item walks the query tiles that
+// can see it, recomputes P = exp(S - lse), and accumulates
+//   dV += P^T dO, dP = dO v^T, dS = scale P (dP - D),
+//   dQ += dS k, dK += dS^T q
+// (with dropout, P^T dO uses the dropped P and dP is multiplied by the same
+// mask). dK/dV of a key tile belong to one item, so they are written without
+// races. dQ rows are shared by the key tiles of a batch: with one chunk per
+// batch (enough batches to keep every thread busy) they go straight into the
+// output; otherwise each chunk owns a copy and the copies are summed after.
+//
+// Dropout keeps weight (b, t, j) iff a counter-based hash of (seed, offset, b,
+// t, j) is >= p * 2^32, so the backward regenerates the forward's mask exactly
+// and any tiling or thread count gives the same result; attnext/reference.py
+// computes the same hash with torch integer ops.
+//
+// Types: float and double natively (float accumulation, double for double);
+// bfloat16 tiles are widened into per-thread float buffers as they are read
+// (no whole-tensor copies) and results rounded once.
+// Memory: O(B * T * hs) plus per-thread tiles, never O(T * S).
+// Limits: BLAS takes 32-bit leading dimensions (the LP64 interface torch's
+// MKL uses): inputs with larger row strides are copied. hs and hs_v must fit
+// an int. At most 16 batch dims (RowIndexer).
+// Inputs are read through their strides (nanoGPT's q.transpose(1, 2) views)
+// when their rows are unit-stride; otherwise a contiguous copy is made.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "cpu/vec_math.h"
+#include "ops.h"
+
+// BLAS, resolved at load time from the libraries torch already loaded (MKL in
+// the x86-64 wheels exports the Fortran symbols). Weak: where no BLAS exports
+// them, a plain loop nest is used instead.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+}
+
+namespace attnext {
+
+// ---- dropout hash: the same integer steps as reference._dropout_keep
+ATTNEXT_INLINE uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+constexpr uint32_t kBatchMul = 0x9e3779b9u;
+constexpr uint32_t kRowMul = 0x85ebca77u;
+constexpr uint32_t kColMul = 0xc2b2ae3du;
+
+// One key per (seed, offset) stream.
+inline uint32_t dropout_stream_key(int64_t seed, int64_t offset) {
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  uint32_t h = fmix32(static_cast<uint32_t>(o) ^ 0x6a09e667u);
+  h = fmix32(h ^ static_cast<uint32_t>(o >> 32));
+  h = fmix32(h ^ static_cast<uint32_t>(s));
+  h = fmix32(h ^ static_cast<uint32_t>(s >> 32));
+  return h;
+}
+
+// One key per (stream, batch, query row).
+inline uint32_t dropout_row_key(uint32_t stream, int64_t b, int64_t t) {
+  const uint32_t hb = fmix32(stream + static_cast<uint32_t>(b) * kBatchMul);
+  return fmix32(hb + static_cast<uint32_t>(t) * kRowMul);
+}
+
+// Keep weight (row, col) iff its hash is >= threshold = floor(p * 2^32).
+ATTNEXT_INLINE bool dropout_keep(uint32_t row_key, uint32_t col, uint32_t threshold) {
+  return fmix32(row_key + col * kColMul) >= threshold;
+}
+
+namespace {
+
+// ---- float tile kernels, one copy per instruction set (cpu/causal_attention_tiles.inl)
+#if ATTNEXT_X86_SIMD
+ATTNEXT_ISA_BEGIN_AVX512
+namespace isa_avx512 {
+#include "cpu/simd_avx512.inl"
+#include "cpu/causal_attention_tiles.inl"
+}  // namespace isa_avx512
+ATTNEXT_ISA_END
+ATTNEXT_ISA_BEGIN_AVX2
+namespace isa_avx2 {
+#include "cpu/simd_avx2.inl"
+#include "cpu/causal_attention_tiles.inl"
+}  // namespace isa_avx2
+ATTNEXT_ISA_END
+#endif
+namespace isa_scalar {
+#include "cpu/simd_scalar.inl"
+#include "cpu/causal_attention_tiles.inl"
+}  // namespace isa_scalar
+
+struct TileKernels {
+  decltype(&isa_scalar::attn_fwd_tile_f32) fwd;
+  decltype(&isa_scalar::attn_bwd_p_tile_f32) bwd_p;
+  decltype(&isa_scalar::attn_bwd_ds_tile_f32) bwd_ds;
+  decltype(&isa_scalar::attn_dropout_tile_f32) dropout;
+};
+
+const TileKernels& tile_kernels() {
+  static const TileKernels k = [] {
+    switch (simd::detected_isa()) {
+#if ATTNEXT_X86_SIMD
+      case simd::Isa::kAvx512:
+        return TileKernels{&isa_avx512::attn_fwd_tile_f32, &isa_avx512::attn_bwd_p_tile_f32,
+                           &isa_avx512::attn_bwd_ds_tile_f32, &isa_avx512::attn_dropout_tile_f32};
+      case simd::Isa::kAvx2:
+        return TileKernels{&isa_avx2::attn_fwd_tile_f32, &isa_avx2::attn_bwd_p_tile_f32,
+                           &isa_avx2::attn_bwd_ds_tile_f32, &isa_avx2::attn_dropout_tile_f32};
+#endif
+      default:
+        return TileKernels{&isa_scalar::attn_fwd_tile_f32, &isa_scalar::attn_bwd_p_tile_f32,
+                           &isa_scalar::attn_bwd_ds_tile_f32, &isa_scalar::attn_dropout_tile_f32};
+    }
+  }();
+  return k;
+}
+
+// ---- the double tiles: plain loops, std::exp (double is for checking, not speed)
+void fwd_tile(double* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, double* m, double* l,
+              double* alpha) {
+  for (int64_t r = 0; r < nr; ++r) {
+    double* x = s + r * ld;
+    const int64_t L = vis[r];
+    if (L <= 0) {
+      std::fill(x, x + nc, 0.0);
+      alpha[r] = 1.0;
+      continue;
+    }
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < L; ++j) mx = x[j] > mx ? x[j] : mx;
+    const double m_new = std::max(mx, m[r]);
+    double sum = 0;
+    for (int64_t j = 0; j < L; ++j) {
+      x[j] = std::exp(x[j] - m_new);
+      sum += x[j];
+    }
+    std::fill(x + L, x + nc, 0.0);
+    const double a = m[r] == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(m[r] - m_new);
+    alpha[r] = a;
+    l[r] = l[r] * a + sum;
+    m[r] = m_new;
+  }
+}
+
+void bwd_p_tile(double* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, const double* lse) {
+  for (int64_t r = 0; r < nr; ++r) {
+    double* x = s + r * ld;
+    const int64_t L = std::max<int64_t>(vis[r], 0);
+    for (int64_t j = 0; j < L; ++j) x[j] = std::exp(x[j] - lse[r]);
+    std::fill(x + L, x + nc, 0.0);
+  }
+}
+
+void bwd_ds_tile(const double* p, double* dp, const double* z, int64_t nr, int64_t nc, int64_t ld,
+                 const double* D, double scale) {
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t j = 0; j < nc; ++j) {
+      const double g = (z ? dp[r * ld + j] * z[r * ld + j] : dp[r * ld + j]) - D[r];
+      dp[r * ld + j] = scale * p[r * ld + j] * g;
+    }
+  }
+}
+
+void dropout_tile(double* p, double* z, int64_t nr, int64_t nc, int64_t ld, const uint32_t* row_keys, uint32_t col0,
+                  uint32_t threshold, double inv_keep) {
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t j = 0; j < nc; ++j) {
+      const double f = dropout_keep(row_keys[r], col0 + static_cast<uint32_t>(j), threshold) ? inv_keep : 0.0;
+      if (z) z[r * ld + j] = f;
+      if (p) p[r * ld + j] *= f;
+    }
+  }
+}
+
+// The float tiles go to the kernels of the detected instruction set.
+void fwd_tile(float* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, float* m, float* l, float* alpha) {
+  tile_kernels().fwd(s, nr, nc, ld, vis, m, l, alpha);
+}
+void bwd_p_tile(float* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, const float* lse) {
+  tile_kernels().bwd_p(s, nr, nc, ld, vis, lse);
+}
+void bwd_ds_tile(const float* p, float* dp, const float* z, int64_t nr, int64_t nc, int64_t ld, const float* D,
+                 float scale) {
+  tile_kernels().bwd_ds(p, dp, z, nr, nc, ld, D, scale);
+}
+void dropout_tile(float* p, float* z, int64_t nr, int64_t nc, int64_t ld, const uint32_t* row_keys, uint32_t col0,
+                  uint32_t threshold, float inv_keep) {
+  tile_kernels().dropout(p, z, nr, nc, ld, row_keys, col0, threshold, inv_keep);
+}
+
+// ---- gemm on row-major blocks, via column-major BLAS (C^T = B^T A^T)
+template <typename T>
+void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T beta, T* c, int64_t ldc) {
+  // Column-major: C (m, n) = alpha op(A) op(B) + beta C.
+  if (m == 0 || n == 0) return;
+  const bool have_blas = std::is_same<T, float>::value ? (sgemm_ != nullptr) : (dgemm_ != nullptr);
+  if (k > 0 && have_blas) {
+    const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+    if constexpr (std::is_same<T, float>::value) {
+      sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    } else {
+      dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      T acc = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        const T av = ta == 'N' ? a[i + p * lda] : a[p + i * lda];
+        const T bv = tb == 'N' ? b[p + j * ldb] : b[j + p * ldb];
+        acc += av * bv;
+      }
+      c[i + j * ldc] = alpha * acc + (beta == T(0) ? T(0) : beta * c[i + j * ldc]);
+    }
+  }
+}
+
+// C (M, N) = alpha A (M, K) B^T + beta C, B: (N, K); all row-major.
+template <typename T>
+void mm_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+           int64_t ldc) {
+  blas_gemm<T>('T', 'N', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+// C (M, N) = alpha A (M, K) B (K, N) + beta C.
+template <typename T>
+void mm_nn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+           int64_t ldc) {
+  blas_gemm<T>('N', 'N', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+// C (M, N) = alpha A^T B + beta C, A: (K, M), B: (K, N).
+template <typename T>
+void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+           int64_t ldc) {
+  blas_gemm<T>('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+
+// The tile products run inside at::parallel_for: BLAS must not start threads of
+// its own there (MKL's nested threads oversubscribe the cores, 100x slower).
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+#ifndef ATTNEXT_FWD_KEY_TILE
+#define ATTNEXT_FWD_KEY_TILE 256
+#endif
+constexpr int64_t kBq = 64;  // query rows per tile
+constexpr int64_t kBk = 64;  // key columns per tile (backward)
+// Forward key tiles can be wider at no cost in wasted work (a tile is cut at
+// the causal boundary of its query tile's last row), and wider tiles mean
+// fewer, more efficient BLAS calls.
+constexpr int64_t kBkF = ATTNEXT_FWD_KEY_TILE;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs body(state, item) for every item in [0, n) on torch's intra-op threads,
+// each thread taking the next item from a shared counter; make_state() builds
+// one thread's scratch buffers once.
+template <typename MakeState, typename Body>
+void parallel_items(int64_t n, MakeState make_state, Body body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SingleThreadedBlas single_threaded_blas;
+    auto state = make_state();
+    for (int64_t item = next.fetch_add(1, std::memory_order_relaxed); item < n;
+         item = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(state, item);
+    }
+  });
+}
+
+// A (.., rows, d) tensor as the kernels read it: per-batch offsets + row stride.
+template <typename T>
+struct Rows2D {
+  const T* base;
+  RowIndexer idx;
+  int64_t ld;
+  explicit Rows2D(const at::Tensor& t)
+      : base(t.const_data_ptr<T>()), idx(t), ld(std::max<int64_t>(t.stride(-2), std::max<int64_t>(t.size(-1), 1))) {}
+  const T* at(int64_t b, int64_t row) const { return base + idx.offset(b, row); }
+};
+
+struct Dropout {
+  bool on = false;
+  uint32_t stream = 0;
+  uint32_t threshold = 0;
+  double inv_keep = 1.0;
+  Dropout(double p, int64_t seed, int64_t offset) {
+    if (p > 0) {
+      on = true;
+      stream = dropout_stream_key(seed, offset);
+      threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+      inv_keep = 1.0 / (1.0 - p);
+    }
+  }
+};
+
+struct Geometry {
+  int64_t BH, T, S, hs, hsv;
+  int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
+  int64_t visible(int64_t t) const {
+    const int64_t v = t + 1 + shift;
+    return v < 0 ? 0 : (v > S ? S : v);
+  }
+};
+
+// ---- tiles of the inputs as the compute type T (float for bfloat16)
+
+ATTNEXT_MULTIVERSION void widen_bf16_row(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = vec::bf16_to_float(src[j]);
+}
+
+ATTNEXT_MULTIVERSION void narrow_bf16_row(const float* src, uint16_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = vec::float_to_bf16(src[j]);
+}
+
+// A row-major block as the gemm reads it.
+template <typename T>
+struct Block {
+  const T* p;
+  int64_t ld;
+};
+
+// (rows, cols) of an input at src (row stride ld) as T: the input itself when it
+// already is T, else widened into buf (row stride cols).
+template <typename T, typename in_t>
+Block<T> load_block(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* buf) {
+  if constexpr (std::is_same<T, in_t>::value) {
+    return {src, ld};
+  } else {
+    static_assert(std::is_same<in_t, at::BFloat16>::value && std::is_same<T, float>::value, "bfloat16 -> float only");
+    for (int64_t r = 0; r < rows; ++r) {
+      widen_bf16_row(reinterpret_cast<const uint16_t*>(src + r * ld), buf + r * cols, cols);
+    }
+    return {buf, std::max<int64_t>(cols, 1)};
+  }
+}
+
+// (rows, cols) of T at src (row stride lds) into out_t at dst (row stride ldd), rounded once.
+template <typename T, typename out_t>
+void store_block(const T* src, int64_t lds, int64_t rows, int64_t cols, out_t* dst, int64_t ldd) {
+  if constexpr (std::is_same<T, out_t>::value) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, sizeof(T) * cols);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      narrow_bf16_row(src + r * lds, reinterpret_cast<uint16_t*>(dst + r * ldd), cols);
+    }
+  }
+}
+
+template <typename in_t, typename T = at::opmath_type<in_t>>
+void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+              const Geometry& g, double scale_d, const Dropout& drop) {
+  constexpr bool direct = std::is_same<T, in_t>::value;  // accumulate straight into `out`
+  const Rows2D<in_t> Q(q), K(k), V(v);
+  in_t* op = out.mutable_data_ptr<in_t>();
+  T* lp = lse.mutable_data_ptr<T>();
+  const T scale = static_cast<T>(scale_d);
+  const T inv_keep = static_cast<T>(drop.inv_keep);
+  const int64_t nqt = ceil_div(g.T, kBq);
+  struct Scratch {
+    std::vector<T> s, m, l, alpha, o, qbuf, kbuf, vbuf;
+    std::vector<int64_t> vis;
+    std::vector<uint32_t> row_keys;
+  };
+  auto make_scratch = [&] {
+    const int64_t w = direct ? 0 : 1;  // widened copies only for bfloat16
+    return Scratch{std::vector<T>(kBq * kBkF),           std::vector<T>(kBq),
+                   std::vector<T>(kBq),                 std::vector<T>(kBq),
+                   std::vector<T>(w * kBq * g.hsv),     std::vector<T>(w * kBq * g.hs),
+                   std::vector<T>(w * kBkF * g.hs),      std::vector<T>(w * kBkF * g.hsv),
+                   std::vector<int64_t>(kBq),           std::vector<uint32_t>(kBq)};
+  };
+  // item u: query tile nqt - 1 - u / BH (the longest rows first) of batch u % BH
+  parallel_items(g.BH * nqt, make_scratch, [&](Scratch& sc, int64_t item) {
+    const int64_t b = item % g.BH;
+    const int64_t t0 = (nqt - 1 - item / g.BH) * kBq;
+    const int64_t nr = std::min(kBq, g.T - t0);
+    in_t* out_tile = op + (b * g.T + t0) * g.hsv;  // (nr, hsv)
+    T* o;                                           // (nr, hsv) accumulator, row stride hsv
+    if constexpr (direct) {
+      o = out_tile;
+    } else {
+      o = sc.o.data();
+    }
+    T* s = sc.s.data();
+    std::fill(o, o + nr * g.hsv, T(0));
+    std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<T>::infinity());
+    std::fill(sc.l.begin(), sc.l.end(), T(0));
+    if (drop.on) {
+      for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+    }
+    const int64_t kv_end = g.visible(t0 + nr - 1);
+    const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
+    for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
+      const int64_t nc = std::min(kBkF, kv_end - k0);
+      const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
+      const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
+      mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBkF);  // S: (nr, nc)
+      for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+      fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
+      if (drop.on) {
+        dropout_tile(s, static_cast<T*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
+                     drop.threshold, inv_keep);
+      }
+      if (k0 > 0) {
+        for (int64_t r = 0; r < nr; ++r) {
+          const T a = sc.alpha[r];
+          if (a != T(1)) {
+            T* orow = o + r * g.hsv;
+            for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= a;
+          }
+        }
+      }
+      mm_nn<T>(nr, g.hsv, nc, T(1), s, kBkF, vb.p, vb.ld, T(1), o, std::max<int64_t>(g.hsv, 1));  // O += P V
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      T* orow = o + r * g.hsv;
+      const T l = sc.l[r];
+      if (l != T(0)) {  // NaN from the inputs propagates as in torch.softmax
+        const T inv = T(1) / l;
+        for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= inv;
+        lp[b * g.T + t0 + r] = sc.m[r] + std::log(l);
+      } else {
+        // no visible key (bottom-right with T > S, or S == 0): output 0, lse -inf
+        lp[b * g.T + t0 + r] = -std::numeric_limits<T>::infinity();
+      }
+    }
+    if constexpr (!direct) {
+      store_block(o, g.hsv, nr, g.hsv, out_tile, g.hsv);
+    }
+  });
+}
+
+template <typename in_t, typename T = at::opmath_type<in_t>>
+void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+              const Geometry& g, double scale_d, const Dropout& drop) {
+  constexpr bool direct = std::is_same<T, in_t>::value;  // accumulate straight into the outputs
+  const Rows2D<in_t> Q(q), K(k), V(v), dO(dout), O(out);
+  const T* lp = lse.const_data_ptr<T>();  // (BH, T), contiguous
+  const T scale = static_cast<T>(scale_d);
+  const T inv_keep = static_cast<T>(drop.inv_keep);
+
+  // D = rowsum(dO * O): (BH, T)
+  std::vector<T> D(g.BH * g.T);
+  at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const in_t* a = dO.at(i / g.T, i % g.T);
+      const in_t* c = O.at(i / g.T, i % g.T);
+      T acc = 0;
+      for (int64_t j = 0; j < g.hsv; ++j) acc += static_cast<T>(a[j]) * static_cast<T>(c[j]);
+      D[i] = acc;
+    }
+  });
+
+  // Enough batches to keep every thread busy with whole batches: one chunk each,
+  // dQ accumulated in place. Otherwise split the key tiles of a batch into
+  // chunks, each with its own dQ copy, summed at the end.
+  const int64_t nkt = ceil_div(g.S, kBk);
+  const int64_t nthreads = at::get_num_threads();
+  int64_t nchunks = 1;
+  if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
+    nchunks = std::max<int64_t>(1, std::min(nkt, ceil_div(2 * nthreads, g.BH)));
+  }
+  const bool dq_in_place = direct && nchunks == 1;
+  at::Tensor dq_acc = dq_in_place ? dq : at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(lse.dtype()));
+  if (dq_in_place) dq.zero_();
+  T* dqp = dq_acc.mutable_data_ptr<T>();
+  in_t* dkp = dk.mutable_data_ptr<in_t>();
+  in_t* dvp = dv.mutable_data_ptr<in_t>();
+
+  struct Scratch {
+    std::vector<T> s, dp, z, pd, dk, dv, qbuf, kbuf, vbuf, dobuf;
+    std::vector<int64_t> vis;
+    std::vector<uint32_t> row_keys;
+  };
+  auto make_scratch = [&] {
+    const int64_t nz = drop.on ? kBq * kBk : 0;
+    const int64_t w = direct ? 0 : 1;
+    return Scratch{std::vector<T>(kBq * kBk),       std::vector<T>(kBq * kBk),
+                   std::vector<T>(nz),              std::vector<T>(nz),
+                   std::vector<T>(w * kBk * g.hs),  std::vector<T>(w * kBk * g.hsv),
+                   std::vector<T>(w * kBq * g.hs),  std::vector<T>(w * kBk * g.hs),
+                   std::vector<T>(w * kBk * g.hsv), std::vector<T>(w * kBq * g.hsv),
+                   std::vector<int64_t>(kBq),       std::vector<uint32_t>(kBq)};
+  };
+  parallel_items(g.BH * nchunks, make_scratch, [&](Scratch& sc, int64_t item) {
+    const int64_t b = item / nchunks, chunk = item % nchunks;
+    T* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;  // (T, hs)
+    T* s = sc.s.data();
+    T* dp = sc.dp.data();
+    // key tiles chunk, 2c-1-chunk, 2c+chunk, ...: a boustrophedon deal, so the
+    // chunks get about the same work although early key tiles have more.
+    for (int64_t i = 0;; ++i) {
+      const int64_t kt = i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
+      if (kt >= nkt) break;
+      const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0);
+      in_t* dk_out = dkp + (b * g.S + k0) * g.hs;   // (nc, hs)
+      in_t* dv_out = dvp + (b * g.S + k0) * g.hsv;  // (nc, hsv)
+      T* dkt;
+      T* dvt;
+      if constexpr (direct) {
+        dkt = dk_out;
+        dvt = dv_out;
+      } else {
+        dkt = sc.dk.data();
+        dvt = sc.dv.data();
+      }
+      std::fill(dkt, dkt + nc * g.hs, T(0));
+      std::fill(dvt, dvt + nc * g.hsv, T(0));
+      const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
+      const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
+      // the first query row that sees key k0: t + 1 + shift > k0
+      const int64_t t_first = std::max<int64_t>(0, k0 - g.shift);
+      for (int64_t t0 = t_first; t0 < g.T; t0 += kBq) {
+        const int64_t nr = std::min(kBq, g.T - t0);
+        const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
+        const Block<T> dob = load_block(dO.at(b, t0), dO.ld, nr, g.hsv, sc.dobuf.data());
+        mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBk);  // S: (nr, nc)
+        for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+        bwd_p_tile(s, nr, nc, kBk, sc.vis.data(), lp + b * g.T + t0);  // P
+        const T* pdrop = s;
+        T* z = nullptr;
+        if (drop.on) {
+          z = sc.z.data();
+          for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+          dropout_tile(static_cast<T*>(nullptr), z, nr, nc, kBk, sc.row_keys.data(), static_cast<uint32_t>(k0),
+                       drop.threshold, inv_keep);
+          T* pd = sc.pd.data();
+          for (int64_t r = 0; r < nr; ++r) {
+            for (int64_t c = 0; c < nc; ++c) pd[r * kBk + c] = s[r * kBk + c] * z[r * kBk + c];
+          }
+          pdrop = pd;
+        }
+        mm_tn<T>(nc, g.hsv, nr, T(1), pdrop, kBk, dob.p, dob.ld, T(1), dvt, std::max<int64_t>(g.hsv, 1));  // dV
+        mm_nt<T>(nr, nc, g.hsv, T(1), dob.p, dob.ld, vb.p, vb.ld, T(0), dp, kBk);  // dP: (nr, nc)
+        bwd_ds_tile(s, dp, z, nr, nc, kBk, D.data() + b * g.T + t0, scale);  // dS, scaled
+        mm_nn<T>(nr, g.hs, nc, T(1), dp, kBk, kb.p, kb.ld, T(1), dqb + t0 * g.hs, std::max<int64_t>(g.hs, 1));  // dQ
+        mm_tn<T>(nc, g.hs, nr, T(1), dp, kBk, qb.p, qb.ld, T(1), dkt, std::max<int64_t>(g.hs, 1));  // dK
+      }
+      if constexpr (!direct) {
+        store_block(dkt, g.hs, nc, g.hs, dk_out, g.hs);
+        store_block(dvt, g.hsv, nc, g.hsv, dv_out, g.hsv);
+      }
+    }
+  });
+  if (!dq_in_place) {
+    at::Tensor dq3 = dq.view({g.BH, g.T, g.hs});
+    if (nchunks == 1) {
+      dq3.copy_(dq_acc[0]);
+    } else if (direct) {
+      at::sum_out(dq3, dq_acc, {0});
+    } else {
+      dq3.copy_(dq_acc.sum(0));
+    }
+  }
+}
+
+// ---- argument checks and preparation
+
+void check_input(const at::Tensor& t, const char* name, const char* shape) {
+  check_strided(t, name);
+  TORCH_CHECK(t.device().is_cpu(), "attnext: ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, "attnext: ", name,
+              " must be float32, float64 or bfloat16 for the CPU causal_attention kernel, got ", st);
+  check_min_dim(t, 2, name, shape);
+}
+
+// Rows the kernel can read in place: unit-stride last dim and a row stride that
+// is a valid BLAS leading dimension; anything else is copied.
+at::Tensor prepare(const at::Tensor& t) {
+  at::Tensor r = t;
+  const int64_t d = r.size(-1);
+  const bool unit = d <= 1 || r.stride(-1) == 1;
+  const bool ld_ok = r.size(-2) <= 1 || (r.stride(-2) >= std::max<int64_t>(d, 1) && r.stride(-2) <= INT32_MAX);
+  if (!unit || !ld_ok) {
+    r = r.contiguous();
+  }
+  return r;
+}
+
+Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
+                   bool bottom_right) {
+  check_input(q, "q", "(..., T, hs)");
+  check_input(k, "k", "(..., S, hs)");
+  check_input(v, "v", "(..., S, hs_v)");
+  check_same(q, "q", k, "k");
+  check_same(q, "q", v, "v");
+  TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim() && q.sizes().slice(0, q.dim() - 2) ==
+                                                             k.sizes().slice(0, k.dim() - 2) &&
+                  q.sizes().slice(0, q.dim() - 2) == v.sizes().slice(0, v.dim() - 2),
+              "attnext: q, k and v must have the same batch dims, got q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes());
+  TORCH_CHECK(q.size(-1) == k.size(-1), "attnext: q and k must have the same head size (last dim), got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(-2) == v.size(-2), "attnext: k and v must have the same number of keys (dim -2), got k ",
+              k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(q.size(-1) <= INT32_MAX && v.size(-1) <= INT32_MAX, "attnext: head sizes above 2^31 - 1 are not supported");
+  check_scale(scale);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "attnext: dropout_p must be in [0, 1), got ", dropout_p);
+  Geometry g;
+  g.T = q.size(-2);
+  g.S = k.size(-2);
+  g.hs = q.size(-1);
+  g.hsv = v.size(-1);
+  g.BH = 1;
+  for (int64_t d = 0; d < q.dim() - 2; ++d) g.BH *= q.size(d);
+  g.shift = bottom_right ? g.S - g.T : 0;
+  return g;
+}
+
+at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in, double scale, double dropout_p,
+                                                        bool bottom_right, int64_t seed, int64_t offset) {
+  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
+  const at::ScalarType ct = compute_type(q_in.scalar_type());
+  // out: (..., T, hs_v) in the input dtype; lse: (..., T) in the compute dtype
+  std::vector<int64_t> out_sizes = q_in.sizes().vec();
+  out_sizes.back() = g.hsv;
+  std::vector<int64_t> lse_sizes(q_in.sizes().begin(), q_in.sizes().end() - 1);
+  at::Tensor out = empty_output(out_sizes, q_in.options());
+  at::Tensor lse = at::empty(lse_sizes, q_in.options().dtype(ct));
+  if (lse.numel() > 0) {
+    const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+    const Dropout drop(dropout_p, seed, offset);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_cpu",
+                                   [&] { fwd_impl<scalar_t>(q, k, v, out, lse, g, scale, drop); });
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p, bool bottom_right,
+    int64_t seed, int64_t offset) {
+  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
+  check_input(grad_out_in, "grad_out", "(..., T, hs_v)");
+  check_input(out_in, "out", "(..., T, hs_v)");
+  check_same(q_in, "q", grad_out_in, "grad_out");
+  check_same(q_in, "q", out_in, "out");
+  std::vector<int64_t> out_sizes = q_in.sizes().vec();
+  out_sizes.back() = g.hsv;
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_sizes), "attnext: grad_out must have shape ",
+              at::IntArrayRef(out_sizes), ", got ", grad_out_in.sizes());
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_sizes), "attnext: out must have shape ",
+              at::IntArrayRef(out_sizes), ", got ", out_in.sizes());
+  const at::ScalarType ct = compute_type(q_in.scalar_type());
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == ct, "attnext: lse must be a CPU ", ct,
+              " tensor, got ", lse_in.scalar_type(), " on ", lse_in.device());
+  TORCH_CHECK(lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1), "attnext: lse must have shape ",
+              q_in.sizes().slice(0, q_in.dim() - 1), ", got ", lse_in.sizes());
+  at::Tensor dq = empty_output(q_in.sizes(), q_in.options());
+  at::Tensor dk = empty_output(k_in.sizes(), q_in.options());
+  at::Tensor dv = empty_output(v_in.sizes(), q_in.options());
+  if (g.BH * g.T > 0 && g.BH * g.S > 0) {
+    const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+    const at::Tensor dout = prepare(grad_out_in), out = prepare(out_in);
+    const at::Tensor lse = lse_in.contiguous();
+    const Dropout drop(dropout_p, seed, offset);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_backward_cpu",
+                                   [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  return {dq, dk, dv};
+}
+
+TORCH_LIBRARY_IMPL(attnext, CPU, m) {
+  m.impl("causal_attention", &causal_attention_cpu);
+  m.impl("_causal_attention_backward", &causal_attention_backward_cpu);
+}
+
+}  // namespace attnext

@@ -1,0 +1,142 @@
+// The float tile kernels of causal_attention, written once against VecF and
+// included once per instruction set (see causal_attention.cpp). A tile is a
+// row-major (nr, nc) block of scores with leading dimension ld; vis[r] in
+// [0, nc] is how many of its columns query row r may see (the causal mask).
+
+// Online-softmax step of the forward. In place: s becomes exp(s - m_new) on the
+// visible prefix of each row and 0 after it; m (running max) and l (running sum
+// of exp) are updated and alpha[r] = exp(m_old - m_new) is what the row's output
+// accumulator must be multiplied by before this tile's P V is added.
+inline void attn_fwd_tile_f32(float* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, float* m,
+                              float* l, float* alpha) {
+  constexpr int64_t N = VecF::N;
+  for (int64_t r = 0; r < nr; ++r) {
+    float* x = s + r * ld;
+    const int64_t L = vis[r];
+    if (L <= 0) {
+      std::memset(x, 0, sizeof(float) * nc);
+      alpha[r] = 1.0f;
+      continue;
+    }
+    VecF vm = VecF::set1(-__builtin_inff());
+    int64_t j = 0;
+    for (; j + N <= L; j += N) {
+      vm = VecF::max(vm, VecF::load(x + j));
+    }
+    if (j < L) {
+      vm = VecF::select_first(L - j, VecF::max(vm, VecF::load_tail(x + j, L - j)), vm);
+    }
+    const float m_old = m[r];
+    const float tile_max = vm.hmax();
+    const float m_new = tile_max > m_old ? tile_max : m_old;
+    const VecF neg_m = VecF::set1(-m_new);
+    VecF acc = VecF::set1(0.0f);
+    for (j = 0; j + N <= L; j += N) {
+      const VecF e = VecF::exp(VecF::load(x + j) + neg_m);
+      e.store(x + j);
+      acc = acc + e;
+    }
+    if (j < L) {
+      const VecF e =
+          VecF::select_first(L - j, VecF::exp(VecF::load_tail(x + j, L - j) + neg_m), VecF::set1(0.0f));
+      e.store_tail(x + j, L - j);
+      acc = acc + e;
+    }
+    if (nc > L) {
+      std::memset(x + L, 0, sizeof(float) * (nc - L));
+    }
+    const float a = m_old == -__builtin_inff() ? 0.0f : ::attnext::vec::exp_f32(m_old - m_new);
+    alpha[r] = a;
+    l[r] = l[r] * a + acc.hsum();
+    m[r] = m_new;
+  }
+}
+
+// Backward: s becomes P = exp(s - lse[r]) on the visible prefix, 0 after it.
+inline void attn_bwd_p_tile_f32(float* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis,
+                                const float* lse) {
+  constexpr int64_t N = VecF::N;
+  for (int64_t r = 0; r < nr; ++r) {
+    float* x = s + r * ld;
+    const int64_t L = vis[r];
+    if (L <= 0) {
+      std::memset(x, 0, sizeof(float) * nc);
+      continue;
+    }
+    const VecF neg = VecF::set1(-lse[r]);
+    int64_t j = 0;
+    for (; j + N <= L; j += N) {
+      VecF::exp(VecF::load(x + j) + neg).store(x + j);
+    }
+    if (j < L) {
+      VecF::exp(VecF::load_tail(x + j, L - j) + neg).store_tail(x + j, L - j);
+    }
+    if (nc > L) {
+      std::memset(x + L, 0, sizeof(float) * (nc - L));
+    }
+  }
+}
+
+// Backward: dp becomes dS = scale * P * (dP * Z - D[r]), Z the dropout
+// multipliers (nullptr: no dropout).
+inline void attn_bwd_ds_tile_f32(const float* p, float* dp, const float* z, int64_t nr, int64_t nc, int64_t ld,
+                                 const float* D, float scale) {
+  constexpr int64_t N = VecF::N;
+  const VecF vs = VecF::set1(scale);
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* pr = p + r * ld;
+    float* d = dp + r * ld;
+    const float* zr = z ? z + r * ld : nullptr;
+    const VecF vD = VecF::set1(D[r]);
+    int64_t j = 0;
+    if (zr) {
+      for (; j + N <= nc; j += N) {
+        const VecF g = VecF::fmadd(VecF::load(d + j), VecF::load(zr + j), VecF::set1(0.0f) - vD);
+        (vs * VecF::load(pr + j) * g).store(d + j);
+      }
+      if (j < nc) {
+        const int64_t n = nc - j;
+        const VecF g = VecF::fmadd(VecF::load_tail(d + j, n), VecF::load_tail(zr + j, n), VecF::set1(0.0f) - vD);
+        (vs * VecF::load_tail(pr + j, n) * g).store_tail(d + j, n);
+      }
+    } else {
+      for (; j + N <= nc; j += N) {
+        (vs * VecF::load(pr + j) * (VecF::load(d + j) - vD)).store(d + j);
+      }
+      if (j < nc) {
+        const int64_t n = nc - j;
+        (vs * VecF::load_tail(pr + j, n) * (VecF::load_tail(d + j, n) - vD)).store_tail(d + j, n);
+      }
+    }
+  }
+}
+
+// Dropout multipliers of a tile: z[r, j] = keep ? inv_keep : 0, where keep is the
+// counter-based hash of (row key, absolute column col0 + j) (see dropout_keep).
+// p (optional) is multiplied by z in place.
+inline void attn_dropout_tile_f32(float* p, float* z, int64_t nr, int64_t nc, int64_t ld, const uint32_t* row_keys,
+                                  uint32_t col0, uint32_t threshold, float inv_keep) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint32_t rk = row_keys[r];
+    float* pr = p ? p + r * ld : nullptr;
+    float* zr = z ? z + r * ld : nullptr;
+    if (zr && pr) {
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) {
+        const float f = ::attnext::dropout_keep(rk, col0 + static_cast<uint32_t>(j), threshold) ? inv_keep : 0.0f;
+        zr[j] = f;
+        pr[j] *= f;
+      }
+    } else if (pr) {
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) {
+        pr[j] *= ::attnext::dropout_keep(rk, col0 + static_cast<uint32_t>(j), threshold) ? inv_keep : 0.0f;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) {
+        zr[j] = ::attnext::dropout_keep(rk, col0 + static_cast<uint32_t>(j), threshold) ? inv_keep : 0.0f;
+      }
+    }
+  }
+}
