@@ -19,14 +19,19 @@ from torch.nn import functional as F
 from .ops import causal_attention
 
 
-def _drop_mask_buffers(names):
-    """A load_state_dict pre-hook that discards the originals' causal-mask buffers."""
+class _drop_mask_buffers:
+    """A load_state_dict pre-hook that discards the originals' causal-mask buffers.
 
-    def hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        for name in names:
+    A module-level class rather than a closure, so that modules holding it can be
+    pickled whole (torch.save(module), copy.deepcopy, multiprocessing).
+    """
+
+    def __init__(self, names):
+        self.names = tuple(names)
+
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in self.names:
             state_dict.pop(prefix + name, None)
-
-    return hook
 
 
 class Head(nn.Module):
