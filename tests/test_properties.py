@@ -68,3 +68,82 @@ def test_causal_softmax_matches_reference(batch, T, S, scale, align, dtype, data
     (gx,) = torch.autograd.grad(y, x, g.to(dtype))
     (gx_ref,) = torch.autograd.grad(y_ref, xr, g)
     torch.testing.assert_close(gx.double(), gx_ref, atol=4 * atol * (1 + abs(scale)), rtol=4 * rtol)
+
+
+@given(
+    a_batch=st.lists(st.integers(0, 3), min_size=0, max_size=3),
+    b_batch=st.lists(st.integers(0, 3), min_size=0, max_size=3),
+    n=st.integers(0, 9),
+    k=st.integers(0, 9),
+    p=st.integers(0, 9),
+    a_vec=st.booleans(),
+    b_vec=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
+)
+def test_matmul_matches_torch_matmul(a_batch, b_batch, n, k, p, a_vec, b_vec, dtype, data):
+    # Make the batch dims broadcastable: where both have a dim, one of them may be 1.
+    nb = min(len(a_batch), len(b_batch))
+    for i in range(1, nb + 1):
+        if a_batch[-i] != b_batch[-i] and a_batch[-i] != 1 and b_batch[-i] != 1:
+            b_batch[-i] = 1
+    sa = (k,) if a_vec else tuple(a_batch) + (n, k)
+    sb = (k,) if b_vec else tuple(b_batch) + (k, p)
+    a64 = data.draw(strided_tensor(sa))
+    b64 = data.draw(strided_tensor(sb))
+    a = a64.to(dtype).requires_grad_(True)
+    b = b64.to(dtype).requires_grad_(True)
+    ar, br = a64.detach().clone().requires_grad_(True), b64.detach().clone().requires_grad_(True)
+    out, ref = attnext.matmul(a, b), torch.matmul(ar, br)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.1}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol * (1 + k), rtol=tol)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    ga, gb = torch.autograd.grad(out, (a, b), g.to(dtype))
+    gar, gbr = torch.autograd.grad(ref, (ar, br), g)
+    reduce = 1 + max(k, n, p) * (1 + len(a_batch) + len(b_batch)) * 3
+    torch.testing.assert_close(ga.double(), gar, atol=tol * reduce, rtol=tol)
+    torch.testing.assert_close(gb.double(), gbr, atol=tol * reduce, rtol=tol)
+
+
+@given(batch=batch_dims, T=st.integers(0, 50), C=st.integers(0, 9), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_causal_mean_matches_reference(batch, T, C, dtype, data):
+    x64 = data.draw(strided_tensor(tuple(batch) + (T, C)))
+    x = x64.to(dtype).requires_grad_(True)
+    xr = x64.detach().clone().requires_grad_(True)
+    y, ref = attnext.causal_mean(x), reference.causal_mean(xr)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, g.to(dtype))
+    (gxr,) = torch.autograd.grad(ref, xr, g)
+    torch.testing.assert_close(gx.double(), gxr, atol=4 * atol * (1 + T) ** 0.5, rtol=4 * rtol)
+
+
+@given(
+    batch=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    T=st.integers(1, 40),
+    S=st.integers(1, 40),
+    hs=st.sampled_from([1, 3, 16, 24]),
+    hs_v=st.sampled_from([1, 5, 16]),
+    align=st.sampled_from(["top_left", "bottom_right"]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    scale=st.one_of(st.none(), st.floats(0.05, 2.0)),
+    data=st.data(),
+)
+def test_causal_attention_matches_reference(batch, T, S, hs, hs_v, align, dtype, scale, data):
+    q64 = data.draw(strided_tensor(tuple(batch) + (T, hs)))
+    k64 = data.draw(strided_tensor(tuple(batch) + (S, hs)))
+    v64 = data.draw(strided_tensor(tuple(batch) + (S, hs_v)))
+    qs = [t.to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
+    rs = [t.detach().clone().requires_grad_(True) for t in (q64, k64, v64)]
+    s = hs**-0.5 if scale is None else scale
+    out = attnext.causal_attention(*qs, scale=scale, align=align)
+    ref, _ = reference.causal_attention(*rs, s, 0.0, align == "bottom_right")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=10 * atol, rtol=10 * rtol)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, qs, g.to(dtype))
+    grads_ref = torch.autograd.grad(ref, rs, g)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got.double(), want, atol=50 * atol, rtol=50 * rtol)
