@@ -26,15 +26,15 @@ from torch.nn import functional as F
 
 @dataclass
 class Config:
-    batch_size: int = 32
+    batch_size: int = 16
     block_size: int = 128
     n_embd: int = 192
     n_head: int = 6
     n_layer: int = 4
     dropout: float = 0.2
     learning_rate: float = 1e-3
-    max_iters: int = 300
-    eval_interval: int = 50
+    max_iters: int = 200
+    eval_interval: int = 40
     eval_iters: int = 10
     seed: int = 1337
 

@@ -106,13 +106,13 @@ def make_attention_case(provider, shape, dtype, mode, seed=0):
 class LectureHead(nn.Module):
     """karpathy/ng-video-lecture gpt.py Head (globals as arguments)."""
 
-    def __init__(self, n_embd, head_size, block_size):
+    def __init__(self, n_embd, head_size, block_size, dropout=0.0):
         super().__init__()
         self.key = nn.Linear(n_embd, head_size, bias=False)
         self.query = nn.Linear(n_embd, head_size, bias=False)
         self.value = nn.Linear(n_embd, head_size, bias=False)
         self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)))
-        self.dropout = nn.Dropout(0.0)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -126,11 +126,11 @@ class LectureHead(nn.Module):
 
 
 class LectureMultiHeadAttention(nn.Module):
-    def __init__(self, num_heads, head_size, n_embd, block_size):
+    def __init__(self, num_heads, head_size, n_embd, block_size, dropout=0.0):
         super().__init__()
-        self.heads = nn.ModuleList([LectureHead(n_embd, head_size, block_size) for _ in range(num_heads)])
+        self.heads = nn.ModuleList([LectureHead(n_embd, head_size, block_size, dropout) for _ in range(num_heads)])
         self.proj = nn.Linear(head_size * num_heads, n_embd)
-        self.dropout = nn.Dropout(0.0)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.dropout(self.proj(torch.cat([h(x) for h in self.heads], dim=-1)))
@@ -139,9 +139,10 @@ class LectureMultiHeadAttention(nn.Module):
 def make_mha_case(provider, cfg, dtype, mode, seed=0):
     torch.manual_seed(seed)
     hs = cfg["n_embd"] // cfg["num_heads"]
-    lecture = LectureMultiHeadAttention(cfg["num_heads"], hs, cfg["n_embd"], cfg["T"]).to(dtype)
+    p = cfg.get("dropout", 0.0)
+    lecture = LectureMultiHeadAttention(cfg["num_heads"], hs, cfg["n_embd"], cfg["T"], p).to(dtype)
     if provider == "attnext":
-        module = attnext.nn.MultiHeadAttention(cfg["num_heads"], hs, cfg["n_embd"], cfg["T"]).to(dtype)
+        module = attnext.nn.MultiHeadAttention(cfg["num_heads"], hs, cfg["n_embd"], cfg["T"], p).to(dtype)
         module.load_state_dict(lecture.state_dict())
     else:
         module = lecture
@@ -314,28 +315,30 @@ def run(quick: bool) -> list:
                                          dtype=dtype_name, mode=mode + ":peak_rss_mb", provider=p,
                                          median_ms=round(mb, 1), iqr_ms=NAN, gflops_or_gbs=NAN, ratio_vs="",
                                          peer="", peak_mb=round(mb, 1), seq_len=T))
-    # the lecture's MultiHeadAttention module, eager vs fused
-    cfg = MHA_QUICK if quick else MHA_FULL
-    shape_s = ",".join(f"{k}={v}" for k, v in cfg.items())
-    for mode in modes:
-        outs = {}
-        for p in ("attnext", "eager"):
-            step, _ = make_mha_case(p, cfg, torch.float32, mode)
-            outs[p] = step().detach()
-        _check({"attnext": outs["attnext"]}, outs["eager"].double(), torch.float32)
-        steps = {p: make_mha_case(p, cfg, torch.float32, mode)[0] for p in ("attnext", "eager")}
-        times = _time_interleaved(steps, min_run_time * len(steps), rounds)
-        for p, (med, iqr) in times.items():
-            rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32", mode=mode, provider=p,
-                             median_ms=round(med, 3), iqr_ms=round(iqr, 3), gflops_or_gbs=NAN,
-                             ratio_vs=round(times["eager"][0] / med, 3) if p == "attnext" else "",
-                             peer="eager" if p == "attnext" else ""))
-        if not quick:
-            for p in ("attnext", "eager"):
-                mb = _peak_memory_mb("mha", p, cfg, "float32", mode)
-                rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32",
-                                 mode=mode + ":peak_rss_mb", provider=p, median_ms=round(mb, 1), iqr_ms=NAN,
-                                 gflops_or_gbs=NAN, ratio_vs="", peer="", peak_mb=round(mb, 1)))
+    # the lecture's MultiHeadAttention module, eager vs fused; without dropout and with
+    # the lecture's training dropout (0.2; the two then draw different masks)
+    for cfg in [MHA_QUICK] if quick else [MHA_FULL, dict(MHA_FULL, dropout=0.2)]:
+        shape_s = ",".join(f"{k}={v}" for k, v in cfg.items())
+        for mode in modes:
+            if cfg.get("dropout", 0.0) == 0.0:
+                outs = {}
+                for p in ("attnext", "eager"):
+                    step, _ = make_mha_case(p, cfg, torch.float32, mode)
+                    outs[p] = step().detach()
+                _check({"attnext": outs["attnext"]}, outs["eager"].double(), torch.float32)
+            steps = {p: make_mha_case(p, cfg, torch.float32, mode)[0] for p in ("attnext", "eager")}
+            times = _time_interleaved(steps, min_run_time * len(steps), rounds)
+            for p, (med, iqr) in times.items():
+                rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32", mode=mode, provider=p,
+                                 median_ms=round(med, 3), iqr_ms=round(iqr, 3), gflops_or_gbs=NAN,
+                                 ratio_vs=round(times["eager"][0] / med, 3) if p == "attnext" else "",
+                                 peer="eager" if p == "attnext" else ""))
+            if not quick:
+                for p in ("attnext", "eager"):
+                    mb = _peak_memory_mb("mha", p, cfg, "float32", mode)
+                    rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32",
+                                     mode=mode + ":peak_rss_mb", provider=p, median_ms=round(mb, 1), iqr_ms=NAN,
+                                     gflops_or_gbs=NAN, ratio_vs="", peer="", peak_mb=round(mb, 1)))
     return rows
 
 
