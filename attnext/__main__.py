@@ -187,44 +187,6 @@ def _call_run(mod, common, device: str, **kwargs) -> List[Dict]:
     return rows
 
 
-def _plot_speedups(rows: List[Dict], path: str) -> Optional[str]:
-    """Speedup of attnext over each peer, per op, against sequence length (or shape)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    series: Dict[tuple, List[tuple]] = {}
-    for r in rows:
-        if isinstance(r.get("ratio_vs"), float) and r.get("mode") == "fwd+bwd" or (
-            isinstance(r.get("ratio_vs"), float) and r.get("op") == "matmul" and r.get("mode") == "fwd"
-        ):
-            x = r.get("seq_len") or r["shape"]
-            series.setdefault((r["op"], r["provider"], r["dtype"]), []).append((x, r["ratio_vs"]))
-    if not series:
-        return None
-    ops_ = sorted({k[0] for k in series})
-    fig, axes = plt.subplots(1, len(ops_), figsize=(5 * len(ops_), 3.8), squeeze=False)
-    for ax, op in zip(axes[0], ops_):
-        for (o, peer, dtype), pts in sorted(series.items()):
-            if o != op:
-                continue
-            xs = [str(p[0]) for p in pts]
-            ax.plot(xs, [p[1] for p in pts], marker="o", label=f"vs {peer} ({dtype})")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_title(op)
-        ax.set_xlabel("sequence length / shape")
-        ax.set_ylabel("attnext speedup (x)")
-        ax.tick_params(axis="x", labelrotation=30)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _bench(argv: List[str]) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench_dir = os.path.join(here, "benchmarks")
@@ -270,7 +232,7 @@ def _bench(argv: List[str]) -> int:
         path = common.append_csv(all_rows, dev, args.csv)
         print(f"rows appended to {path}")
         plot_path = args.plot or os.path.join(bench_dir, "results", f"speedup_{dev}.png")
-        saved = _plot_speedups(all_rows, plot_path)
+        saved = common.plot_speedups(all_rows, plot_path)
         print(f"speedup plot: {saved}" if saved else "(no plot: matplotlib missing or no ratios)")
     return 0
 

@@ -149,3 +149,47 @@ def print_table(rows: List[Dict], title: str = "") -> None:
             f"{r['op']:<16} {r['shape']:<30} {r['dtype']:<9} {r['mode']:<8} {r['provider']:<16} "
             f"{r['median_ms']:>10.3f} {r['iqr_ms']:>7.3f} {r.get('gflops_or_gbs', 0):>8.1f} {ratio_s:>9}"
         )
+
+
+def plot_speedups(rows: List[Dict], path: str) -> Optional[str]:
+    """One panel per op: attnext's fwd+bwd speedup over each peer (peer median /
+    attnext median) against sequence length, or against the case's shape."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    series: Dict[tuple, List[tuple]] = {}
+    ours = {(r["op"], r["shape"], r["dtype"], r["mode"]): float(r["median_ms"]) for r in rows
+            if r["provider"] == "attnext"}
+    for r in rows:
+        key = (r["op"], r["shape"], r["dtype"], r["mode"])
+        if r["mode"] != "fwd+bwd" or r["provider"] in ("attnext", "bandwidth-floor") or key not in ours:
+            continue
+        x = r.get("seq_len") or r["shape"]
+        x = str(x) if len(str(x)) <= 24 else str(x)[:10] + ".." + str(x)[-12:]
+        series.setdefault((r["op"], r["provider"], r["dtype"]), []).append((x, float(r["median_ms"]) / ours[key]))
+    if not series:
+        return None
+    ops_ = sorted({k[0] for k in series})
+    ncols = min(3, len(ops_))
+    nrows = (len(ops_) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(ops_):]:
+        ax.axis("off")
+    for ax, op in zip(axes.flat, ops_):
+        for (o, peer, dtype), pts in sorted(series.items()):
+            if o == op:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vs {peer} ({dtype})")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{op} (fwd+bwd)")
+        ax.set_xlabel("sequence length / shape")
+        ax.set_ylabel("attnext speedup (x)")
+        ax.tick_params(axis="x", labelsize=7, labelrotation=15)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

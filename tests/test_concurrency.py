@@ -10,9 +10,15 @@ import attnext
 def _cases():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 65, 65, generator=g)
+    a, b = torch.randn(6, 1, 33, 17, generator=g), torch.randn(5, 17, 29, generator=g)
+    h = torch.randn(3, 70, 24, generator=g)
+    q, k, v = (torch.randn(2, 3, 70, 16, generator=g) for _ in range(3))
     return [
         ("causal_softmax", lambda: attnext.causal_softmax(x, 0.3)),
         ("causal_softmax bottom_right", lambda: attnext.causal_softmax(x[..., :40], 0.3, align="bottom_right")),
+        ("matmul broadcast", lambda: attnext.matmul(a, b)),
+        ("causal_mean", lambda: attnext.causal_mean(h)),
+        ("causal_attention", lambda: attnext.causal_attention(q, k, v)),
     ]
 
 
@@ -53,13 +59,15 @@ def test_single_intra_op_thread_gives_same_results():
 
 
 def test_inference_mode_and_no_grad():
-    x = torch.randn(2, 17, 17, requires_grad=True)
-    ref = attnext.causal_softmax(x, 0.5)
+    cases = _cases()
+    expected = {name: fn() for name, fn in cases}
     with torch.inference_mode():
-        y = attnext.causal_softmax(x.detach(), 0.5)
-        assert y.is_inference()
-    torch.testing.assert_close(y, ref.detach())
+        for name, fn in cases:
+            y = fn()
+            assert y.is_inference(), name
+            torch.testing.assert_close(y, expected[name], atol=0, rtol=0, msg=name)
+    x = torch.randn(2, 17, 17, requires_grad=True)
     with torch.no_grad():
-        z = attnext.causal_softmax(x, 0.5)
-        assert not z.requires_grad
-    torch.testing.assert_close(z, ref.detach())
+        for name, fn in cases:
+            torch.testing.assert_close(fn(), expected[name], atol=0, rtol=0, msg=name)
+        assert not attnext.causal_softmax(x, 0.5).requires_grad
