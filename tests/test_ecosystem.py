@@ -71,6 +71,9 @@ def _ddp_worker(rank, world, init_file, out_file, state):
             opt.step()
         if rank == 0:
             torch.save({"params": model.state_dict(), "grads": grads}, out_file)
+        # Neither rank tears the group down while the other still uses it (a rank whose
+        # peer has gone can abort in gloo's threads at exit).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
