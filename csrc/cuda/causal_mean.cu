@@ -12,23 +12,11 @@
 #include <torch/library.h>
 
 #include "common.h"
-#include "cuda/causal_softmax_kernels.cuh"  // RowAddr, to_acc / from_acc conversions
+#include "cuda/causal_softmax_kernels.cuh"  // to_acc / from_acc conversions
+#include "cuda/cuda_common.h"
 
 namespace attnext {
 namespace {
-
-template <typename T>
-struct CudaTypeOf {
-  using type = T;
-};
-template <>
-struct CudaTypeOf<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaTypeOf<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 template <typename T>
 __device__ __forceinline__ T store_from_double(double v) {
@@ -57,20 +45,6 @@ __global__ void causal_mean_kernel(const T* __restrict__ x, cuda::RowAddr xa, T*
   }
 }
 
-cuda::RowAddr addr_of(const at::Tensor& t) {
-  cuda::RowAddr a{};
-  const int64_t nd = t.dim();
-  TORCH_CHECK(nd - 2 <= cuda::kMaxBatchDims, "attnext: at most ", cuda::kMaxBatchDims,
-              " batch dims are supported on CUDA, got ", nd - 2);
-  a.nbatch = static_cast<int>(nd - 2);
-  for (int64_t d = 0; d < nd - 2; ++d) {
-    a.sizes[d] = t.size(d);
-    a.strides[d] = t.stride(d);
-  }
-  a.stride_t = t.stride(nd - 2);
-  return a;
-}
-
 template <bool kReverse>
 at::Tensor run(const at::Tensor& x_in, const char* name) {
   check_strided(x_in, name);
@@ -84,10 +58,10 @@ at::Tensor run(const at::Tensor& x_in, const char* name) {
   const int64_t Tn = x.size(-2), C = x.size(-1), B = x.numel() / (Tn * C);
   const int64_t threads = 256, blocks = (B * C + threads - 1) / threads;
   TORCH_CHECK(blocks <= int64_t(0x7fffffff), "attnext: causal_mean input too large for one launch");
-  const auto xa = addr_of(x);
+  const auto xa = row_addr(x);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "causal_mean_cuda", [&] {
-    using T = typename CudaTypeOf<scalar_t>::type;
+    using T = typename CudaType<scalar_t>::type;
     causal_mean_kernel<T, kReverse><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
         reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>()), xa,
         reinterpret_cast<T*>(y.mutable_data_ptr<scalar_t>()), B, Tn, C);

@@ -8,37 +8,11 @@
 
 #include "common.h"
 #include "cuda/causal_softmax_kernels.cuh"
+#include "cuda/cuda_common.h"
 #include "cuda/static_switch.h"
 
 namespace attnext {
 namespace {
-
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-cuda::RowAddr row_addr(const at::Tensor& t) {
-  cuda::RowAddr a{};
-  const int64_t nd = t.dim();
-  TORCH_CHECK(nd - 2 <= cuda::kMaxBatchDims, "attnext: at most ", cuda::kMaxBatchDims,
-              " batch dims are supported on CUDA, got ", nd - 2);
-  a.nbatch = static_cast<int>(nd - 2);
-  for (int64_t d = 0; d < nd - 2; ++d) {
-    a.sizes[d] = t.size(d);
-    a.strides[d] = t.stride(d);
-  }
-  a.stride_t = t.stride(nd - 2);
-  return a;
-}
 
 void check_cuda_input(const at::Tensor& t, const char* name) {
   check_strided(t, name);
