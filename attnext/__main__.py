@@ -53,6 +53,12 @@ def _smoke_cases(device: str) -> List[Tuple[str, Callable, Callable, tuple]]:
     a = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64).to(device)
     b = torch.randn(5, 2, 3, generator=g, dtype=torch.float64).to(device)
     h = torch.randn(2, 33, 7, generator=g, dtype=torch.float64).to(device)
+    q, k = (torch.randn(2, 3, 37, 16, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    v = torch.randn(2, 3, 37, 24, generator=g, dtype=torch.float64).to(device)
+
+    def attn_ref(q, k, v, bottom_right=False):
+        return reference.causal_attention(q, k, v, q.shape[-1] ** -0.5, 0.0, bottom_right)[0]
+
     return [
         ("causal_softmax", lambda t: attnext.causal_softmax(t, 0.3), lambda t: reference.causal_softmax(t, 0.3), (x,)),
         (
@@ -64,6 +70,13 @@ def _smoke_cases(device: str) -> List[Tuple[str, Callable, Callable, tuple]]:
         ("matmul", attnext.matmul, reference.matmul, (a, b)),
         ("matmul", attnext.matmul, reference.matmul, (x, x.transpose(-1, -2))),
         ("causal_mean", attnext.causal_mean, reference.causal_mean, (h,)),
+        ("causal_attention", attnext.causal_attention, attn_ref, (q, k, v)),
+        (
+            "causal_attention(bottom_right)",
+            lambda *t: attnext.causal_attention(*t, align="bottom_right"),
+            lambda *t: attn_ref(*t, bottom_right=True),
+            (q, k[..., :20, :], v[..., :20, :]),
+        ),
     ]
 
 
@@ -106,7 +119,8 @@ def _smoke(device: str = "cpu") -> bool:
 
 
 def _time(fn: Callable[[], object], reps: int = 20) -> float:
-    fn()
+    for _ in range(3):
+        fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -132,8 +146,16 @@ def _timing_table() -> None:
     h = torch.randn(16, 512, 128)
     tril_h = torch.tril(torch.ones(512, 512))
     wei_h = tril_h / tril_h.sum(1, keepdim=True)
+    qa, ka, va = (torch.randn(1, 64, 256, 64) for _ in range(3))
+    tril_a = torch.tril(torch.ones(256, 256))
+
+    def eager_attention(q, k, v):
+        wei = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return torch.softmax(wei.masked_fill(tril_a == 0, float("-inf")), -1) @ v
+
     cases = [
         ("causal_softmax 64x256x256", lambda t: attnext.causal_softmax(t, 0.125), eager_softmax, (x,), g),
+        ("causal_attention 64h T256 hs64", attnext.causal_attention, eager_attention, (qa, ka, va), qa),
         ("matmul (64,1,256,64)@(8,64,256)", attnext.matmul, torch.matmul, (a, b), ga),
         ("causal_mean 16x512x128", attnext.causal_mean, lambda t: wei_h @ t, (h,), h),
     ]
