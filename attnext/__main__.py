@@ -209,6 +209,27 @@ def _call_run(mod, common, device: str, **kwargs) -> List[Dict]:
     return rows
 
 
+def _parse_shape(text: str, op: str):
+    """'64x1024x1024' -> (64, 1024, 1024); matmul: '64x1x256x64@8x64x256' -> two shapes."""
+
+    def dims(t):
+        out = tuple(int(d) for d in t.lower().split("x") if d)
+        if not out or any(d < 0 for d in out):
+            raise ValueError(f"bad shape {t!r}")
+        return out
+
+    if op == "matmul":
+        if text.count("@") != 1:
+            raise ValueError(f"matmul shapes are A@B, e.g. 64x1x256x64@8x64x256, got {text!r}")
+        a, b = text.split("@")
+        return dims(a), dims(b)
+    want = {"causal_softmax": 3, "attention": 4}[op]
+    shape = dims(text)
+    if len(shape) != want:
+        raise ValueError(f"{op} shapes have {want} dims, got {text!r}")
+    return shape
+
+
 def _bench(argv: List[str]) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench_dir = os.path.join(here, "benchmarks")
@@ -218,6 +239,9 @@ def _bench(argv: List[str]) -> int:
     p.add_argument("--device", action="append", choices=["cpu", "cuda"], help="default: cpu, and cuda if present")
     p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
                    help="default: each benchmark's own")
+    p.add_argument("--shape", action="append", metavar="SHAPE",
+                   help="sizes to run instead of the defaults (needs one --op): causal_softmax BxTxS, "
+                        "attention BxNHxTxHS, matmul AxBx..@CxDx.. (repeatable)")
     p.add_argument("--quick", action="store_true", help="small sizes, short timings (a smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile peers (they compile for minutes)")
     p.add_argument("--csv", help="append rows here instead of benchmarks/results/<device>.csv")
@@ -227,6 +251,14 @@ def _bench(argv: List[str]) -> int:
         print("attnext bench: the benchmarks/ folder of the source checkout is needed "
               "(install with `pip install --no-build-isolation -e .` from a clone)", file=sys.stderr)
         return 2
+    shapes = None
+    if args.shape:
+        if not args.op or len(args.op) != 1:
+            p.error("--shape needs exactly one --op")
+        try:
+            shapes = [_parse_shape(s_, args.op[0]) for s_ in args.shape]
+        except ValueError as e:
+            p.error(f"--shape: {e}")
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -245,7 +277,7 @@ def _bench(argv: List[str]) -> int:
             bar.set_postfix(op=op, device=dev)
         rows_by_device[dev] += _call_run(mod, common, dev, quick=args.quick,
                                          dtypes=tuple(args.dtype) if args.dtype else None,
-                                         use_compile=not args.no_compile)
+                                         use_compile=not args.no_compile, shapes=shapes)
     for dev, all_rows in rows_by_device.items():
         if not all_rows:
             continue

@@ -259,7 +259,7 @@ def _device():
     return f"cpu:{name} x{torch.get_num_threads()}threads"
 
 
-def run(quick: bool) -> list:
+def run(quick: bool = False, shapes=None, dtypes=None) -> list:
     """Measure everything; returns one dict per CSV row (see CSV_COLUMNS).
 
     Numbers are floats (NaN where a column does not apply). Peak-memory rows have
@@ -271,8 +271,9 @@ def run(quick: bool) -> list:
             "causal_attention", torch.empty(1, 1)), file=sys.stderr)
     min_run_time = 0.2 if quick else 1.0  # per provider and case
     rounds = 2 if quick else 4
-    cases = CASES_QUICK if quick else CASES_FULL
-    dtypes = ["float32"] if quick else ["float32", "bfloat16"]
+    # shapes: (B, nh, T, hs) cases instead of the default ones; dtypes: names from DTYPES
+    cases = [tuple(c) for c in shapes] if shapes else (CASES_QUICK if quick else CASES_FULL)
+    dtypes = [d for d in dtypes if d in DTYPES] if dtypes else (["float32"] if quick else ["float32", "bfloat16"])
     modes = ["fwd", "fwd+bwd"]
     common = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -317,7 +318,8 @@ def run(quick: bool) -> list:
                                          peer="", peak_mb=round(mb, 1), seq_len=T))
     # the lecture's MultiHeadAttention module, eager vs fused; without dropout and with
     # the lecture's training dropout (0.2; the two then draw different masks)
-    for cfg in [MHA_QUICK] if quick else [MHA_FULL, dict(MHA_FULL, dropout=0.2)]:
+    mha_cfgs = [] if shapes else ([MHA_QUICK] if quick else [MHA_FULL, dict(MHA_FULL, dropout=0.2)])
+    for cfg in mha_cfgs:
         shape_s = ",".join(f"{k}={v}" for k, v in cfg.items())
         for mode in modes:
             if cfg.get("dropout", 0.0) == 0.0:

@@ -65,7 +65,7 @@ def _matmul_flops(sa, sb) -> float:
     return 2.0 * batch * sa[-2] * sa[-1] * sb[-1]
 
 
-def _cases(quick: bool) -> List[dict]:
+def _cases(quick: bool, shapes=None) -> List[dict]:
     """Each case: name, op, shapes, a make() for the inputs, providers (name -> fn), the
     oracle, the work per fwd call (flops or bytes) and its unit."""
     cases = []
@@ -88,6 +88,10 @@ def _cases(quick: bool) -> List[dict]:
             )
         )
 
+    if shapes:  # (a_shape, b_shape) pairs from the command line: torch.matmul is the peer
+        for sa, sb in shapes:
+            mm_case("custom", tuple(sa), tuple(sb), None)
+        return cases
     # (64,1,256,64) @ (8,64,256): the einsum peer contracts the squeezed dim away.
     mm_case("broadcast", (64, 1, 256, 64), (8, 64, 256), lambda a, b: torch.einsum("xij,yjk->xyik", a[:, 0], b))
     if not quick:
@@ -231,7 +235,8 @@ def _device() -> str:
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.float32) -> List[Dict]:
+def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.float32, shapes=None,
+        dtypes=None) -> List[Dict]:
     """Check, then time every case/provider/mode; returns one dict per row of cpu.csv
     (plus ``peak_extra_mb`` where measured). Peer rows carry no ratio; attnext rows
     are repeated once per peer with ``ratio_vs`` = peer median / attnext median."""
@@ -240,9 +245,11 @@ def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.flo
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         device=_device(), torch=torch.__version__, git_sha=_git_sha(),
     )
+    if dtypes:  # names, from the command line: one run per dtype
+        return [r for d in dtypes for r in run(quick, memory, getattr(torch, d), shapes)]
     dtype_name = str(dtype).replace("torch.", "")
     rows = []
-    for case in _cases(quick):
+    for case in _cases(quick, shapes):
         g = torch.Generator().manual_seed(0)
         inputs = case["make"](g, dtype)
         _check(case, inputs, dtype)

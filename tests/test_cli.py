@@ -33,6 +33,12 @@ def test_bad_arguments_give_usage_errors():
     assert out.returncode == 2 and "divisible" in out.stderr
     out = run_cli("bench", "--op", "nosuchop")
     assert out.returncode == 2 and "usage" in out.stderr.lower()
+    out = run_cli("bench", "--shape", "4x4")
+    assert out.returncode == 2 and "--shape needs exactly one --op" in out.stderr
+    out = run_cli("bench", "--op", "causal_softmax", "--shape", "4x4")
+    assert out.returncode == 2 and "causal_softmax shapes have 3 dims" in out.stderr
+    out = run_cli("bench", "--op", "matmul", "--shape", "4x4x4")
+    assert out.returncode == 2 and "matmul shapes are A@B" in out.stderr
 
 
 @needs_native
