@@ -401,7 +401,7 @@ def _causal_mean_fake(x):
 
 
 def _causal_mean_backward_fake(grad_y):
-    torch._check(grad_y.dim() >= 2, lambda: f"attnext: grad_y must have at least 2 dims (..., T, C)")
+    torch._check(grad_y.dim() >= 2, lambda: "attnext: grad_y must have at least 2 dims (..., T, C)")
     return torch.empty_like(grad_y, memory_format=torch.contiguous_format)
 
 

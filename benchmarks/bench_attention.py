@@ -25,11 +25,9 @@ Rows are appended to benchmarks/results/cpu.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -45,6 +43,9 @@ if ROOT not in sys.path:
 
 import attnext  # noqa: E402
 from attnext import reference  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as bench_common  # noqa: E402  (benchmarks/common.py)
 
 CSV_COLUMNS = [
     "date", "device", "torch", "git_sha", "op", "shape", "dtype", "mode", "provider",
@@ -237,26 +238,8 @@ def _peak_memory_mb(kind, provider, spec, dtype_name, mode):
     return float(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
-def _git_sha():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
-def _device():
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu:{name} x{torch.get_num_threads()}threads"
 
 
 def run(quick: bool = False, shapes=None, dtypes=None) -> list:
@@ -277,9 +260,9 @@ def run(quick: bool = False, shapes=None, dtypes=None) -> list:
     modes = ["fwd", "fwd+bwd"]
     common = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        device=_device(),
+        device=bench_common.device_name("cpu"),
         torch=torch.__version__,
-        git_sha=_git_sha(),
+        git_sha=bench_common.git_sha(),
     )
     rows = []
     providers = ["attnext"] + PEERS
@@ -353,21 +336,13 @@ def _print(rows):
               f"{r['median_ms']!s:>10}{r['iqr_ms']!s:>8}{r['gflops_or_gbs']!s:>9}{r.get('peak_mb', '')!s:>9}  {speed}")
 
 
-def _append_csv(rows, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow(r)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, float32 only, no memory runs")
-    ap.add_argument("--csv", default=os.path.join(HERE, "results", "cpu.csv"), help="where rows are appended")
+    ap.add_argument("--csv", default=None,
+                    help="where rows are appended (default benchmarks/results/cpu.csv; --quick runs append only here)")
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -375,9 +350,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     rows = run(args.quick)
     _print(rows)
-    if not args.no_csv:
-        _append_csv(rows, args.csv)
-        print(f"appended {len(rows)} rows to {args.csv}")
+    if not args.no_csv and (args.csv or not args.quick):
+        path = bench_common.append_csv(rows, "cpu", args.csv)
+        print(f"appended {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

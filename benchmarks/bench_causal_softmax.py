@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import attnext  # noqa: E402
-from attnext import reference  # noqa: E402
 
 SHAPES = {"cpu": [(384, 256, 256), (64, 1024, 1024)], "cuda": [(768, 1024, 1024), (96, 4096, 4096)]}
 QUICK_SHAPES = {"cpu": [(8, 128, 128)], "cuda": [(64, 1024, 1024)]}

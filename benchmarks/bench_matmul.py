@@ -28,11 +28,9 @@ sub-second correctness check.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 from typing import Callable, Dict, List, Optional
@@ -46,6 +44,9 @@ if ROOT not in sys.path:
 
 import attnext  # noqa: E402
 from attnext import reference  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as bench_common  # noqa: E402  (benchmarks/common.py)
 
 CSV_COLUMNS = [
     "date", "device", "torch", "git_sha", "op", "shape", "dtype", "mode",
@@ -212,27 +213,8 @@ def _peak_extra_mb(case_name: str, provider: str, mode: str, dtype: str, quick: 
         return None
 
 
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-        # the results files this script appends to do not make the code dirty
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha.strip() + ("-dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
 
 
-def _device() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.float32, shapes=None,
@@ -243,7 +225,7 @@ def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.flo
     rounds, min_run_time = (2, 0.2) if quick else (5, 0.4)
     common = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        device=_device(), torch=torch.__version__, git_sha=_git_sha(),
+        device=bench_common.device_name("cpu"), torch=torch.__version__, git_sha=bench_common.git_sha(),
     )
     if dtypes:  # names, from the command line: one run per dtype
         return [r for d in dtypes for r in run(quick, memory, getattr(torch, d), shapes)]
@@ -320,15 +302,6 @@ def _print_table(rows: List[Dict]) -> None:
               f"{r['iqr_ms']:>8.3f} {r['gflops_or_gbs']:>8.2f} {r['unit']:<5} {peak:>14} {ratio:>16}")
 
 
-def _append_csv(rows: List[Dict], path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items() if k in CSV_COLUMNS})
 
 
 def _markdown(rows: List[Dict]) -> str:
@@ -357,7 +330,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller/fewer cases, shorter timing")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider peak memory subprocesses")
-    ap.add_argument("--csv", default=DEFAULT_CSV, help="append rows here (default benchmarks/results/cpu.csv)")
+    ap.add_argument("--csv", default=None,
+                    help="append rows here (default benchmarks/results/cpu.csv; --quick runs append only here)")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: torch's)")
     args = ap.parse_args(argv)
@@ -367,7 +341,8 @@ def main(argv=None) -> None:
         print("warning: attnext._C is not built; 'attnext' times the eager fallback", file=sys.stderr)
     rows = run(quick=args.quick, memory=not args.no_memory)
     _print_table(rows)
-    _append_csv(rows, args.csv)
+    if args.csv or not args.quick:
+        bench_common.append_csv(rows, "cpu", args.csv)
     md = _markdown(rows)
     print()
     print(md)

@@ -83,10 +83,14 @@ def device_name(device: str) -> str:
 
 
 def git_sha() -> str:
+    """The checkout's short sha, '-dirty' if code (not benchmarks/results) has uncommitted changes."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
-            return out.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                    ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True,
+                                   timeout=10).stdout
+            return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
     import attnext

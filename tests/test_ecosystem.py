@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import attnext
 from attnext import nn as ann
 from conftest import needs_native
 

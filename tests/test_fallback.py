@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import attnext
-from attnext import reference
 from conftest import needs_native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

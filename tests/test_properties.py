@@ -9,7 +9,6 @@ runs a few thousand examples per property:
 """
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
