@@ -24,6 +24,14 @@ from attnext import ops, reference
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+class _Probe:
+    """Stands in for a tensor of a given device type and dtype when asking for fallback reasons."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype):
+        self.device = torch.device(device_type)
+        self.dtype = dtype
+
+
 def _kernel_table() -> None:
     print(f"attnext {attnext.__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if not attnext.native_available():
@@ -38,8 +46,15 @@ def _kernel_table() -> None:
     print(f"{'op':<24} {'cpu':<6} {'cuda':<6} dtypes with a native kernel")
     for op in sorted(ops._PUBLIC_OPS):
         devs = ops._DEVICES.get(op, frozenset())
-        names = ", ".join(str(d).replace("torch.", "") for d in DTYPES if d in ops._KERNEL_DTYPES["cpu"])
+        names = ", ".join(str(d).replace("torch.", "") for d in DTYPES
+                          if not ops._fallback_reasons(op, [_Probe("cpu", d)]))
         print(f"{op:<24} {'yes' if 'cpu' in devs else 'no':<6} {'yes' if 'cuda' in devs else 'no':<6} {names}")
+    print("inputs take the eager fallback (attnext.explain(op, *tensors) says why for a given input) when:")
+    for op in sorted(ops._PUBLIC_OPS):
+        missing = [str(d).replace("torch.", "") for d in DTYPES if ops._fallback_reasons(op, [_Probe("cpu", d)])]
+        if missing:
+            print(f"  {op}: CPU tensors of dtype {', '.join(missing)}")
+    print("  any op: a device type without a kernel above, another dtype, or kernels disabled")
     if not any("cuda" in ops._DEVICES.get(op, ()) for op in ops._PUBLIC_OPS):
         print("(this build has no CUDA kernels: CUDA tensors run the eager reference)")
     elif not cuda:
