@@ -59,21 +59,9 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/blas.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
-
-// BLAS, resolved at load time from the libraries torch already loaded (MKL in
-// the x86-64 wheels exports the Fortran symbols). Weak: where no BLAS exports
-// them, a plain loop nest is used instead.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
-}
 
 namespace attnext {
 
@@ -282,17 +270,7 @@ void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, co
   blas_gemm<T>('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
 }
 
-// The tile products run inside at::parallel_for: BLAS must not start threads of
-// its own there (MKL's nested threads oversubscribe the cores, 100x slower).
-struct SingleThreadedBlas {
-  int previous = 0;
-  SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
-  }
-};
+// The tile products run inside at::parallel_for: see SingleThreadedBlas (cpu/blas.h).
 
 #ifndef ATTNEXT_FWD_KEY_TILE
 #define ATTNEXT_FWD_KEY_TILE 256

@@ -43,26 +43,8 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/blas.h"
 #include "ops.h"
-
-// Fortran BLAS and MKL's mixed-precision CBLAS (and MKL's per-thread thread count),
-// as exported by libtorch_cpu (MKL build). Weak: null where this torch lacks them.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
-                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
-// The exported name is MKL's Fortran entry: the count is passed by address. Sets the
-// calling thread's MKL thread count, returns the previous one (0: the global one).
-int mkl_set_num_threads_local(const int* nt) __attribute__((weak));
-}
 
 namespace attnext {
 namespace {
@@ -257,7 +239,7 @@ void gemm(int64_t m, int64_t n, int64_t k, const scalar_t* A, MatLayout la, cons
 // Threads: at::parallel_for over the entries (each thread owns whole entries, so the
 // beta = 1 chains never race), every GEMM inside on one thread: torch turns MKL's
 // dynamic threading off, so an MKL call inside a parallel region would start a team
-// of its own (oversubscription). mkl_set_num_threads_local(1) pins it for the
+// of its own (oversubscription). SingleThreadedBlas pins it for the
 // calling thread. Without that entry (a non-MKL torch), or with fewer entries than
 // threads, the entries run in turn and the BLAS threads each GEMM (a reduction
 // over r is then split across threads, see below). Tiny GEMMs use the loop kernel
@@ -330,20 +312,8 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
       }
     }
   };
-  const bool can_pin = mkl_set_num_threads_local != nullptr;
+  const bool can_pin = SingleThreadedBlas::available();
   const int64_t threads = at::get_num_threads();
-  // One GEMM per thread inside a parallel region: pin MKL (this thread only).
-  struct Pin {
-    int prev = 0;
-    bool on;
-    explicit Pin(bool on_) : on(on_) {
-      const int one = 1;
-      if (on) prev = mkl_set_num_threads_local(&one);
-    }
-    ~Pin() {
-      if (on) mkl_set_num_threads_local(&prev);
-    }
-  };
   const bool pin = can_pin && !loop;
   const bool parallel_ok = loop || can_pin;
   const int64_t macs = std::max<int64_t>(1, m * n * std::max<int64_t>(k, 1));
@@ -361,7 +331,7 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     std::vector<acc_t> partial((S - kFirst) * E * mn);
     auto chunk_begin = [&](int64_t s) { return R * s / S; };
     at::parallel_for(0, E * S, 1, [&](int64_t i0, int64_t i1) {
-      Pin guard(pin);
+      SingleThreadedBlas guard(pin);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t e = i / S, s = i % S;
         acc_t* acc = partial.data() + ((s - kFirst) * E + e) * mn;
@@ -390,7 +360,7 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
   if (loop || (can_pin && E > 1 && E >= threads)) {
     at::parallel_for(0, E, std::max<int64_t>(1, (int64_t(1) << 15) / (macs * std::max<int64_t>(R, 1))),
                      [&](int64_t e0, int64_t e1) {
-                       Pin guard(pin);
+                       SingleThreadedBlas guard(pin);
                        body(e0, e1);
                      });
   } else {
