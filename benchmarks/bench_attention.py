@@ -32,7 +32,6 @@ import subprocess
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
@@ -43,6 +42,7 @@ if ROOT not in sys.path:
 
 import attnext  # noqa: E402
 from attnext import reference  # noqa: E402
+from attnext.demo import MultiHeadAttention as LectureMultiHeadAttention  # noqa: E402  (the lecture module, eager)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as bench_common  # noqa: E402  (benchmarks/common.py)
@@ -102,39 +102,6 @@ def make_attention_case(provider, shape, dtype, mode, seed=0):
             return out
 
     return step, (q, k, v, grad)
-
-
-class LectureHead(nn.Module):
-    """karpathy/ng-video-lecture gpt.py Head (globals as arguments)."""
-
-    def __init__(self, n_embd, head_size, block_size, dropout=0.0):
-        super().__init__()
-        self.key = nn.Linear(n_embd, head_size, bias=False)
-        self.query = nn.Linear(n_embd, head_size, bias=False)
-        self.value = nn.Linear(n_embd, head_size, bias=False)
-        self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        k = self.key(x)
-        q = self.query(x)
-        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5
-        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
-        wei = F.softmax(wei, dim=-1)
-        wei = self.dropout(wei)
-        return wei @ self.value(x)
-
-
-class LectureMultiHeadAttention(nn.Module):
-    def __init__(self, num_heads, head_size, n_embd, block_size, dropout=0.0):
-        super().__init__()
-        self.heads = nn.ModuleList([LectureHead(n_embd, head_size, block_size, dropout) for _ in range(num_heads)])
-        self.proj = nn.Linear(head_size * num_heads, n_embd)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.dropout(self.proj(torch.cat([h(x) for h in self.heads], dim=-1)))
 
 
 def make_mha_case(provider, cfg, dtype, mode, seed=0):

@@ -107,6 +107,21 @@ __device__ __forceinline__ int64_t visible(int64_t t, const SoftmaxShape& s) {
   return v < 0 ? 0 : (v > s.S ? s.S : v);
 }
 
+// Where a row of the (B*T, S) problem sits: its batch b, query t, visible length L.
+struct RowPos {
+  int64_t row, b, t, L;
+};
+
+__device__ __forceinline__ RowPos row_pos(int64_t row, const SoftmaxShape& sh) {
+  const int64_t b = row / sh.T, t = row % sh.T;
+  return {row, b, t, visible(t, sh)};
+}
+
+// The row of this warp (warp-per-row kernels).
+__device__ __forceinline__ int64_t warp_row() {
+  return static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+}
+
 // ---------------------------------------------------------------- warp per row
 
 template <typename T, int kPerLane>
@@ -114,12 +129,11 @@ __global__ void causal_softmax_fwd_warp_kernel(const T* __restrict__ x, RowAddr 
                                                SoftmaxShape sh, typename AccOf<T>::type scale) {
   using A = typename AccOf<T>::type;
   const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= sh.rows) return;
-  const int64_t b = row / sh.T, t = row % sh.T;
-  const int64_t L = visible(t, sh);
-  const T* xr = x + xa.offset(b, t);
-  T* yr = y + row * sh.S;
+  if (warp_row() >= sh.rows) return;
+  const RowPos r = row_pos(warp_row(), sh);
+  const int64_t L = r.L;
+  const T* xr = x + xa.offset(r.b, r.t);
+  T* yr = y + r.row * sh.S;
   A v[kPerLane];
   A m = -INFINITY;
 #pragma unroll
@@ -152,13 +166,12 @@ __global__ void causal_softmax_bwd_warp_kernel(const T* __restrict__ dy, RowAddr
                                                typename AccOf<T>::type scale) {
   using A = typename AccOf<T>::type;
   const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= sh.rows) return;
-  const int64_t b = row / sh.T, t = row % sh.T;
-  const int64_t L = visible(t, sh);
-  const T* dyr = dy + dya.offset(b, t);
-  const T* yr = y + ya.offset(b, t);
-  T* dxr = dx + row * sh.S;
+  if (warp_row() >= sh.rows) return;
+  const RowPos r = row_pos(warp_row(), sh);
+  const int64_t L = r.L;
+  const T* dyr = dy + dya.offset(r.b, r.t);
+  const T* yr = y + ya.offset(r.b, r.t);
+  T* dxr = dx + r.row * sh.S;
   A g[kPerLane], p[kPerLane];
   A dot = 0;
 #pragma unroll
@@ -241,11 +254,10 @@ __global__ void causal_softmax_fwd_block_kernel(const T* __restrict__ x, RowAddr
                                                 SoftmaxShape sh, typename AccOf<T>::type scale) {
   using A = typename AccOf<T>::type;
   __shared__ A sm_m[32], sm_s[32];
-  const int64_t row = blockIdx.x;
-  const int64_t b = row / sh.T, t = row % sh.T;
-  const int64_t L = visible(t, sh);
-  const T* xr = x + xa.offset(b, t);
-  T* yr = y + row * sh.S;
+  const RowPos r = row_pos(blockIdx.x, sh);
+  const int64_t L = r.L;
+  const T* xr = x + xa.offset(r.b, r.t);
+  T* yr = y + r.row * sh.S;
   A m = -INFINITY, s = 0;
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
     const A z = to_acc(xr[j]) * scale;
@@ -276,12 +288,11 @@ __global__ void causal_softmax_bwd_block_kernel(const T* __restrict__ dy, RowAdd
                                                 typename AccOf<T>::type scale) {
   using A = typename AccOf<T>::type;
   __shared__ A sm[32];
-  const int64_t row = blockIdx.x;
-  const int64_t b = row / sh.T, t = row % sh.T;
-  const int64_t L = visible(t, sh);
-  const T* dyr = dy + dya.offset(b, t);
-  const T* yr = y + ya.offset(b, t);
-  T* dxr = dx + row * sh.S;
+  const RowPos r = row_pos(blockIdx.x, sh);
+  const int64_t L = r.L;
+  const T* dyr = dy + dya.offset(r.b, r.t);
+  const T* yr = y + ya.offset(r.b, r.t);
+  T* dxr = dx + r.row * sh.S;
   A dot = 0;
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) dot += to_acc(dyr[j]) * to_acc(yr[j]);
   dot = block_sum(dot, sm);
