@@ -11,13 +11,16 @@ Modules (attnext.nn): Head, MultiHeadAttention (the lecture's), CausalSelfAttent
 
 Native kernels run where they exist (CPU C++, CUDA); everything else runs the
 eager reference in :mod:`attnext.reference`. ``attnext.explain(op, *tensors)``
-says why an input would take the fallback.
+says why an input would take the fallback. Large CPU outputs come from a cache
+of freed buffers: ``attnext.cpu_cache_info()``, ``attnext.empty_cpu_cache()``.
 """
 from .ops import (
     _C,
     causal_attention,
     causal_mean,
     causal_softmax,
+    cpu_cache_info,
+    empty_cpu_cache,
     explain,
     kernels_enabled,
     matmul,
@@ -37,6 +40,8 @@ __all__ = [
     "causal_attention",
     "causal_mean",
     "causal_softmax",
+    "cpu_cache_info",
+    "empty_cpu_cache",
     "explain",
     "kernels_enabled",
     "matmul",

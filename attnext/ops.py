@@ -79,6 +79,27 @@ def kernels_enabled() -> bool:
     return _kernels_enabled
 
 
+def cpu_cache_info() -> dict:
+    """The native CPU kernels' output cache: ``cached_bytes`` held now, ``limit_bytes``, ``hits``, ``misses``.
+
+    CPU outputs of 8 MiB and more are allocated from a cache of freed output buffers,
+    so that a training loop reuses warm memory instead of page-faulting a fresh
+    mapping every step (as PyTorch's CUDA caching allocator does on the GPU). Only
+    free buffers are held, at most ``ATTNEXT_CPU_CACHE_MB`` MiB (default 1024; 0
+    disables it). All zeros when the extension is not built.
+    """
+    if not _has_op("_cpu_cache_info"):
+        return {"cached_bytes": 0, "limit_bytes": 0, "hits": 0, "misses": 0}
+    cached, limit, hits, misses = torch.ops.attnext._cpu_cache_info()
+    return {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses}
+
+
+def empty_cpu_cache() -> None:
+    """Free the buffers held by the CPU output cache (see :func:`cpu_cache_info`)."""
+    if _has_op("_cpu_cache_empty"):
+        torch.ops.attnext._cpu_cache_empty()
+
+
 def _fallback_reasons(op: str, tensors: Sequence[Tensor]) -> List[str]:
     """Why ``op`` cannot run its native kernel on these tensors; empty: it can."""
     global _warned_no_C

@@ -10,10 +10,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace attnext {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -96,28 +92,10 @@ inline at::Tensor unit_stride_rows(const at::Tensor& t) {
   return t.contiguous();
 }
 
-// A fresh contiguous output tensor. Large fresh CPU allocations page-fault once
-// per 4 KiB page on first touch, which can cost more than the kernel itself; for
-// outputs of 8 MiB and more the 2 MiB-aligned interior is advised as
-// transparent-huge-page eligible (Linux, THP in "madvise" or "always" mode), so
-// it faults in 2 MiB at a time. ATTNEXT_HUGEPAGES=0 turns this off.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const char* env = std::getenv("ATTNEXT_HUGEPAGES");  // read per call: benchmarks toggle it
-  const bool enabled = env == nullptr || std::strcmp(env, "0") != 0;
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t nbytes = out.nbytes();
-  if (enabled && out.device().is_cpu() && nbytes >= 4 * kHuge) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t hi = (begin + nbytes) & ~(kHuge - 1);
-    if (hi > lo) {
-      (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: failure is harmless
-    }
-  }
-#endif
-  return out;
-}
+// A fresh contiguous output tensor, uninitialised: every kernel writes all of
+// it. CPU outputs of 8 MiB and more come from attnext's output cache
+// (cpu/output_cache.cpp): reused buffers, 2 MiB aligned, huge-page advised
+// (ATTNEXT_HUGEPAGES=0 turns the advice off).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace attnext

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -53,8 +54,8 @@ namespace isa_scalar {
 #include "cpu/causal_softmax_rows.inl"
 }  // namespace isa_scalar
 
-using FwdRowF32 = void (*)(const float*, float*, int64_t, int64_t, float);
-using BwdRowF32 = void (*)(const float*, const float*, float*, int64_t, int64_t, float);
+using FwdRowF32 = void (*)(const float*, float*, int64_t, int64_t, float, float*);
+using BwdRowF32 = void (*)(const float*, const float*, float*, int64_t, int64_t, float, bool);
 
 struct RowKernels {
   FwdRowF32 fwd;
@@ -130,25 +131,29 @@ ATTNEXT_MULTIVERSION void narrow_bf16(const float* src, uint16_t* dst, int64_t n
 template <typename scalar_t>
 struct Rows;
 
+// stream: the output is far larger than the cache (see write_row); only the
+// float rows act on it.
 template <>
 struct Rows<double> {
   static constexpr int64_t kBuffers = 0;
-  static void fwd(const double* x, double* y, int64_t L, int64_t S, double scale, double*) {
+  static void fwd(const double* x, double* y, int64_t L, int64_t S, double scale, double*, bool) {
     fwd_row_f64(x, y, L, S, scale);
   }
-  static void bwd(const double* dy, const double* y, double* dx, int64_t L, int64_t S, double scale, double*) {
+  static void bwd(const double* dy, const double* y, double* dx, int64_t L, int64_t S, double scale, double*,
+                  bool) {
     bwd_row_f64(dy, y, dx, L, S, scale);
   }
 };
 
 template <>
 struct Rows<float> {
-  static constexpr int64_t kBuffers = 0;
-  static void fwd(const float* x, float* y, int64_t L, int64_t S, float scale, float*) {
-    row_kernels().fwd(x, y, L, S, scale);
+  static constexpr int64_t kBuffers = 1;
+  static void fwd(const float* x, float* y, int64_t L, int64_t S, float scale, float* buf, bool stream) {
+    row_kernels().fwd(x, y, L, S, scale, stream ? buf : nullptr);
   }
-  static void bwd(const float* dy, const float* y, float* dx, int64_t L, int64_t S, float scale, float*) {
-    row_kernels().bwd(dy, y, dx, L, S, scale);
+  static void bwd(const float* dy, const float* y, float* dx, int64_t L, int64_t S, float scale, float*,
+                  bool stream) {
+    row_kernels().bwd(dy, y, dx, L, S, scale, stream);
   }
 };
 
@@ -157,18 +162,19 @@ struct Rows<float> {
 template <typename half_t, typename Widen, typename Narrow>
 struct ReducedRows {
   static constexpr int64_t kBuffers = 2;
-  static void fwd(const half_t* x, half_t* y, int64_t L, int64_t S, float scale, float* buf) {
+  static void fwd(const half_t* x, half_t* y, int64_t L, int64_t S, float scale, float* buf, bool) {
     Widen::run(x, buf, L);
-    row_kernels().fwd(buf, buf, L, L, scale);
+    row_kernels().fwd(buf, buf, L, L, scale, nullptr);
     // A NaN row (see fwd_row_f32) is NaN in its masked part too.
     Narrow::run(buf, y, L, S, L > 0 && buf[0] != buf[0]);
   }
-  static void bwd(const half_t* dy, const half_t* y, half_t* dx, int64_t L, int64_t S, float scale, float* buf) {
+  static void bwd(const half_t* dy, const half_t* y, half_t* dx, int64_t L, int64_t S, float scale, float* buf,
+                  bool) {
     float* dyf = buf;
     float* yf = buf + S;
     Widen::run(dy, dyf, L);
     Widen::run(y, yf, L);
-    row_kernels().bwd(dyf, yf, dyf, L, L, scale);
+    row_kernels().bwd(dyf, yf, dyf, L, L, scale, false);
     Narrow::run(dyf, dx, L, S, false);
   }
 };
@@ -201,25 +207,100 @@ struct Rows<at::BFloat16> : ReducedRows<at::BFloat16, WidenBF16, NarrowBF16> {};
 template <>
 struct Rows<at::Half> : ReducedRows<at::Half, WidenHalf, NarrowHalf> {};
 
-// Asks for the visible prefix of the row processed next while this one is
-// computed: rows are short and, in zigzag order, not adjacent, so the hardware
-// prefetcher alone leaves the first pass over each row waiting on memory.
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t i = 0; i < bytes; i += 64) {
-    __builtin_prefetch(c + i, 0, 3);
-  }
-}
-
-// How many rows ahead prefetch_row looks.
-constexpr int64_t kAhead = 2;
+// How far ahead RowPrefetcher looks, in cache lines per tensor (4 KiB; 2 and
+// 8 KiB measured slower at 384x256x256 and 64x1024x1024 on the dev VM).
+constexpr int64_t kLinesAhead = 64;
 
 // Row u of the zigzag order -> row index t: 0, T-1, 1, T-2, ...
 inline int64_t zigzag(int64_t u, int64_t T) { return (u & 1) ? T - 1 - (u >> 1) : (u >> 1); }
 
 inline int64_t grain_rows(int64_t S) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(S, 1)); }
+
+// Walks the iteration space k = b * T + u (matrix b, zigzag position u) one row
+// at a time, keeping each of K tensors' offset of matrix b, so that a row costs
+// no integer division.
+template <int K>
+struct ZigzagCursor {
+  const RowIndexer* idx[K];
+  int64_t T, b, u;
+  int64_t base[K];
+
+  ZigzagCursor(std::initializer_list<const RowIndexer*> rs, int64_t T_, int64_t k) : T(T_), b(k / T_), u(k % T_) {
+    std::copy(rs.begin(), rs.end(), idx);
+    rebase();
+  }
+  int64_t t() const { return zigzag(u, T); }
+  int64_t row() const { return b * T + t(); }  // in a contiguous (..., T, S) tensor
+  int64_t offset(int i) const { return base[i] + t() * idx[i]->stride_t; }
+  void next() {
+    if (++u == T) {
+      u = 0;
+      ++b;
+      rebase();
+    }
+  }
+
+ private:
+  void rebase() {
+    for (int i = 0; i < K; ++i) base[i] = idx[i]->batch_offset(b);
+  }
+};
+
+// Software prefetch of the visible prefixes of the rows to come, a fixed
+// distance ahead in the stream of bytes the kernel reads: rows are short and,
+// in zigzag order, not adjacent, so the hardware prefetcher alone leaves the
+// first pass over each row waiting on memory. Issuing per row as many lines as
+// that row reads keeps the distance (and the misses in flight) constant
+// whatever the row length.
+template <int K, typename scalar_t>
+class RowPrefetcher {
+ public:
+  RowPrefetcher(std::initializer_list<const RowIndexer*> rs, std::initializer_list<const scalar_t*> ptrs, int64_t T,
+                int64_t S, bool bottom_right, int64_t begin, int64_t end)
+      : cur_(rs, T, begin), k_(begin), end_(end), T_(T), S_(S), bottom_right_(bottom_right) {
+    std::copy(ptrs.begin(), ptrs.end(), ptr_);
+  }
+
+  // Prefetches the next `lines` cache lines of each tensor's stream.
+  void advance(int64_t lines) {
+    while (lines > 0 && k_ < end_) {
+      const int64_t row_lines = lines_of(ptr_[0] + cur_.offset(0), visible_len(cur_.t(), T_, S_, bottom_right_));
+      const int64_t n = std::min(lines, row_lines - line_);
+      for (int i = 0; i < K; ++i) {
+        const char* line0 = reinterpret_cast<const char*>(
+            reinterpret_cast<uintptr_t>(ptr_[i] + cur_.offset(i)) & ~uintptr_t(63));
+        for (int64_t l = line_; l < line_ + n; ++l) {
+          __builtin_prefetch(line0 + l * 64, 0, 3);
+        }
+      }
+      line_ += n;
+      lines -= n;
+      if (line_ >= row_lines) {
+        line_ = 0;
+        cur_.next();
+        ++k_;
+      }
+    }
+  }
+
+  // The cache lines that `len` elements from p touch: what advance() counts
+  // for a row of tensor 0, so the caller keeps the distance constant by
+  // advancing, per row it computes, by that row's lines.
+  static int64_t lines_of(const scalar_t* p, int64_t len) {
+    if (len <= 0) {
+      return 0;
+    }
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    return static_cast<int64_t>((a + static_cast<uintptr_t>(len) * sizeof(scalar_t) - 1) / 64 - a / 64 + 1);
+  }
+
+ private:
+  ZigzagCursor<K> cur_;
+  const scalar_t* ptr_[K];
+  int64_t k_, end_, T_, S_;
+  bool bottom_right_;
+  int64_t line_ = 0;
+};
 
 template <typename scalar_t>
 void fwd_impl(const at::Tensor& x, at::Tensor& y, double scale, bool bottom_right) {
@@ -229,17 +310,19 @@ void fwd_impl(const at::Tensor& x, at::Tensor& y, double scale, bool bottom_righ
   const RowIndexer xr(x);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const bool stream = static_cast<int64_t>(y.nbytes()) >= simd::stream_threshold_bytes();
   at::parallel_for(0, rows, grain_rows(S), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(Rows<scalar_t>::kBuffers * S);
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t b = k / T, t = zigzag(k % T, T);
-      const int64_t L = visible_len(t, T, S, bottom_right);
-      if (k + kAhead < end) {
-        const int64_t b1 = (k + kAhead) / T, t1 = zigzag((k + kAhead) % T, T);
-        prefetch_row(xp + xr.offset(b1, t1), visible_len(t1, T, S, bottom_right));
-      }
-      Rows<scalar_t>::fwd(xp + xr.offset(b, t), yp + (b * T + t) * S, L, S, static_cast<acc_t>(scale), buf.data());
+    ZigzagCursor<1> cur({&xr}, T, begin);
+    RowPrefetcher<1, scalar_t> pf({&xr}, {xp}, T, S, bottom_right, begin, end);
+    pf.advance(kLinesAhead);
+    for (int64_t k = begin; k < end; ++k, cur.next()) {
+      const int64_t L = visible_len(cur.t(), T, S, bottom_right);
+      pf.advance(RowPrefetcher<1, scalar_t>::lines_of(xp + cur.offset(0), L));
+      Rows<scalar_t>::fwd(xp + cur.offset(0), yp + cur.row() * S, L, S, static_cast<acc_t>(scale), buf.data(),
+                          stream);
     }
+    simd::stream_fence();
   });
 }
 
@@ -252,20 +335,19 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, double 
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const bool stream = static_cast<int64_t>(dx.nbytes()) >= simd::stream_threshold_bytes();
   at::parallel_for(0, rows, grain_rows(S), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(Rows<scalar_t>::kBuffers * S);
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t b = k / T, t = zigzag(k % T, T);
-      const int64_t L = visible_len(t, T, S, bottom_right);
-      if (k + kAhead < end) {
-        const int64_t b1 = (k + kAhead) / T, t1 = zigzag((k + kAhead) % T, T);
-        const int64_t L1 = visible_len(t1, T, S, bottom_right);
-        prefetch_row(dyp + dyr.offset(b1, t1), L1);
-        prefetch_row(yp + yr.offset(b1, t1), L1);
-      }
-      Rows<scalar_t>::bwd(dyp + dyr.offset(b, t), yp + yr.offset(b, t), dxp + (b * T + t) * S, L, S,
-                          static_cast<acc_t>(scale), buf.data());
+    ZigzagCursor<2> cur({&dyr, &yr}, T, begin);
+    RowPrefetcher<2, scalar_t> pf({&dyr, &yr}, {dyp, yp}, T, S, bottom_right, begin, end);
+    pf.advance(kLinesAhead);
+    for (int64_t k = begin; k < end; ++k, cur.next()) {
+      const int64_t L = visible_len(cur.t(), T, S, bottom_right);
+      pf.advance(RowPrefetcher<2, scalar_t>::lines_of(dyp + cur.offset(0), L));
+      Rows<scalar_t>::bwd(dyp + cur.offset(0), yp + cur.offset(1), dxp + cur.row() * S,
+                          L, S, static_cast<acc_t>(scale), buf.data(), stream);
     }
+    simd::stream_fence();
   });
 }
 

@@ -2,6 +2,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "cpu/vec_math.h"
@@ -40,6 +41,21 @@ const char* isa_name(Isa isa) {
     default:
       return "scalar";
   }
+}
+
+int64_t stream_threshold_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("ATTNEXT_STREAM_BYTES");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != nullptr && *end == '\0' && v >= 0) {
+        return static_cast<int64_t>(v);
+      }
+    }
+    return int64_t(64) << 20;
+  }();
+  return bytes;
 }
 
 namespace {

@@ -11,6 +11,9 @@ struct VecF {
   static VecF load_tail(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(first(n), p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store_tail(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, first(n), v); }
+  // Non-temporal store to a 64-byte aligned p (bypasses the cache; see stream_fence).
+  void stream(float* p) const { _mm512_stream_ps(p, v); }
+  static void stream_fence() { _mm_sfence(); }
   // Lanes < n from a, the others from b.
   static VecF select_first(int64_t n, VecF a, VecF b) { return {_mm512_mask_blend_ps(first(n), b.v, a.v)}; }
 
@@ -18,27 +21,28 @@ struct VecF {
   VecF operator-(VecF b) const { return {_mm512_sub_ps(v, b.v)}; }
   VecF operator*(VecF b) const { return {_mm512_mul_ps(v, b.v)}; }
   static VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static VecF min(VecF a, VecF b) { return {_mm512_min_ps(a.v, b.v)}; }
   static VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
   float hsum() const { return _mm512_reduce_add_ps(v); }
+  float hmin() const { return _mm512_reduce_min_ps(v); }
   float hmax() const { return _mm512_reduce_max_ps(v); }
 
-  // exp, about 1 ulp: x = n ln2 + r, degree-6 polynomial for exp(r), then
-  // scalef (p * 2^n) which over/underflows exactly to inf/0. NaN stays NaN
+  // exp, within 2 ulp: the algorithm and constants of vec::exp_f32, with
+  // scalef (p * 2^n) over/underflowing exactly to inf/0. NaN stays NaN
   // (min/max return their second operand when either is NaN).
   static VecF exp(VecF a) {
     __m512 x = _mm512_min_ps(_mm512_set1_ps(89.0f), a.v);
     x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(vec::kLog2e)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(vec::kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(vec::kLn2Lo), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(vec::kExpC6), r, _mm512_set1_ps(vec::kExpC5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(vec::kExpC4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(vec::kExpC3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(vec::kExpC2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return {_mm512_scalef_ps(p, n)};
   }
 };

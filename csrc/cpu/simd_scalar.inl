@@ -9,14 +9,18 @@ struct VecF {
   static VecF load_tail(const float*, int64_t) { return {0.0f}; }
   void store(float* p) const { *p = v; }
   void store_tail(float*, int64_t) const {}
+  void stream(float* p) const { *p = v; }
+  static void stream_fence() {}
   static VecF select_first(int64_t n, VecF a, VecF b) { return n > 0 ? a : b; }
 
   VecF operator+(VecF b) const { return {v + b.v}; }
   VecF operator-(VecF b) const { return {v - b.v}; }
   VecF operator*(VecF b) const { return {v * b.v}; }
   static VecF fmadd(VecF a, VecF b, VecF c) { return {a.v * b.v + c.v}; }
+  static VecF min(VecF a, VecF b) { return {a.v < b.v ? a.v : b.v}; }
   static VecF max(VecF a, VecF b) { return {a.v > b.v ? a.v : b.v}; }
   float hsum() const { return v; }
+  float hmin() const { return v; }
   float hmax() const { return v; }
   static VecF exp(VecF a) { return {::attnext::vec::exp_f32(a.v)}; }
 };

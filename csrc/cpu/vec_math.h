@@ -57,34 +57,43 @@ ATTNEXT_INLINE uint32_t float_to_bits(float f) {
   return u;
 }
 
-// exp(x) in float, about 1 ulp on the normal range, branch-free so that it
-// vectorises. x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 minimax
-// polynomial, 2^n built in the exponent bits. exp(-inf) = 0, exp(NaN) = NaN,
-// results below FLT_MIN flush to 0 and above FLT_MAX are +inf.
+// exp(x) in float, within 2 ulp (tests/cpp/test_simd_exp.cpp checks every
+// ISA against double): x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite, two-part
+// ln2), exp(r) by a degree-6 polynomial (relative minimax on that interval,
+// error 1.9e-9 before rounding) in Horner form, times 2^n applied as two
+// exponent-bit factors so that results near FLT_MAX and subnormal results round
+// once. The vector versions in simd_*.inl use the same constants.
+// exp(-inf) = 0, exp(NaN) = NaN, exp(x > 88.72...) = +inf.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;  // ln2 = kLn2Hi + kLn2Lo, kLn2Hi exact in 9 bits
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpC6 = 0x1.6ab98p-10f;
+constexpr float kExpC5 = 0x1.126d0cp-7f;
+constexpr float kExpC4 = 0x1.55589ap-5f;
+constexpr float kExpC3 = 0x1.55540ap-3f;
+constexpr float kExpC2 = 0x1.fffffap-2f;
+
 ATTNEXT_INLINE float exp_f32(float x) {
-  constexpr float kHi = 88.0f;            // 2^127 > exp(88): the exponent trick cannot overflow
-  constexpr float kLo = -87.33654475f;    // exp(kLo) = FLT_MIN
-  constexpr float kOverflow = 88.72283935f;
-  float xc = x > kHi ? kHi : x;           // NaN compares false and stays NaN
-  xc = xc < kLo ? kLo : xc;
-  float n = xc * 1.44269504088896341f;
-  n = (n + 12582912.0f) - 12582912.0f;    // round to nearest integer (1.5 * 2^23 trick)
-  n = n == n ? n : 0.0f;                  // keep the int conversion defined for NaN input
-  float r = xc - n * 0.693359375f;        // Cody-Waite: ln2 = 0.693359375 - 2.12194440e-4
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);
-  const float pow2n = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  float y = p * pow2n;
-  y = x < kLo ? 0.0f : y;
-  y = x > kOverflow ? std::numeric_limits<float>::infinity() : y;
-  return y;
+  float xc = x > 89.0f ? 89.0f : x;  // NaN compares false and stays NaN
+  xc = xc < -104.0f ? -104.0f : xc;   // exp(-104) rounds to 0
+  float n = xc * kLog2e;
+  n = (n + 12582912.0f) - 12582912.0f;  // round to nearest integer (1.5 * 2^23 trick)
+  n = n == n ? n : 0.0f;                // keep the int conversion defined for NaN input
+  // Plain multiply-adds (fused where the target has FMA): a std::fma call would
+  // be emulated in software on CPUs without it.
+  float r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = kExpC6 * r + kExpC5;
+  p = p * r + kExpC4;
+  p = p * r + kExpC3;
+  p = p * r + kExpC2;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);  // in [-150, 129]
+  const int32_t n1 = ni / 2;
+  const float s1 = bits_to_float(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = bits_to_float(static_cast<uint32_t>(ni - n1 + 127) << 23);
+  return p * s1 * s2;  // NaN x: p is NaN
 }
 
 ATTNEXT_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
@@ -107,6 +116,21 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 // kernels, as it does for ATen's own). Decided once per process.
 Isa detected_isa();
 const char* isa_name(Isa isa);
+
+// Orders this thread's earlier non-temporal (streaming) stores before its later
+// stores, so another thread that sees the later ones (a parallel_for join) sees
+// the streamed data too.
+inline void stream_fence() {
+#if ATTNEXT_X86_SIMD
+  _mm_sfence();
+#endif
+}
+
+// Outputs at least this large are written with streaming stores by the kernels
+// that support them: far larger than a last-level cache, their lines would only
+// be read for ownership and evicted again. ATTNEXT_STREAM_BYTES overrides it
+// (read once; 0 streams always).
+int64_t stream_threshold_bytes();
 
 }  // namespace simd
 }  // namespace attnext

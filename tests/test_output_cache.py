@@ -1,0 +1,152 @@
+"""Large CPU outputs: the output cache (reuse of freed buffers) and the streaming-store rows.
+
+Both only act on outputs of 8 MiB and more (the cache) or above
+ATTNEXT_STREAM_BYTES (streaming stores, 64 MiB by default, read once per
+process), so the streaming tests run in a subprocess with the threshold at 0.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnext
+from attnext import reference
+from conftest import needs_native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIG = (40, 256, 256)  # 10 MiB of float32: served by the cache
+
+
+def _run(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@needs_native
+def test_freed_output_is_reused_and_fully_rewritten():
+    attnext.empty_cpu_cache()
+    torch.manual_seed(0)
+    x = torch.randn(BIG)
+    x[3, 100, 5] = float("nan")  # a NaN row: the whole row of y is NaN
+    y = attnext.causal_softmax(x, 0.3)
+    assert torch.isnan(y[3, 100]).all()
+    ptr = y.data_ptr()
+    del y
+    info = attnext.cpu_cache_info()
+    assert info["cached_bytes"] >= x.nbytes
+    hits = info["hits"]
+    # Same size again: the freed buffer comes back, and none of its old contents survive.
+    x2 = torch.randn(BIG)
+    y2 = attnext.causal_softmax(x2, 0.3, align="bottom_right")
+    assert attnext.cpu_cache_info()["hits"] == hits + 1
+    assert y2.data_ptr() == ptr
+    torch.testing.assert_close(y2, reference.causal_softmax(x2, 0.3, True))
+    # A second live output never shares the first one's buffer.
+    y3 = attnext.causal_softmax(x2, 0.3, align="bottom_right")
+    assert y3.data_ptr() != y2.data_ptr()
+    torch.testing.assert_close(y3, y2)
+
+
+@needs_native
+def test_cached_output_behaves_like_a_tensor():
+    attnext.empty_cpu_cache()
+    x = torch.randn(BIG)
+    y = attnext.causal_softmax(x)
+    expected = y.clone()
+    y.resize_(44, 256, 256)  # grows through the same allocator; the old values are kept
+    torch.testing.assert_close(y[:40], expected)
+    z = y.detach().requires_grad_()
+    (z * 2).sum().backward()
+    assert torch.equal(z.grad, torch.full_like(z, 2.0))
+    assert y.is_contiguous() and y.device.type == "cpu"
+
+
+@needs_native
+def test_empty_cpu_cache_frees_and_limit_bounds_it():
+    x = torch.randn(BIG)
+    for _ in range(3):
+        ys = [attnext.causal_softmax(x) for _ in range(3)]
+        del ys
+    info = attnext.cpu_cache_info()
+    assert 0 < info["cached_bytes"] <= info["limit_bytes"]
+    attnext.empty_cpu_cache()
+    assert attnext.cpu_cache_info()["cached_bytes"] == 0
+
+
+@needs_native
+def test_cache_limit_from_environment():
+    code = (
+        "import torch, attnext\n"
+        "x = torch.randn(40, 256, 256)\n"
+        "ys = [attnext.causal_softmax(x) for _ in range(4)]\n"
+        "del ys\n"
+        "info = attnext.cpu_cache_info()\n"
+        "assert info['limit_bytes'] == 24 << 20, info\n"
+        "assert 0 < info['cached_bytes'] <= 24 << 20, info\n"
+        "print('ok')\n"
+    )
+    out = _run(code, ATTNEXT_CPU_CACHE_MB="24")
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+    code_off = (
+        "import torch, attnext\n"
+        "x = torch.randn(40, 256, 256)\n"
+        "y = attnext.causal_softmax(x); del y\n"
+        "info = attnext.cpu_cache_info()\n"
+        "assert info['cached_bytes'] == 0 and info['limit_bytes'] == 0, info\n"
+        "torch.testing.assert_close(attnext.causal_softmax(x), attnext.reference.causal_softmax(x))\n"
+        "print('ok')\n"
+    )
+    out = _run(code_off, ATTNEXT_CPU_CACHE_MB="0")
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_cache_info_without_native_is_all_zero_or_consistent():
+    info = attnext.cpu_cache_info()
+    assert set(info) == {"cached_bytes", "limit_bytes", "hits", "misses"}
+    if not attnext.native_available():
+        assert all(v == 0 for v in info.values())
+
+
+_STREAM_CHECK = r"""
+import torch, attnext
+from attnext import reference
+torch.manual_seed(0)
+cases = [
+    ((2, 37, 37), 0.5, False, False),    # rows not 64-byte aligned: a scalar head before the streamed vectors
+    ((3, 40, 17), 1.0, False, True),      # S < one vector, bottom-right, T > S: rows that see no key
+    ((2, 33, 50), -0.7, False, True),     # negative scale (min instead of max), T < S
+    ((4, 64, 64), 0.125, True, False),    # a transposed view: rows read through strides
+    ((1, 130, 131), 2.0, False, False),   # long odd rows
+]
+for shape, scale, transposed, br in cases:
+    x = torch.randn(shape, dtype=torch.float64).float()
+    if transposed:
+        x = x.transpose(-1, -2)
+    x[0, -1, 0] = float('nan')
+    xr = x.detach().clone().requires_grad_()
+    xa = x.detach().clone().requires_grad_()
+    y = attnext.causal_softmax(xa, scale, align='bottom_right' if br else 'top_left')
+    ye = reference.causal_softmax(xr, scale, br)
+    torch.testing.assert_close(y, ye, equal_nan=True)
+    g = torch.randn_like(y)
+    (ga,) = torch.autograd.grad(y, xa, g)
+    (ge,) = torch.autograd.grad(ye, xr, g)
+    rows = ~torch.isnan(ye).any(-1, keepdim=True)
+    torch.testing.assert_close(torch.where(rows, ga, 0.0), torch.where(rows, ge, 0.0), atol=1e-5, rtol=1e-4)
+print('ok')
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "default"])
+def test_streaming_store_rows_match_reference(isa):
+    # ATTNEXT_STREAM_BYTES=0: every output is written with non-temporal stores,
+    # whatever its size; ATEN_CPU_CAPABILITY picks each instruction set's rows.
+    out = _run(_STREAM_CHECK, ATTNEXT_STREAM_BYTES="0", ATEN_CPU_CAPABILITY=isa)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok" in out.stdout
