@@ -40,7 +40,8 @@ _KERNEL_DTYPES = {
 _OP_KERNEL_DTYPES = {
     "causal_attention": {
         "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
-        "meta": frozenset({torch.float32, torch.float64, torch.bfloat16}),
+        "cuda": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
+        "meta": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
     },
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}

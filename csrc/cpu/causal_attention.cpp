@@ -60,45 +60,11 @@
 
 #include "common.h"
 #include "cpu/blas.h"
+#include "dropout_hash.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
 
 namespace attnext {
-
-// ---- dropout hash: the same integer steps as reference._dropout_keep
-ATTNEXT_INLINE uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
-}
-
-constexpr uint32_t kBatchMul = 0x9e3779b9u;
-constexpr uint32_t kRowMul = 0x85ebca77u;
-constexpr uint32_t kColMul = 0xc2b2ae3du;
-
-// One key per (seed, offset) stream.
-inline uint32_t dropout_stream_key(int64_t seed, int64_t offset) {
-  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-  uint32_t h = fmix32(static_cast<uint32_t>(o) ^ 0x6a09e667u);
-  h = fmix32(h ^ static_cast<uint32_t>(o >> 32));
-  h = fmix32(h ^ static_cast<uint32_t>(s));
-  h = fmix32(h ^ static_cast<uint32_t>(s >> 32));
-  return h;
-}
-
-// One key per (stream, batch, query row).
-inline uint32_t dropout_row_key(uint32_t stream, int64_t b, int64_t t) {
-  const uint32_t hb = fmix32(stream + static_cast<uint32_t>(b) * kBatchMul);
-  return fmix32(hb + static_cast<uint32_t>(t) * kRowMul);
-}
-
-// Keep weight (row, col) iff its hash is >= threshold = floor(p * 2^32).
-ATTNEXT_INLINE bool dropout_keep(uint32_t row_key, uint32_t col, uint32_t threshold) {
-  return fmix32(row_key + col * kColMul) >= threshold;
-}
 
 namespace {
 
@@ -322,7 +288,7 @@ struct Dropout {
     if (p > 0) {
       on = true;
       stream = dropout_stream_key(seed, offset);
-      threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+      threshold = dropout_threshold(p);
       inv_keep = 1.0 / (1.0 - p);
     }
   }
