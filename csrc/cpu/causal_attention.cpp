@@ -88,6 +88,15 @@ namespace isa_scalar {
 #include "cpu/causal_attention_tiles.inl"
 }  // namespace isa_scalar
 
+// ---- bfloat16 products on AVX512-BF16 (cpu/gemm_bf16.inl)
+#if ATTNEXT_X86_SIMD
+ATTNEXT_ISA_BEGIN_AVX512BF16
+namespace isa_bf16 {
+#include "cpu/gemm_bf16.inl"
+}  // namespace isa_bf16
+ATTNEXT_ISA_END
+#endif
+
 struct TileKernels {
   decltype(&isa_scalar::attn_fwd_tile_f32) fwd;
   decltype(&isa_scalar::attn_bwd_p_tile_f32) bwd_p;
@@ -558,6 +567,288 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   }
 }
 
+#if ATTNEXT_X86_SIMD
+// ---- bfloat16 on CPUs with AVX512-BF16: the tile products in bfloat16
+//
+// The same algorithm as fwd_impl / bwd_impl, with every product of the tiles
+// a bfloat16 x bfloat16 -> float dot product (isa_bf16::gemm_bf16, about 5x the
+// float BLAS on the dev VM). The inputs are bfloat16 already; P and dS are
+// rounded to bfloat16 before they multiply (as eager bfloat16 and SDPA's
+// bfloat16 kernel do); softmax, accumulators and lse stay float. Operands are
+// repacked per tile into the pair layouts gemm_bf16 reads (see gemm_bf16.inl).
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+inline int64_t half_up(int64_t n) { return (n + 1) / 2; }
+
+// Copies rows [r0, r0 + n) of one batch of an input into dst (n, cols), contiguous.
+void copy_rows(const Rows2D<at::BFloat16>& X, int64_t b, int64_t r0, int64_t n, int64_t cols, uint16_t* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    std::memcpy(dst + r * cols, X.at(b, r0 + r), sizeof(uint16_t) * cols);
+  }
+}
+
+const uint32_t* words(const uint16_t* p) { return reinterpret_cast<const uint32_t*>(p); }
+
+void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                 const Geometry& g, double scale_d, const Dropout& drop) {
+  const Rows2D<at::BFloat16> Q(q), K(k), V(v);
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  float* lp = lse.mutable_data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  const float inv_keep = static_cast<float>(drop.inv_keep);
+  const int64_t nqt = ceil_div(g.T, kBq);
+  const int64_t hp = g.hs / 2, ldv = round16(g.hsv), ldk = round16(g.S);
+  // Per thread: K^T and V of the batch last seen, packed for the key columns
+  // [0, packed) and reused by the next query tiles of that batch (items run
+  // batch by batch, longest tile first).
+  struct Scratch {
+    std::vector<float> s, m, l, alpha, o;
+    std::vector<uint16_t> qa, pa;
+    std::vector<uint32_t> kt, vv;
+    std::vector<int64_t> vis;
+    std::vector<uint32_t> row_keys;
+    int64_t batch = -1, packed = 0;
+  };
+  auto make_scratch = [&] {
+    Scratch sc;
+    sc.s.resize(kBq * kBkF);
+    sc.m.resize(kBq);
+    sc.l.resize(kBq);
+    sc.alpha.resize(kBq);
+    sc.o.resize(kBq * g.hsv);
+    sc.qa.resize(kBq * g.hs);
+    sc.pa.resize(kBq * kBkF);
+    sc.kt.resize(hp * ldk);
+    sc.vv.resize(half_up(g.S) * ldv);
+    sc.vis.resize(kBq);
+    sc.row_keys.resize(kBq);
+    return sc;
+  };
+  parallel_items(g.BH * nqt, make_scratch, [&](Scratch& sc, int64_t item) {
+    const int64_t b = item / nqt;
+    const int64_t t0 = (nqt - 1 - item % nqt) * kBq;
+    const int64_t nr = std::min(kBq, g.T - t0);
+    const int64_t kv_end = g.visible(t0 + nr - 1);
+    if (sc.batch != b) {
+      sc.batch = b;
+      sc.packed = 0;
+    }
+    // key tiles start at multiples of kBkF, so pack whole tiles (and V by pairs)
+    const int64_t need = std::min(g.S, ceil_div(kv_end, kBkF) * kBkF);
+    if (need > sc.packed) {
+      const int64_t c0 = sc.packed, n = need - c0;  // c0 is a multiple of kBkF: even
+      std::vector<uint16_t> tmp(n * std::max<int64_t>(g.hs, g.hsv));
+      copy_rows(K, b, c0, n, g.hs, tmp.data());
+      // K^T for columns [c0, need): pack into the columns of kt (row stride ldk)
+      isa_bf16::bf16_t32(tmp.data(), g.hs, n, g.hs, sc.kt.data() + c0, ldk);
+      copy_rows(V, b, c0, n, g.hsv, tmp.data());
+      isa_bf16::bf16_vnni(tmp.data(), g.hsv, n, g.hsv, sc.vv.data() + (c0 / 2) * ldv, ldv);
+      sc.packed = need;
+    }
+    float* o = sc.o.data();
+    float* s = sc.s.data();
+    std::fill(o, o + nr * g.hsv, 0.0f);
+    std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<float>::infinity());
+    std::fill(sc.l.begin(), sc.l.end(), 0.0f);
+    if (drop.on) {
+      for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+    }
+    copy_rows(Q, b, t0, nr, g.hs, sc.qa.data());
+    for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
+      const int64_t nc = std::min(kBkF, kv_end - k0);
+      isa_bf16::gemm_bf16(nr, nc, hp, words(sc.qa.data()), hp, 1, sc.kt.data() + k0, ldk, s, kBkF, scale, false);
+      for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+      fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
+      if (drop.on) {
+        dropout_tile(s, static_cast<float*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
+                     drop.threshold, inv_keep);
+      }
+      if (k0 > 0) {
+        for (int64_t r = 0; r < nr; ++r) {
+          const float a = sc.alpha[r];
+          if (a != 1.0f) {
+            float* orow = o + r * g.hsv;
+            for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= a;
+          }
+        }
+      }
+      isa_bf16::float_rows_to_bf16(s, kBkF, nr, nc, sc.pa.data(), kBkF);  // P, even-padded
+      isa_bf16::gemm_bf16(nr, g.hsv, half_up(nc), words(sc.pa.data()), kBkF / 2, 1, sc.vv.data() + (k0 / 2) * ldv,
+                          ldv, o, g.hsv, 1.0f, true);  // O += P V
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      float* orow = o + r * g.hsv;
+      const float l = sc.l[r];
+      if (l != 0.0f) {
+        const float inv = 1.0f / l;
+        for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= inv;
+        lp[b * g.T + t0 + r] = sc.m[r] + std::log(l);
+      } else {
+        lp[b * g.T + t0 + r] = -std::numeric_limits<float>::infinity();
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      narrow_bf16_row(o + r * g.hsv, op + (b * g.T + t0 + r) * g.hsv, g.hsv);
+    }
+  });
+}
+
+void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                 const Geometry& g, double scale_d, const Dropout& drop) {
+  const Rows2D<at::BFloat16> Q(q), K(k), V(v), dO(dout), O(out);
+  const float* lp = lse.const_data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  const float inv_keep = static_cast<float>(drop.inv_keep);
+  const int64_t hp = g.hs / 2, vp = g.hsv / 2;
+  const int64_t ldq = round16(g.hs), ldo = round16(g.hsv);
+
+  std::vector<float> D(g.BH * g.T);
+  at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const at::BFloat16* a = dO.at(i / g.T, i % g.T);
+      const at::BFloat16* c = O.at(i / g.T, i % g.T);
+      float acc = 0;
+      for (int64_t j = 0; j < g.hsv; ++j) acc += static_cast<float>(a[j]) * static_cast<float>(c[j]);
+      D[i] = acc;
+    }
+  });
+
+  const int64_t nkt = ceil_div(g.S, kBk);
+  const int64_t nthreads = at::get_num_threads();
+  int64_t nchunks = 1;
+  if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
+    nchunks = std::max<int64_t>(1, std::min(nkt, ceil_div(2 * nthreads, g.BH)));
+  }
+  at::Tensor dq_acc = at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(at::kFloat));
+  float* dqp = dq_acc.mutable_data_ptr<float>();
+  uint16_t* dkp = reinterpret_cast<uint16_t*>(dk.mutable_data_ptr<at::BFloat16>());
+  uint16_t* dvp = reinterpret_cast<uint16_t*>(dv.mutable_data_ptr<at::BFloat16>());
+
+  // Per thread: the item's batch of Q and dO as contiguous rows (A operands) and
+  // in pair layout (B operands), made once per item; per key tile K^T, V^T
+  // and K in pair layout; per tile pair the bfloat16 P and dS.
+  struct Scratch {
+    std::vector<float> s, dp, z, pd, dkt, dvt;
+    std::vector<uint16_t> qrows, dorows, kv_rows, dsa;
+    std::vector<uint32_t> qvn, dovn, kt, vt, kvn, pdt, dst;
+    std::vector<int64_t> vis;
+    std::vector<uint32_t> row_keys;
+  };
+  auto make_scratch = [&] {
+    Scratch sc;
+    sc.s.resize(kBq * kBk);
+    sc.dp.resize(kBq * kBk);
+    if (drop.on) {
+      sc.z.resize(kBq * kBk);
+      sc.pd.resize(kBq * kBk);
+    }
+    sc.dkt.resize(kBk * g.hs);
+    sc.dvt.resize(kBk * g.hsv);
+    sc.qrows.resize(g.T * g.hs);
+    sc.dorows.resize(g.T * g.hsv);
+    sc.kv_rows.resize(kBk * std::max(g.hs, g.hsv));
+    sc.dsa.resize(kBq * kBk);
+    sc.qvn.resize(half_up(g.T) * ldq);
+    sc.dovn.resize(half_up(g.T) * ldo);
+    sc.kt.resize(hp * kBk);
+    sc.vt.resize(vp * kBk);
+    sc.kvn.resize(kBk / 2 * ldq);
+    sc.pdt.resize(kBq / 2 * kBk);
+    sc.dst.resize(kBq / 2 * kBk);
+    sc.vis.resize(kBq);
+    sc.row_keys.resize(kBq);
+    return sc;
+  };
+  parallel_items(g.BH * nchunks, make_scratch, [&](Scratch& sc, int64_t item) {
+    const int64_t b = item / nchunks, chunk = item % nchunks;
+    float* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;
+    float* s = sc.s.data();
+    float* dp = sc.dp.data();
+    // Q and dO of batch b as rows, and (when every query tile starts at an even
+    // row: t_first(k0) = max(0, k0 - shift) with k0 even) in pair layout, once.
+    copy_rows(Q, b, 0, g.T, g.hs, sc.qrows.data());
+    copy_rows(dO, b, 0, g.T, g.hsv, sc.dorows.data());
+    const bool pairs_once = g.shift % 2 == 0;
+    if (pairs_once) {
+      isa_bf16::bf16_vnni(sc.qrows.data(), g.hs, g.T, g.hs, sc.qvn.data(), ldq);
+      isa_bf16::bf16_vnni(sc.dorows.data(), g.hsv, g.T, g.hsv, sc.dovn.data(), ldo);
+    }
+    for (int64_t i = 0;; ++i) {
+      const int64_t kt = i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
+      if (kt >= nkt) break;
+      const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0);
+      float* dkt = sc.dkt.data();
+      float* dvt = sc.dvt.data();
+      std::fill(dkt, dkt + nc * g.hs, 0.0f);
+      std::fill(dvt, dvt + nc * g.hsv, 0.0f);
+      copy_rows(K, b, k0, nc, g.hs, sc.kv_rows.data());
+      isa_bf16::bf16_t32(sc.kv_rows.data(), g.hs, nc, g.hs, sc.kt.data(), kBk);         // K^T
+      isa_bf16::bf16_vnni(sc.kv_rows.data(), g.hs, nc, g.hs, sc.kvn.data(), ldq);       // K
+      copy_rows(V, b, k0, nc, g.hsv, sc.kv_rows.data());
+      isa_bf16::bf16_t32(sc.kv_rows.data(), g.hsv, nc, g.hsv, sc.vt.data(), kBk);       // V^T
+      const int64_t t_first = std::max<int64_t>(0, k0 - g.shift);
+      for (int64_t t0 = t_first; t0 < g.T; t0 += kBq) {
+        const int64_t nr = std::min(kBq, g.T - t0);
+        const uint32_t* qa = words(sc.qrows.data() + t0 * g.hs);
+        const uint32_t* doa = words(sc.dorows.data() + t0 * g.hsv);
+        // the pair layouts of Q and dO rows [t0, t0 + nr)
+        const uint32_t* qvn = sc.qvn.data() + (pairs_once ? t0 / 2 * ldq : 0);
+        const uint32_t* dovn = sc.dovn.data() + (pairs_once ? t0 / 2 * ldo : 0);
+        if (!pairs_once) {  // t0 may be odd: pair up from t0, per tile
+          isa_bf16::bf16_vnni(sc.qrows.data() + t0 * g.hs, g.hs, nr, g.hs, sc.qvn.data(), ldq);
+          isa_bf16::bf16_vnni(sc.dorows.data() + t0 * g.hsv, g.hsv, nr, g.hsv, sc.dovn.data(), ldo);
+        }
+        isa_bf16::gemm_bf16(nr, nc, hp, qa, hp, 1, sc.kt.data(), kBk, s, kBk, scale, false);  // S
+        for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+        bwd_p_tile(s, nr, nc, kBk, sc.vis.data(), lp + b * g.T + t0);  // P
+        const float* pdrop = s;
+        float* z = nullptr;
+        if (drop.on) {
+          z = sc.z.data();
+          for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+          dropout_tile(static_cast<float*>(nullptr), z, nr, nc, kBk, sc.row_keys.data(), static_cast<uint32_t>(k0),
+                       drop.threshold, inv_keep);
+          float* pd = sc.pd.data();
+          for (int64_t r = 0; r < nr; ++r) {
+            for (int64_t c = 0; c < nc; ++c) pd[r * kBk + c] = s[r * kBk + c] * z[r * kBk + c];
+          }
+          pdrop = pd;
+        }
+        isa_bf16::float_pairs_t(pdrop, kBk, nr, nc, sc.pdt.data(), kBk);
+        isa_bf16::gemm_bf16(nc, g.hsv, half_up(nr), sc.pdt.data(), 1, kBk, dovn, ldo, dvt, g.hsv, 1.0f,
+                            true);  // dV += P^T dO
+        isa_bf16::gemm_bf16(nr, nc, vp, doa, vp, 1, sc.vt.data(), kBk, dp, kBk, 1.0f, false);  // dP
+        bwd_ds_tile(s, dp, z, nr, nc, kBk, D.data() + b * g.T + t0, scale);  // dS, scaled
+        isa_bf16::float_rows_to_bf16(dp, kBk, nr, nc, sc.dsa.data(), kBk);
+        isa_bf16::gemm_bf16(nr, g.hs, half_up(nc), words(sc.dsa.data()), kBk / 2, 1, sc.kvn.data(), ldq,
+                            dqb + t0 * g.hs, g.hs, 1.0f, true);  // dQ += dS K
+        isa_bf16::float_pairs_t(dp, kBk, nr, nc, sc.dst.data(), kBk);
+        isa_bf16::gemm_bf16(nc, g.hs, half_up(nr), sc.dst.data(), 1, kBk, qvn, ldq, dkt, g.hs, 1.0f,
+                            true);  // dK += dS^T Q
+      }
+      for (int64_t r = 0; r < nc; ++r) {
+        narrow_bf16_row(dkt + r * g.hs, dkp + (b * g.S + k0 + r) * g.hs, g.hs);
+        narrow_bf16_row(dvt + r * g.hsv, dvp + (b * g.S + k0 + r) * g.hsv, g.hsv);
+      }
+    }
+  });
+  at::Tensor dq3 = dq.view({g.BH, g.T, g.hs});
+  dq3.copy_(nchunks == 1 ? dq_acc[0] : dq_acc.sum(0));
+}
+
+// Whether the bfloat16 fast path applies: the CPU has the instructions, head
+// sizes are even (whole pairs) and row strides fit the gather's 32-bit offsets.
+bool use_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g) {
+  if (q.scalar_type() != at::kBFloat16 || !simd::bf16_dot_available()) return false;
+  if (g.hs % 2 != 0 || g.hsv % 2 != 0) return false;
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    if (t->size(-2) > 1 && t->stride(-2) >= (int64_t(1) << 27)) return false;
+  }
+  return true;
+}
+#endif
+
 // ---- argument checks and preparation
 
 void check_input(const at::Tensor& t, const char* name, const char* shape) {
@@ -630,6 +921,12 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q_in, 
   if (lse.numel() > 0) {
     const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
     const Dropout drop(dropout_p, seed, offset);
+#if ATTNEXT_X86_SIMD
+    if (use_bf16dot(q, k, v, g)) {
+      fwd_bf16dot(q, k, v, out, lse, g, scale, drop);
+      return {out, lse};
+    }
+#endif
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_cpu",
                                    [&] { fwd_impl<scalar_t>(q, k, v, out, lse, g, scale, drop); });
   }
@@ -664,6 +961,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor dout = prepare(grad_out_in), out = prepare(out_in);
     const at::Tensor lse = lse_in.contiguous();
     const Dropout drop(dropout_p, seed, offset);
+#if ATTNEXT_X86_SIMD
+    if (use_bf16dot(q, k, v, g)) {
+      bwd_bf16dot(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop);
+      return {dq, dk, dv};
+    }
+#endif
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_backward_cpu",
                                    [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
   } else {

@@ -32,6 +32,22 @@ Isa detected_isa() {
   return isa;
 }
 
+bool bf16_dot_available() {
+  static const bool ok = [] {
+#if ATTNEXT_X86_SIMD
+    const char* env = std::getenv("ATTNEXT_BF16_DOT");
+    if (env != nullptr && std::string(env) == "0") {
+      return false;
+    }
+    __builtin_cpu_init();
+    return detected_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512:

@@ -31,11 +31,15 @@
 #define ATTNEXT_ISA_BEGIN_AVX512 \
   _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512dq,avx512bw,avx512vl,avx2,fma\"))), apply_to = function)")
 #define ATTNEXT_ISA_BEGIN_AVX2 _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
+#define ATTNEXT_ISA_BEGIN_AVX512BF16 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512bf16\"))), apply_to = function)")
 #define ATTNEXT_ISA_END _Pragma("clang attribute pop")
 #else
 #define ATTNEXT_ISA_BEGIN_AVX512 \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512dq,avx512bw,avx512vl,avx2,fma\")")
 #define ATTNEXT_ISA_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define ATTNEXT_ISA_BEGIN_AVX512BF16 \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512bf16\")")
 #define ATTNEXT_ISA_END _Pragma("GCC pop_options")
 #endif
 #else
@@ -116,6 +120,11 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 // kernels, as it does for ATen's own). Decided once per process.
 Isa detected_isa();
 const char* isa_name(Isa isa);
+
+// Whether the bfloat16 dot-product instructions (AVX512-BF16, vdpbf16ps) may be
+// used: the CPU has them, the AVX-512 kernels are selected (detected_isa), and
+// ATTNEXT_BF16_DOT is not 0. Decided once per process.
+bool bf16_dot_available();
 
 // Orders this thread's earlier non-temporal (streaming) stores before its later
 // stores, so another thread that sees the later ones (a parallel_for join) sees
