@@ -281,7 +281,9 @@ std::tuple<at::Tensor, at::Tensor> matmul_backward_cuda(const at::Tensor& grad_i
   gshape.push_back(pl.n);
   gshape.push_back(pl.p);
   const at::Tensor grad = grad_in.reshape(gshape);
-  at::Tensor ga, gb;
+  // An unrequested gradient is an empty (0,) tensor, as the schema, the CPU kernel
+  // and the fake kernel have it (never an undefined tensor).
+  at::Tensor ga = at::empty({0}, a_in.options()), gb = at::empty({0}, b_in.options());
   const auto in_type = a_in.scalar_type();
   if (pl.n == 0 || pl.p == 0 || grad.numel() == 0 || pl.k == 0) {
     if (mask[0]) ga = at::zeros(a_in.sizes(), a_in.options());
