@@ -116,8 +116,10 @@ void batched_gemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   const int64_t count = inner < 0 ? 1 : sizes[inner];
   TORCH_CHECK(std::max({M, N, K, A.ld, B.ld, ldc, count}) <= INT32_MAX, "attnext: matmul dims too large for cuBLAS");
 
+  // ATen's handle comes bound to the current stream, with ATen's workspace for that
+  // stream and the TF32 math mode: no cublasSetStream here, it would reset the
+  // workspace to cuBLAS's own pool (allocations outside the caching allocator).
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  ATTNEXT_CUBLAS_CHECK(cublasSetStream(handle, at::cuda::getCurrentCUDAStream()));
   const cudaDataType_t ab_t = cuda_type(in_type), c_t = cuda_type(c_type);
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
   if (in_type == at::kDouble) {
