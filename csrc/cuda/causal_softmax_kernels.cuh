@@ -22,7 +22,7 @@
 namespace attnext {
 namespace cuda {
 
-constexpr int kMaxBatchDims = 8;
+constexpr int kMaxBatchDims = 16;  // as the CPU kernels (RowIndexer::kMaxDims) and matmul
 constexpr int kMaxPerLane = 32;  // warp path up to S = 1024
 
 // Row addressing for inputs with unit-stride rows and arbitrary batch / T strides.
