@@ -112,6 +112,32 @@ def matmul_cases():
         assert ga.shape == a.shape and gb.shape == (0,)
 
 
+def attention_cases():
+    # Runs once the build has a CUDA causal_attention (csrc/cuda/causal_attention.cu).
+    if "cuda" not in attnext.ops._DEVICES.get("causal_attention", ()):
+        print("causal_attention: no CUDA kernel in this build, not sanitized")
+        return
+    for dtype in DTYPES:
+        opts = dict(device="cuda", dtype=dtype)
+        cases = (
+            (torch.randn(2, 3, 17, 16, **opts), torch.randn(2, 3, 17, 16, **opts), torch.randn(2, 3, 17, 8, **opts)),
+            # bottom-right with T > S (queries that see no key) and transposed (nanoGPT) views
+            (
+                torch.randn(2, 40, 3, 16, **opts).transpose(1, 2),
+                torch.randn(2, 33, 3, 16, **opts).transpose(1, 2),
+                torch.randn(2, 33, 3, 16, **opts).transpose(1, 2),
+            ),
+        )
+        for q, k, v in cases:
+            if attnext.explain("causal_attention", q, k, v):
+                continue  # a dtype without a native CUDA kernel: nothing of attnext's to check
+            for align in ("top_left", "bottom_right"):
+                for p in (0.0, 0.25):
+                    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+                    out = attnext.causal_attention(q, k, v, dropout_p=p, align=align)
+                    out.backward(torch.randn_like(out))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-cublas", action="store_true", help="leave out matmul (cuBLAS kernels)")
@@ -121,6 +147,7 @@ def main() -> None:
     torch.manual_seed(0)
     softmax_cases()
     mean_cases()
+    attention_cases()
     if not args.no_cublas:
         matmul_cases()
     torch.cuda.synchronize()
