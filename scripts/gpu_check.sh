@@ -2,7 +2,8 @@
 # The GPU check, one command, on a machine with an NVIDIA GPU, nvcc and a CUDA torch
 # already installed (no network needed):
 #   build the CUDA extension, run the test suite (CUDA cases included), run
-#   compute-sanitizer memcheck + racecheck on small cases of every kernel, run the
+#   compute-sanitizer memcheck (every kernel, cuBLAS calls included) and racecheck +
+#   synccheck (attnext's own kernels) on small cases (scripts/sanitize_cases.py), run the
 #   CUDA benchmarks (appending to benchmarks/results/<gpu>.csv), print a short table.
 # Fits in one 10-minute call on an H100. Usage: bash scripts/gpu_check.sh [--quick]
 set -uo pipefail
@@ -25,9 +26,13 @@ python -m pytest -q -x tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "=== compute-sanitizer"
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
+  # shared-memory hazards and barrier / warp-sync misuse: attnext's own kernels (matmul is cuBLAS's)
+  cases_arg=""
+  [ "$tool" = memcheck ] || cases_arg="--no-cublas"
   if command -v compute-sanitizer >/dev/null; then
-    compute-sanitizer --tool "$tool" --error-exitcode 9 python scripts/sanitize_cases.py > "$out/sanitizer_$tool.log" 2>&1
+    compute-sanitizer --tool "$tool" --error-exitcode 9 python scripts/sanitize_cases.py $cases_arg \
+      > "$out/sanitizer_$tool.log" 2>&1
     rc=$?
     echo "$tool: exit $rc ($(grep -c 'ERROR SUMMARY: 0 errors' "$out/sanitizer_$tool.log") clean summaries)"
     [ "$rc" -eq 0 ] || status=1

@@ -1,7 +1,18 @@
-"""Small CUDA cases of every attnext kernel, for compute-sanitizer (memcheck, racecheck).
+"""Small CUDA cases of every attnext CUDA kernel, for compute-sanitizer.
 
     compute-sanitizer --tool memcheck python scripts/sanitize_cases.py
+    compute-sanitizer --tool racecheck python scripts/sanitize_cases.py --no-cublas
+
+Each case must reach attnext's own CUDA kernel, not the eager fallback: the script
+stops if attnext.explain() gives a reason. A few results are checked on the way
+(NaN rows, rows that see no key, float64 matmul against torch), so that a kernel
+that runs clean but computes the wrong thing fails here too.
+
+--no-cublas leaves out matmul, whose GEMMs are cuBLAS's kernels: racecheck and
+synccheck are about the shared memory and barriers of attnext's own kernels, while
+memcheck should also see matmul (its strides and leading dims decide what cuBLAS reads).
 """
+import argparse
 import os
 import sys
 
@@ -11,17 +22,134 @@ import torch  # noqa: E402
 
 import attnext  # noqa: E402
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def native(op, *tensors):
+    reasons = attnext.explain(op, *tensors)
+    assert not reasons, f"{op} would not run its CUDA kernel: {reasons}"
+
+
+def softmax_case(x, align, scale=0.5):
+    x = x.detach().requires_grad_()
+    native("causal_softmax", x)
+    y = attnext.causal_softmax(x, scale, align=align)
+    y.backward(torch.randn_like(y))
+    return y
+
+
+def softmax_cases():
+    for dtype in DTYPES:
+        opts = dict(device="cuda", dtype=dtype)
+        # warp path (S <= 1024, several per-lane widths), block path (S > 1024), S = 1
+        for shape in ((2, 3, 7, 5), (2, 33, 33), (1, 40, 1500), (3, 1)):
+            for align in ("top_left", "bottom_right"):
+                softmax_case(torch.randn(shape, **opts), align)
+        # bottom-right with T > S: the first T - S rows see no key and are zeros
+        for S in (4, 1100):
+            y = softmax_case(torch.randn(2, S + 3, S, **opts), "bottom_right")
+            assert (y[:, :3] == 0).all(), "rows that see no key must be zeros"
+        # strided views: transposed batch dims (unit-stride rows, read in place) and a
+        # transposed matrix (non-unit last stride, copied first)
+        for S in (40, 1100):
+            softmax_case(torch.randn(2, 8, 3, S, **opts).transpose(1, 2), "top_left")
+            softmax_case(torch.randn(2, S, 8, **opts).transpose(-1, -2), "bottom_right")
+        # a NaN in a row's visible part makes the whole row NaN, as torch.softmax does,
+        # on both paths; row 3 sees x[0:4], so one thread of the block path meets only the NaN
+        for S in (40, 1500):
+            x = torch.randn(2, 6, S, **opts)
+            x[0, 3, 1] = float("nan")
+            x[1, 5, 0] = float("nan")
+            x[1, 2, 4] = float("nan")  # above the diagonal: never read
+            y = softmax_case(x, "top_left")
+            assert torch.isnan(y[0, 3]).all() and torch.isnan(y[1, 5]).all(), "a NaN row must be NaN throughout"
+            nan_rows = torch.isnan(y).any(-1)
+            assert nan_rows.sum().item() == 2, f"unexpected NaN rows: {nan_rows.nonzero().tolist()}"
+
+
+def mean_cases():
+    for dtype in DTYPES:
+        opts = dict(device="cuda", dtype=dtype)
+        for x in (
+            torch.randn(2, 3, 7, 5, **opts),
+            torch.randn(2, 7, 3, 5, **opts).transpose(1, 2),  # strided batch / T dims
+            torch.randn(2, 5, 7, **opts).transpose(-1, -2),  # non-unit last stride: copied
+            torch.randn(1, 300, **opts),
+        ):
+            x = x.detach().requires_grad_()
+            native("causal_mean", x)
+            y = attnext.causal_mean(x)
+            y.backward(torch.randn_like(y))
+
+
+def matmul_cases():
+    for dtype in DTYPES:
+        opts = dict(device="cuda", dtype=dtype)
+        pairs = (
+            ((2, 3, 4, 5), (5, 6)),  # x @ W: folded into one GEMM
+            ((3, 1, 4, 5), (2, 5, 6)),  # batch dims broadcast both ways
+            ((5,), (2, 5, 3)),  # vector @ batch
+            ((4, 5), (5,)),  # matrix @ vector
+            ((5,), (5,)),  # dot
+        )
+        cases = [(torch.randn(sa, **opts), torch.randn(sb, **opts)) for sa, sb in pairs]
+        # a transposed operand ('T' for cuBLAS), an expanded one (batch stride 0), a sliced one
+        cases.append((torch.randn(2, 4, 5, **opts), torch.randn(2, 6, 5, **opts).transpose(-1, -2)))
+        cases.append((torch.randn(1, 4, 5, **opts).expand(3, 4, 5), torch.randn(3, 5, 2, **opts)))
+        cases.append((torch.randn(3, 4, 9, **opts)[..., ::2], torch.randn(5, 2, **opts)))
+        for a, b in cases:
+            a = a.detach().requires_grad_()
+            b = b.detach().requires_grad_()
+            native("matmul", a, b)
+            y = attnext.matmul(a, b)
+            y.backward(torch.randn_like(y))
+            if dtype == torch.float64:
+                torch.testing.assert_close(y, torch.matmul(a, b))
+        # the backward op with one gradient left out and a non-contiguous grad
+        a, b = torch.randn(3, 1, 4, 5, **opts), torch.randn(2, 5, 6, **opts)
+        g = torch.randn(3, 2, 6, 4, **opts).transpose(-1, -2)
+        ga, gb = torch.ops.attnext._matmul_backward(g, a, b, [True, False])
+        assert ga.shape == a.shape and gb.shape == (0,)
+
+
+def attention_cases():
+    # Runs once the build has a CUDA causal_attention (csrc/cuda/causal_attention.cu).
+    if "cuda" not in attnext.ops._DEVICES.get("causal_attention", ()):
+        print("causal_attention: no CUDA kernel in this build, not sanitized")
+        return
+    for dtype in DTYPES:
+        opts = dict(device="cuda", dtype=dtype)
+        cases = (
+            (torch.randn(2, 3, 17, 16, **opts), torch.randn(2, 3, 17, 16, **opts), torch.randn(2, 3, 17, 8, **opts)),
+            # bottom-right with T > S (queries that see no key) and transposed (nanoGPT) views
+            (
+                torch.randn(2, 40, 3, 16, **opts).transpose(1, 2),
+                torch.randn(2, 33, 3, 16, **opts).transpose(1, 2),
+                torch.randn(2, 33, 3, 16, **opts).transpose(1, 2),
+            ),
+        )
+        for q, k, v in cases:
+            if attnext.explain("causal_attention", q, k, v):
+                continue  # a dtype without a native CUDA kernel: nothing of attnext's to check
+            for align in ("top_left", "bottom_right"):
+                for p in (0.0, 0.25):
+                    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+                    out = attnext.causal_attention(q, k, v, dropout_p=p, align=align)
+                    out.backward(torch.randn_like(out))
+
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--no-cublas", action="store_true", help="leave out matmul (cuBLAS kernels)")
+    args = p.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
+    assert attnext.native_available(), "attnext._C is not built"
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        # warp path (S <= 1024, several per-lane widths) and block path (S > 1024)
-        for shape in ((2, 3, 7, 5), (2, 33, 33), (1, 40, 1500)):
-            for align in ("top_left", "bottom_right"):
-                x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-                y = attnext.causal_softmax(x, 0.5, align=align)
-                y.backward(torch.randn_like(y))
+    softmax_cases()
+    mean_cases()
+    attention_cases()
+    if not args.no_cublas:
+        matmul_cases()
     torch.cuda.synchronize()
     print("sanitizer cases ran")
 

@@ -24,6 +24,12 @@ void check_cuda_input(const at::Tensor& t, const char* name) {
 constexpr int kWarpsPerBlock = 4;
 constexpr int kBlockThreads = 512;
 
+// Elements per lane on the warp path; past 32 * kMaxPerLane, kMaxPerLane + 1 (the
+// block path). Decided in int64 so that no row length can wrap to a small int.
+int per_lane_of(int64_t S) {
+  return S > int64_t(32) * cuda::kMaxPerLane ? cuda::kMaxPerLane + 1 : static_cast<int>((S + 31) / 32);
+}
+
 template <typename scalar_t>
 void launch_fwd(const at::Tensor& x, at::Tensor& y, double scale, bool bottom_right) {
   using T = typename CudaType<scalar_t>::type;
@@ -33,7 +39,7 @@ void launch_fwd(const at::Tensor& x, at::Tensor& y, double scale, bool bottom_ri
   const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
   T* yp = reinterpret_cast<T*>(y.mutable_data_ptr<scalar_t>());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int per_lane = static_cast<int>((sh.S + 31) / 32);
+  const int per_lane = per_lane_of(sh.S);
   const bool warp_path = pow2_switch<cuda::kMaxPerLane>(per_lane, [&](auto p) {
     const int64_t blocks = (sh.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
     cuda::causal_softmax_fwd_warp_kernel<T, decltype(p)::value>
@@ -56,7 +62,7 @@ void launch_bwd(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, doubl
   const T* yp = reinterpret_cast<const T*>(y.const_data_ptr<scalar_t>());
   T* dxp = reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int per_lane = static_cast<int>((sh.S + 31) / 32);
+  const int per_lane = per_lane_of(sh.S);
   const bool warp_path = pow2_switch<cuda::kMaxPerLane>(per_lane, [&](auto p) {
     const int64_t blocks = (sh.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
     cuda::causal_softmax_bwd_warp_kernel<T, decltype(p)::value><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock,

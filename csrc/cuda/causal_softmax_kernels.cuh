@@ -22,7 +22,7 @@
 namespace attnext {
 namespace cuda {
 
-constexpr int kMaxBatchDims = 8;
+constexpr int kMaxBatchDims = 16;  // as the CPU kernels (RowIndexer::kMaxDims) and matmul
 constexpr int kMaxPerLane = 32;  // warp path up to S = 1024
 
 // Row addressing for inputs with unit-stride rows and arbitrary batch / T strides.
@@ -191,12 +191,14 @@ __global__ void causal_softmax_bwd_warp_kernel(const T* __restrict__ dy, RowAddr
 
 // ---------------------------------------------------------------- block per row
 
-// Online (max, sum) pair merge; a side with max -inf contributes nothing.
+// Online (max, sum) pair merge; an empty side (s == 0, max -inf) contributes
+// nothing. A side whose sum is NaN (it saw a NaN) keeps its NaN whatever its
+// max, even -inf: NaN * exp(-inf - mm) is NaN, so the row still ends up NaN.
 template <typename A>
 __device__ __forceinline__ void merge(A& m, A& s, A m2, A s2) {
   const A mm = m2 > m ? m2 : m;
-  const A a = m == -INFINITY ? A(0) : s * exp_acc(m - mm);
-  const A c = m2 == -INFINITY ? A(0) : s2 * exp_acc(m2 - mm);
+  const A a = s == A(0) ? A(0) : s * exp_acc(m - mm);
+  const A c = s2 == A(0) ? A(0) : s2 * exp_acc(m2 - mm);
   m = mm;
   s = a + c;
 }
@@ -262,7 +264,8 @@ __global__ void causal_softmax_fwd_block_kernel(const T* __restrict__ x, RowAddr
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
     const A z = to_acc(xr[j]) * scale;
     if (z > m) {
-      s = (m == -INFINITY ? A(0) : s * exp_acc(m - z)) + A(1);
+      // s == 0 exactly while nothing is seen yet; a NaN sum stays NaN (as in merge).
+      s = (s == A(0) ? A(0) : s * exp_acc(m - z)) + A(1);
       m = z;
     } else if (z != -INFINITY) {
       s += exp_acc(z - m);  // NaN z lands here and poisons the sum, as in torch

@@ -116,8 +116,10 @@ void batched_gemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   const int64_t count = inner < 0 ? 1 : sizes[inner];
   TORCH_CHECK(std::max({M, N, K, A.ld, B.ld, ldc, count}) <= INT32_MAX, "attnext: matmul dims too large for cuBLAS");
 
+  // ATen's handle comes bound to the current stream, with ATen's workspace for that
+  // stream and the TF32 math mode: no cublasSetStream here, it would reset the
+  // workspace to cuBLAS's own pool (allocations outside the caching allocator).
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  ATTNEXT_CUBLAS_CHECK(cublasSetStream(handle, at::cuda::getCurrentCUDAStream()));
   const cudaDataType_t ab_t = cuda_type(in_type), c_t = cuda_type(c_type);
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
   if (in_type == at::kDouble) {
@@ -281,7 +283,9 @@ std::tuple<at::Tensor, at::Tensor> matmul_backward_cuda(const at::Tensor& grad_i
   gshape.push_back(pl.n);
   gshape.push_back(pl.p);
   const at::Tensor grad = grad_in.reshape(gshape);
-  at::Tensor ga, gb;
+  // An unrequested gradient is an empty (0,) tensor, as the schema, the CPU kernel
+  // and the fake kernel have it (never an undefined tensor).
+  at::Tensor ga = at::empty({0}, a_in.options()), gb = at::empty({0}, b_in.options());
   const auto in_type = a_in.scalar_type();
   if (pl.n == 0 || pl.p == 0 || grad.numel() == 0 || pl.k == 0) {
     if (mask[0]) ga = at::zeros(a_in.sizes(), a_in.options());
