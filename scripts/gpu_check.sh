@@ -22,7 +22,7 @@ python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3 || e
 python -c 'import torch, attnext; print(torch.__version__, torch.cuda.get_device_name(), attnext.ops._DEVICES)'
 
 echo "=== tests"
-python -m pytest -q -x tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
+python -m pytest -q -rf --maxfail=40 tests 2>&1 | tee "$out/gpu_tests.log" | tail -45
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "=== compute-sanitizer"
@@ -43,6 +43,8 @@ done
 
 echo "=== benchmarks"
 python benchmarks/bench_causal_softmax.py --device cuda --dtype float32 --dtype bfloat16 $quick 2>&1 | tee "$out/gpu_bench.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+python benchmarks/bench_attention_cuda.py $quick 2>&1 | tee "$out/gpu_bench_attention.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 for f in benchmarks/results/*.csv; do cp "$f" "$out/" 2>/dev/null || true; done
 
