@@ -6,6 +6,8 @@ Ops (also as ``torch.ops.attnext.*`` when the extension is built):
     causal_mean(x)         running mean over T ("the efficient bag of words")
     causal_attention(q, k, v, *, scale=None, dropout_p=0.0, align="top_left")
                            the fused attention head: no (T, S) matrix
+    dropout(x, p=0.5, training=True)
+                           dropout with a counter-based mask (fast on CPU)
 
 Modules (attnext.nn): Head, MultiHeadAttention (the lecture's), CausalSelfAttention (nanoGPT's).
 
@@ -20,6 +22,7 @@ from .ops import (
     causal_mean,
     causal_softmax,
     cpu_cache_info,
+    dropout,
     empty_cpu_cache,
     explain,
     kernels_enabled,
@@ -41,6 +44,7 @@ __all__ = [
     "causal_mean",
     "causal_softmax",
     "cpu_cache_info",
+    "dropout",
     "empty_cpu_cache",
     "explain",
     "kernels_enabled",

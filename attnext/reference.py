@@ -144,3 +144,30 @@ def causal_attention(
     out = wei @ v  # (..., T, hs_v)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out, lse.to(lse_dtype)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def dropout_keep_flat(shape, p: float, seed: int, offset: int, device=None) -> Tensor:
+    """The boolean keep-mask of :func:`dropout` for a tensor of ``shape``.
+
+    Element ``n`` (its row-major index) is kept iff the attention mask's hash of
+    ``(seed, offset, b=n >> 32, t=0, j=n & (2**32 - 1))`` is ``>= floor(p * 2**32)``.
+    """
+    numel = 1
+    for d in shape:
+        numel *= d
+    stream = dropout_stream_key(seed, offset)
+    n = torch.arange(numel, dtype=torch.int64, device=device)
+    hb = _fmix32((stream + _mul32(n >> 32, _BATCH_MUL)) & _M32)
+    key = _fmix32(hb)  # row t = 0
+    h = _fmix32((key + _mul32(n & _M32, _COL_MUL)) & _M32)
+    threshold = int(min(p * 4294967296.0, 4294967295.0))
+    return (h >= threshold).view(shape)
+
+
+def dropout(x: Tensor, p: float, seed: int, offset: int) -> Tensor:
+    """``x * (keep / (1 - p))`` with :func:`dropout_keep_flat`'s mask, scaled as torch's dropout scales."""
+    keep = dropout_keep_flat(x.shape, p, seed, offset, x.device)
+    return x * (keep.to(x.dtype) * (1.0 / (1.0 - p)))

@@ -47,4 +47,8 @@ TORCH_LIBRARY(attnext, m) {
       "_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "float scale, float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // y = x * keep / (1 - p), keep[n] a counter-based hash of (seed, offset, n) >= p * 2^32
+  // for the row-major index n of x: a pure function of its arguments, so its own
+  // backward (the same mask applied to the gradient) is dropout again.
+  m.def("dropout(Tensor x, float p, SymInt seed, SymInt offset) -> Tensor");
 }

@@ -53,6 +53,11 @@ ATTNEXT_HD bool dropout_keep(uint32_t row_key, uint32_t col, uint32_t threshold)
   return fmix32(row_key + col * kColMul) >= threshold;
 }
 
+// Element n (the row-major index of the tensor) of attnext.dropout is kept iff
+// dropout_keep(dropout_row_key(stream, n >> 32, 0), uint32(n), threshold): the
+// attention mask's definition with the tensor seen as rows of 2^32 elements.
+ATTNEXT_HD uint32_t dropout_block_key(uint32_t stream, int64_t n) { return dropout_row_key(stream, n >> 32, 0); }
+
 // threshold for dropout probability p in [0, 1).
 inline uint32_t dropout_threshold(double p) {
   const double t = p * 4294967296.0;

@@ -40,5 +40,7 @@ ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Te
 ATTNEXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset);
+// y = x * keep / (1 - p) with the counter-based keep mask of (seed, offset); contiguous.
+ATTNEXT_API at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset);
 
 }  // namespace attnext
