@@ -92,6 +92,9 @@ def _smoke_cases(device: str) -> List[Tuple[str, Callable, Callable, tuple]]:
             lambda *t: attn_ref(*t, bottom_right=True),
             (q, k[..., :20, :], v[..., :20, :]),
         ),
+        # the same (seed, offset) on both sides: the kernel's mask against the reference's
+        ("dropout", lambda t: reference.dropout(t, 0.3, 5, 6) if ops._fallback_reasons("dropout", (t,))
+         else torch.ops.attnext.dropout(t, 0.3, 5, 6), lambda t: reference.dropout(t, 0.3, 5, 6), (h,)),
     ]
 
 
@@ -163,6 +166,7 @@ def _timing_table() -> None:
     wei_h = tril_h / tril_h.sum(1, keepdim=True)
     qa, ka, va = (torch.randn(1, 64, 256, 64) for _ in range(3))
     tril_a = torch.tril(torch.ones(256, 256))
+    d = torch.randn(64, 256, 384)
 
     def eager_attention(q, k, v):
         wei = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
@@ -173,6 +177,8 @@ def _timing_table() -> None:
         ("causal_attention 64h T256 hs64", attnext.causal_attention, eager_attention, (qa, ka, va), qa),
         ("matmul (64,1,256,64)@(8,64,256)", attnext.matmul, torch.matmul, (a, b), ga),
         ("causal_mean 16x512x128", attnext.causal_mean, lambda t: wei_h @ t, (h,), h),
+        ("dropout p=0.2 64x256x384", lambda t: attnext.dropout(t, 0.2),
+         lambda t: torch.nn.functional.dropout(t, 0.2, True), (d,), d),
     ]
     print(f"  {'case':<32} {'mode':<8} {'eager':>9} {'attnext':>9} {'speedup':>8}")
     for name, ours, eager, inp, grad in cases:
@@ -187,7 +193,7 @@ def _timing_table() -> None:
             rows.append(dict(case=name, mode=mode, eager=te, attnext=ta))
 
 
-BENCH_OPS = ("causal_softmax", "matmul", "attention")
+BENCH_OPS = ("causal_softmax", "matmul", "attention", "dropout")
 
 
 def _bench_modules(bench_dir: str, ops_wanted):
@@ -238,9 +244,9 @@ def _parse_shape(text: str, op: str):
             raise ValueError(f"matmul shapes are A@B, e.g. 64x1x256x64@8x64x256, got {text!r}")
         a, b = text.split("@")
         return dims(a), dims(b)
-    want = {"causal_softmax": 3, "attention": 4}[op]
+    want = {"causal_softmax": 3, "attention": 4}.get(op)  # dropout: any shape
     shape = dims(text)
-    if len(shape) != want:
+    if want is not None and len(shape) != want:
         raise ValueError(f"{op} shapes have {want} dims, got {text!r}")
     return shape
 
@@ -256,7 +262,7 @@ def _bench(argv: List[str]) -> int:
                    help="default: each benchmark's own")
     p.add_argument("--shape", action="append", metavar="SHAPE",
                    help="sizes to run instead of the defaults (needs one --op): causal_softmax BxTxS, "
-                        "attention BxNHxTxHS, matmul AxBx..@CxDx.. (repeatable)")
+                        "attention BxNHxTxHS, matmul AxBx..@CxDx.., dropout any AxBx.. (repeatable)")
     p.add_argument("--quick", action="store_true", help="small sizes, short timings (a smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile peers (they compile for minutes)")
     p.add_argument("--csv", help="append rows here instead of benchmarks/results/<device>.csv")
