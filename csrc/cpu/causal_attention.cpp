@@ -358,6 +358,70 @@ void store_block(const T* src, int64_t lds, int64_t rows, int64_t cols, out_t* d
   }
 }
 
+// The end of a forward query tile: O /= l per row and lse = m + log(l); a row
+// that saw no key (bottom-right with T > S, or S == 0) keeps O = 0, lse = -inf.
+// NaN from the inputs propagates as in torch.softmax.
+template <typename T>
+void finish_rows(T* o, int64_t nr, int64_t hsv, const T* m, const T* l, T* lse_rows) {
+  for (int64_t r = 0; r < nr; ++r) {
+    T* orow = o + r * hsv;
+    if (l[r] != T(0)) {
+      const T inv = T(1) / l[r];
+      for (int64_t c = 0; c < hsv; ++c) orow[c] *= inv;
+      lse_rows[r] = m[r] + std::log(l[r]);
+    } else {
+      lse_rows[r] = -std::numeric_limits<T>::infinity();
+    }
+  }
+}
+
+// O row r *= alpha[r] (the online softmax's rescale when the row max grew).
+template <typename T>
+void rescale_rows(T* o, int64_t nr, int64_t hsv, const T* alpha) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const T a = alpha[r];
+    if (a != T(1)) {
+      T* orow = o + r * hsv;
+      for (int64_t c = 0; c < hsv; ++c) orow[c] *= a;
+    }
+  }
+}
+
+// D = rowsum(dO * O): (BH * T) in the compute type.
+template <typename in_t, typename T>
+std::vector<T> rowsum_dout_out(const Rows2D<in_t>& dO, const Rows2D<in_t>& O, const Geometry& g) {
+  std::vector<T> D(g.BH * g.T);
+  at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const in_t* a = dO.at(i / g.T, i % g.T);
+      const in_t* c = O.at(i / g.T, i % g.T);
+      T acc = 0;
+      for (int64_t j = 0; j < g.hsv; ++j) acc += static_cast<T>(a[j]) * static_cast<T>(c[j]);
+      D[i] = acc;
+    }
+  });
+  return D;
+}
+
+// Chunks of key tiles per batch in the backward: with enough batches to keep every
+// thread busy with whole batches, one (dQ accumulated in place); otherwise the key
+// tiles of a batch are split into chunks, each with its own dQ copy, summed after.
+int64_t backward_chunks(const Geometry& g) {
+  const int64_t nkt = ceil_div(g.S, kBk);
+  const int64_t nthreads = at::get_num_threads();
+  if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
+    return std::max<int64_t>(1, std::min(nkt, ceil_div(2 * nthreads, g.BH)));
+  }
+  return 1;
+}
+
+// Key tile kt of chunk `chunk` at step i, or >= nkt when the chunk is done: tiles
+// chunk, 2c-1-chunk, 2c+chunk, ... (a boustrophedon deal, so the chunks get about
+// the same work although early key tiles have more).
+inline int64_t chunk_key_tile(int64_t i, int64_t chunk, int64_t nchunks) {
+  return i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
+}
+
 template <typename in_t, typename T = at::opmath_type<in_t>>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
               const Geometry& g, double scale_d, const Dropout& drop) {
@@ -413,29 +477,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         dropout_tile(s, static_cast<T*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
                      drop.threshold, inv_keep);
       }
-      if (k0 > 0) {
-        for (int64_t r = 0; r < nr; ++r) {
-          const T a = sc.alpha[r];
-          if (a != T(1)) {
-            T* orow = o + r * g.hsv;
-            for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= a;
-          }
-        }
-      }
+      if (k0 > 0) rescale_rows(o, nr, g.hsv, sc.alpha.data());
       mm_nn<T>(nr, g.hsv, nc, T(1), s, kBkF, vb.p, vb.ld, T(1), o, std::max<int64_t>(g.hsv, 1));  // O += P V
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      T* orow = o + r * g.hsv;
-      const T l = sc.l[r];
-      if (l != T(0)) {  // NaN from the inputs propagates as in torch.softmax
-        const T inv = T(1) / l;
-        for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= inv;
-        lp[b * g.T + t0 + r] = sc.m[r] + std::log(l);
-      } else {
-        // no visible key (bottom-right with T > S, or S == 0): output 0, lse -inf
-        lp[b * g.T + t0 + r] = -std::numeric_limits<T>::infinity();
-      }
-    }
+    finish_rows(o, nr, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0);
     if constexpr (!direct) {
       store_block(o, g.hsv, nr, g.hsv, out_tile, g.hsv);
     }
@@ -452,27 +497,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const T scale = static_cast<T>(scale_d);
   const T inv_keep = static_cast<T>(drop.inv_keep);
 
-  // D = rowsum(dO * O): (BH, T)
-  std::vector<T> D(g.BH * g.T);
-  at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const in_t* a = dO.at(i / g.T, i % g.T);
-      const in_t* c = O.at(i / g.T, i % g.T);
-      T acc = 0;
-      for (int64_t j = 0; j < g.hsv; ++j) acc += static_cast<T>(a[j]) * static_cast<T>(c[j]);
-      D[i] = acc;
-    }
-  });
-
-  // Enough batches to keep every thread busy with whole batches: one chunk each,
-  // dQ accumulated in place. Otherwise split the key tiles of a batch into
-  // chunks, each with its own dQ copy, summed at the end.
+  const std::vector<T> D = rowsum_dout_out<in_t, T>(dO, O, g);
   const int64_t nkt = ceil_div(g.S, kBk);
-  const int64_t nthreads = at::get_num_threads();
-  int64_t nchunks = 1;
-  if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
-    nchunks = std::max<int64_t>(1, std::min(nkt, ceil_div(2 * nthreads, g.BH)));
-  }
+  const int64_t nchunks = backward_chunks(g);
   const bool dq_in_place = direct && nchunks == 1;
   at::Tensor dq_acc = dq_in_place ? dq : at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(lse.dtype()));
   if (dq_in_place) dq.zero_();
@@ -500,10 +527,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     T* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;  // (T, hs)
     T* s = sc.s.data();
     T* dp = sc.dp.data();
-    // key tiles chunk, 2c-1-chunk, 2c+chunk, ...: a boustrophedon deal, so the
-    // chunks get about the same work although early key tiles have more.
     for (int64_t i = 0;; ++i) {
-      const int64_t kt = i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
+      const int64_t kt = chunk_key_tile(i, chunk, nchunks);
       if (kt >= nkt) break;
       const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0);
       in_t* dk_out = dkp + (b * g.S + k0) * g.hs;   // (nc, hs)
@@ -663,30 +688,12 @@ void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         dropout_tile(s, static_cast<float*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
                      drop.threshold, inv_keep);
       }
-      if (k0 > 0) {
-        for (int64_t r = 0; r < nr; ++r) {
-          const float a = sc.alpha[r];
-          if (a != 1.0f) {
-            float* orow = o + r * g.hsv;
-            for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= a;
-          }
-        }
-      }
+      if (k0 > 0) rescale_rows(o, nr, g.hsv, sc.alpha.data());
       isa_bf16::float_rows_to_bf16(s, kBkF, nr, nc, sc.pa.data(), kBkF);  // P, even-padded
       isa_bf16::gemm_bf16(nr, g.hsv, half_up(nc), words(sc.pa.data()), kBkF / 2, 1, sc.vv.data() + (k0 / 2) * ldv,
                           ldv, o, g.hsv, 1.0f, true);  // O += P V
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      float* orow = o + r * g.hsv;
-      const float l = sc.l[r];
-      if (l != 0.0f) {
-        const float inv = 1.0f / l;
-        for (int64_t c = 0; c < g.hsv; ++c) orow[c] *= inv;
-        lp[b * g.T + t0 + r] = sc.m[r] + std::log(l);
-      } else {
-        lp[b * g.T + t0 + r] = -std::numeric_limits<float>::infinity();
-      }
-    }
+    finish_rows(o, nr, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0);
     for (int64_t r = 0; r < nr; ++r) {
       narrow_bf16_row(o + r * g.hsv, op + (b * g.T + t0 + r) * g.hsv, g.hsv);
     }
@@ -703,23 +710,9 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   const int64_t hp = g.hs / 2, vp = g.hsv / 2;
   const int64_t ldq = round16(g.hs), ldo = round16(g.hsv);
 
-  std::vector<float> D(g.BH * g.T);
-  at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const at::BFloat16* a = dO.at(i / g.T, i % g.T);
-      const at::BFloat16* c = O.at(i / g.T, i % g.T);
-      float acc = 0;
-      for (int64_t j = 0; j < g.hsv; ++j) acc += static_cast<float>(a[j]) * static_cast<float>(c[j]);
-      D[i] = acc;
-    }
-  });
-
+  const std::vector<float> D = rowsum_dout_out<at::BFloat16, float>(dO, O, g);
   const int64_t nkt = ceil_div(g.S, kBk);
-  const int64_t nthreads = at::get_num_threads();
-  int64_t nchunks = 1;
-  if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
-    nchunks = std::max<int64_t>(1, std::min(nkt, ceil_div(2 * nthreads, g.BH)));
-  }
+  const int64_t nchunks = backward_chunks(g);
   at::Tensor dq_acc = at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(at::kFloat));
   float* dqp = dq_acc.mutable_data_ptr<float>();
   uint16_t* dkp = reinterpret_cast<uint16_t*>(dk.mutable_data_ptr<at::BFloat16>());
@@ -775,7 +768,7 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
       isa_bf16::bf16_vnni(sc.dorows.data(), g.hsv, g.T, g.hsv, sc.dovn.data(), ldo);
     }
     for (int64_t i = 0;; ++i) {
-      const int64_t kt = i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
+      const int64_t kt = chunk_key_tile(i, chunk, nchunks);
       if (kt >= nkt) break;
       const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0);
       float* dkt = sc.dkt.data();
