@@ -83,12 +83,13 @@ def device_name(device: str) -> str:
 
 
 def git_sha() -> str:
-    """The checkout's short sha, '-dirty' if code (not benchmarks/results) has uncommitted changes."""
+    """The checkout's short sha, '-dirty' if code has uncommitted changes (edits to the
+    results and to Markdown files, such as the README's tables, do not count)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                    ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True,
+                                    ":(exclude)benchmarks/results", ":(exclude)*.md"], cwd=ROOT, capture_output=True, text=True,
                                    timeout=10).stdout
             return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
