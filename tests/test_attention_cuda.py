@@ -147,6 +147,30 @@ def test_no_visible_keys_give_zeros_not_nan():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,S,br", [(90, 90, False), (70, 40, True), (40, 70, True)])
+def test_lse_matches_reference(dtype, T, S, br):
+    # lse is what the backward recomputes the weights from; rows that see no key give -inf.
+    q, k, v = make_qkv((2,), T, S, 16, 8, dtype)
+    out, lse = torch.ops.attnext.causal_attention(q, k, v, 0.3, 0.0, br, 0, 0)
+    ref_out, ref_lse = reference.causal_attention(q.double(), k.double(), v.double(), 0.3, 0.0, br)
+    assert lse.dtype == dtype and lse.shape == (2, T)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+
+
+def test_nan_in_a_visible_score_makes_only_the_rows_that_see_it_nan():
+    q, k, v = make_qkv((2,), 70, 70, 16, 16, torch.float32)
+    k = k.detach().clone()
+    k[:, 40, 3] = float("nan")  # key 40: seen by rows 40.. (another key tile, several query tiles)
+    out, lse = torch.ops.attnext.causal_attention(q.detach(), k, v.detach(), 0.25, 0.0, False, 0, 0)
+    assert torch.isfinite(out[:, :40]).all() and torch.isfinite(lse[:, :40]).all()
+    assert torch.isnan(out[:, 40:]).all() and torch.isnan(lse[:, 40:]).all()
+    ref = reference.causal_attention(q.double(), k.double(), v.double(), 0.25)[0]
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4, equal_nan=True)
+
+
 def test_modules_run_on_cuda_and_match_cpu():
     torch.manual_seed(0)
     mha = attnext.nn.MultiHeadAttention(4, 16, 64, 32).double()

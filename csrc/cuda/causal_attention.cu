@@ -30,11 +30,13 @@ struct Geometry {
 
 Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
                    bool bottom_right) {
+  // Devices first: with q, k, v on different devices the dispatcher picks this
+  // kernel, and "same device" is the error to report, not "must be a CUDA tensor".
+  check_same(q, "q", k, "k");
+  check_same(q, "q", v, "v");
   check_cuda_input(q, "q", "(..., T, hs)");
   check_cuda_input(k, "k", "(..., S, hs)");
   check_cuda_input(v, "v", "(..., S, hs_v)");
-  check_same(q, "q", k, "k");
-  check_same(q, "q", v, "v");
   TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim() &&
                   q.sizes().slice(0, q.dim() - 2) == k.sizes().slice(0, k.dim() - 2) &&
                   q.sizes().slice(0, q.dim() - 2) == v.sizes().slice(0, v.dim() - 2),
@@ -228,10 +230,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p, bool bottom_right,
     int64_t seed, int64_t offset) {
   const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
-  check_cuda_input(grad_out_in, "grad_out", "(..., T, hs_v)");
-  check_cuda_input(out_in, "out", "(..., T, hs_v)");
   check_same(q_in, "q", grad_out_in, "grad_out");
   check_same(q_in, "q", out_in, "out");
+  check_cuda_input(grad_out_in, "grad_out", "(..., T, hs_v)");
+  check_cuda_input(out_in, "out", "(..., T, hs_v)");
   const auto oshape = out_shape(q_in, g.hsv);
   TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(oshape), "attnext: grad_out must have shape ",
               at::IntArrayRef(oshape), ", got ", grad_out_in.sizes());
