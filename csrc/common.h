@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -38,6 +39,54 @@ inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b,
 
 inline void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "attnext: scale must be a finite number, got ", scale);
+}
+
+// The geometry of a causal_attention call: BH flattened batch dims, T queries,
+// S keys, head sizes hs (q, k) and hsv (v); row t sees keys [0, visible(t)).
+struct AttnGeometry {
+  int64_t BH, T, S, hs, hsv;
+  int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
+  int64_t visible(int64_t t) const {
+    const int64_t v = t + 1 + shift;
+    return v < 0 ? 0 : (v > S ? S : v);
+  }
+};
+
+// The checks causal_attention's kernels share, whatever the device: q, k, v on
+// one device with one dtype (checked first: with q, k, v on different devices
+// the dispatcher may pick either kernel, and "same device" is the error to
+// report), the same batch dims, q and k the same head size, k and v the same
+// number of keys, a finite scale, dropout_p in [0, 1). Device and dtype support
+// are the caller's.
+inline AttnGeometry check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                         double dropout_p, bool bottom_right) {
+  check_same(q, "q", k, "k");
+  check_same(q, "q", v, "v");
+  check_min_dim(q, 2, "q", "(..., T, hs)");
+  check_min_dim(k, 2, "k", "(..., S, hs)");
+  check_min_dim(v, 2, "v", "(..., S, hs_v)");
+  TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim() &&
+                  q.sizes().slice(0, q.dim() - 2) == k.sizes().slice(0, k.dim() - 2) &&
+                  q.sizes().slice(0, q.dim() - 2) == v.sizes().slice(0, v.dim() - 2),
+              "attnext: q, k and v must have the same batch dims, got q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes());
+  TORCH_CHECK(q.size(-1) == k.size(-1), "attnext: q and k must have the same head size (last dim), got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(-2) == v.size(-2), "attnext: k and v must have the same number of keys (dim -2), got k ",
+              k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(q.size(-1) <= INT32_MAX && v.size(-1) <= INT32_MAX,
+              "attnext: head sizes above 2^31 - 1 are not supported");
+  check_scale(scale);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "attnext: dropout_p must be in [0, 1), got ", dropout_p);
+  AttnGeometry g;
+  g.T = q.size(-2);
+  g.S = k.size(-2);
+  g.hs = q.size(-1);
+  g.hsv = v.size(-1);
+  g.BH = 1;
+  for (int64_t d = 0; d < q.dim() - 2; ++d) g.BH *= q.size(d);
+  g.shift = bottom_right ? g.S - g.T : 0;
+  return g;
 }
 
 // Number of key columns that query row t of a (T, S) causal pattern may see.

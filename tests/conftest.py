@@ -1,4 +1,8 @@
 """Shared test helpers: devices, dtype tolerances, the float64 oracle rule."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -48,3 +52,13 @@ def kernels_disabled():
         yield
     finally:
         attnext.set_kernels_enabled(prev)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, timeout: float = 600, **env) -> "subprocess.CompletedProcess":
+    """Runs ``python -c code`` in the repository root with extra environment variables
+    (for settings read once per process, such as ATEN_CPU_CAPABILITY or ATTNEXT_*)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, **env), capture_output=True,
+                          text=True, timeout=timeout)

@@ -543,12 +543,8 @@ def test_bfloat16_dot_path_matches_widened_path():
         "        assert ours <= 2 * eager + 1e-3, (case, ours, eager)\n"
         "print('ok')\n"
     )
-    import os
-    import subprocess
-    import sys
+    from conftest import run_python
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATTNEXT_BF16_DOT="0")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = run_python(code, ATTNEXT_BF16_DOT="0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok" in out.stdout

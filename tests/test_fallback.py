@@ -1,15 +1,11 @@
 """The kernel-or-fallback choice: every reason, and parity between the two paths."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import attnext
-from conftest import needs_native
+from conftest import needs_native, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -56,9 +52,7 @@ def test_explain_rejects_unknown_op():
         attnext.explain("softmax", torch.ones(2, 2))
 
 
-def _run(code, **env):
-    full_env = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+_run = run_python
 
 
 def test_env_var_disables_kernels():

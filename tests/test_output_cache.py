@@ -4,25 +4,18 @@ Both only act on outputs of 8 MiB and more (the cache) or above
 ATTNEXT_STREAM_BYTES (streaming stores, 64 MiB by default, read once per
 process), so the streaming tests run in a subprocess with the threshold at 0.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import attnext
 from attnext import reference
-from conftest import needs_native
+from conftest import needs_native, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = (40, 256, 256)  # 10 MiB of float32: served by the cache
 
 
-def _run(code, **env):
-    full_env = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=600)
+_run = run_python
 
 
 @needs_native

@@ -303,14 +303,7 @@ struct Dropout {
   }
 };
 
-struct Geometry {
-  int64_t BH, T, S, hs, hsv;
-  int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
-  int64_t visible(int64_t t) const {
-    const int64_t v = t + 1 + shift;
-    return v < 0 ? 0 : (v > S ? S : v);
-  }
-};
+using Geometry = AttnGeometry;
 
 // ---- tiles of the inputs as the compute type T (float for bfloat16)
 
@@ -422,6 +415,25 @@ inline int64_t chunk_key_tile(int64_t i, int64_t chunk, int64_t nchunks) {
   return i * nchunks + ((i & 1) ? nchunks - 1 - chunk : chunk);
 }
 
+// The backward's probabilities for one (query tile, key tile): s (nr, nc, row
+// stride kBk), the scaled scores, becomes P = exp(S - lse) on the visible part
+// and 0 after it; with dropout, z gets the tile's factors (0 or 1 / (1 - p))
+// and pd = P z. Returns the dropped P (s itself without dropout).
+template <typename T>
+const T* backward_probs(T* s, int64_t nr, int64_t nc, const Geometry& g, int64_t b, int64_t t0, int64_t k0,
+                        const T* lse_rows, const Dropout& drop, int64_t* vis, uint32_t* row_keys, T* z, T* pd) {
+  for (int64_t r = 0; r < nr; ++r) vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+  bwd_p_tile(s, nr, nc, kBk, vis, lse_rows);
+  if (!drop.on) return s;
+  for (int64_t r = 0; r < nr; ++r) row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+  dropout_tile(static_cast<T*>(nullptr), z, nr, nc, kBk, row_keys, static_cast<uint32_t>(k0), drop.threshold,
+               static_cast<T>(drop.inv_keep));
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t c = 0; c < nc; ++c) pd[r * kBk + c] = s[r * kBk + c] * z[r * kBk + c];
+  }
+  return pd;
+}
+
 template <typename in_t, typename T = at::opmath_type<in_t>>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
               const Geometry& g, double scale_d, const Dropout& drop) {
@@ -495,7 +507,6 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const Rows2D<in_t> Q(q), K(k), V(v), dO(dout), O(out);
   const T* lp = lse.const_data_ptr<T>();  // (BH, T), contiguous
   const T scale = static_cast<T>(scale_d);
-  const T inv_keep = static_cast<T>(drop.inv_keep);
 
   const std::vector<T> D = rowsum_dout_out<in_t, T>(dO, O, g);
   const int64_t nkt = ceil_div(g.S, kBk);
@@ -553,21 +564,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
         const Block<T> dob = load_block(dO.at(b, t0), dO.ld, nr, g.hsv, sc.dobuf.data());
         mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBk);  // S: (nr, nc)
-        for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-        bwd_p_tile(s, nr, nc, kBk, sc.vis.data(), lp + b * g.T + t0);  // P
-        const T* pdrop = s;
-        T* z = nullptr;
-        if (drop.on) {
-          z = sc.z.data();
-          for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
-          dropout_tile(static_cast<T*>(nullptr), z, nr, nc, kBk, sc.row_keys.data(), static_cast<uint32_t>(k0),
-                       drop.threshold, inv_keep);
-          T* pd = sc.pd.data();
-          for (int64_t r = 0; r < nr; ++r) {
-            for (int64_t c = 0; c < nc; ++c) pd[r * kBk + c] = s[r * kBk + c] * z[r * kBk + c];
-          }
-          pdrop = pd;
-        }
+        T* z = drop.on ? sc.z.data() : nullptr;
+        const T* pdrop = backward_probs(s, nr, nc, g, b, t0, k0, lp + b * g.T + t0, drop, sc.vis.data(),
+                                         sc.row_keys.data(), z, sc.pd.data());  // P, dropped
         mm_tn<T>(nc, g.hsv, nr, T(1), pdrop, kBk, dob.p, dob.ld, T(1), dvt, std::max<int64_t>(g.hsv, 1));  // dV
         mm_nt<T>(nr, nc, g.hsv, T(1), dob.p, dob.ld, vb.p, vb.ld, T(0), dp, kBk);  // dP: (nr, nc)
         bwd_ds_tile(s, dp, z, nr, nc, kBk, D.data() + b * g.T + t0, scale);  // dS, scaled
@@ -706,7 +705,6 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   const Rows2D<at::BFloat16> Q(q), K(k), V(v), dO(dout), O(out);
   const float* lp = lse.const_data_ptr<float>();
   const float scale = static_cast<float>(scale_d);
-  const float inv_keep = static_cast<float>(drop.inv_keep);
   const int64_t hp = g.hs / 2, vp = g.hsv / 2;
   const int64_t ldq = round16(g.hs), ldo = round16(g.hsv);
 
@@ -793,21 +791,9 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
           isa_bf16::bf16_vnni(sc.dorows.data() + t0 * g.hsv, g.hsv, nr, g.hsv, sc.dovn.data(), ldo);
         }
         isa_bf16::gemm_bf16(nr, nc, hp, qa, hp, 1, sc.kt.data(), kBk, s, kBk, scale, false);  // S
-        for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-        bwd_p_tile(s, nr, nc, kBk, sc.vis.data(), lp + b * g.T + t0);  // P
-        const float* pdrop = s;
-        float* z = nullptr;
-        if (drop.on) {
-          z = sc.z.data();
-          for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
-          dropout_tile(static_cast<float*>(nullptr), z, nr, nc, kBk, sc.row_keys.data(), static_cast<uint32_t>(k0),
-                       drop.threshold, inv_keep);
-          float* pd = sc.pd.data();
-          for (int64_t r = 0; r < nr; ++r) {
-            for (int64_t c = 0; c < nc; ++c) pd[r * kBk + c] = s[r * kBk + c] * z[r * kBk + c];
-          }
-          pdrop = pd;
-        }
+        float* z = drop.on ? sc.z.data() : nullptr;
+        const float* pdrop = backward_probs(s, nr, nc, g, b, t0, k0, lp + b * g.T + t0, drop, sc.vis.data(),
+                                         sc.row_keys.data(), z, sc.pd.data());  // P, dropped
         isa_bf16::float_pairs_t(pdrop, kBk, nr, nc, sc.pdt.data(), kBk);
         isa_bf16::gemm_bf16(nc, g.hsv, half_up(nr), sc.pdt.data(), 1, kBk, dovn, ldo, dvt, g.hsv, 1.0f,
                             true);  // dV += P^T dO
@@ -868,31 +854,10 @@ at::Tensor prepare(const at::Tensor& t) {
 
 Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
                    bool bottom_right) {
+  const Geometry g = check_attention_args(q, k, v, scale, dropout_p, bottom_right);
   check_input(q, "q", "(..., T, hs)");
   check_input(k, "k", "(..., S, hs)");
   check_input(v, "v", "(..., S, hs_v)");
-  check_same(q, "q", k, "k");
-  check_same(q, "q", v, "v");
-  TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim() && q.sizes().slice(0, q.dim() - 2) ==
-                                                             k.sizes().slice(0, k.dim() - 2) &&
-                  q.sizes().slice(0, q.dim() - 2) == v.sizes().slice(0, v.dim() - 2),
-              "attnext: q, k and v must have the same batch dims, got q ", q.sizes(), ", k ", k.sizes(), ", v ",
-              v.sizes());
-  TORCH_CHECK(q.size(-1) == k.size(-1), "attnext: q and k must have the same head size (last dim), got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(-2) == v.size(-2), "attnext: k and v must have the same number of keys (dim -2), got k ",
-              k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK(q.size(-1) <= INT32_MAX && v.size(-1) <= INT32_MAX, "attnext: head sizes above 2^31 - 1 are not supported");
-  check_scale(scale);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "attnext: dropout_p must be in [0, 1), got ", dropout_p);
-  Geometry g;
-  g.T = q.size(-2);
-  g.S = k.size(-2);
-  g.hs = q.size(-1);
-  g.hsv = v.size(-1);
-  g.BH = 1;
-  for (int64_t d = 0; d < q.dim() - 2; ++d) g.BH *= q.size(d);
-  g.shift = bottom_right ? g.S - g.T : 0;
   return g;
 }
 

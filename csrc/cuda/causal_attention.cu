@@ -24,38 +24,14 @@ void check_cuda_input(const at::Tensor& t, const char* name, const char* shape) 
   check_min_dim(t, 2, name, shape);
 }
 
-struct Geometry {
-  int64_t BH, T, S, hs, hsv, shift;
-};
+using Geometry = AttnGeometry;
 
 Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
                    bool bottom_right) {
-  // Devices first: with q, k, v on different devices the dispatcher picks this
-  // kernel, and "same device" is the error to report, not "must be a CUDA tensor".
-  check_same(q, "q", k, "k");
-  check_same(q, "q", v, "v");
+  const Geometry g = check_attention_args(q, k, v, scale, dropout_p, bottom_right);
   check_cuda_input(q, "q", "(..., T, hs)");
   check_cuda_input(k, "k", "(..., S, hs)");
   check_cuda_input(v, "v", "(..., S, hs_v)");
-  TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim() &&
-                  q.sizes().slice(0, q.dim() - 2) == k.sizes().slice(0, k.dim() - 2) &&
-                  q.sizes().slice(0, q.dim() - 2) == v.sizes().slice(0, v.dim() - 2),
-              "attnext: q, k and v must have the same batch dims, got q ", q.sizes(), ", k ", k.sizes(), ", v ",
-              v.sizes());
-  TORCH_CHECK(q.size(-1) == k.size(-1), "attnext: q and k must have the same head size (last dim), got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(-2) == v.size(-2), "attnext: k and v must have the same number of keys (dim -2), got k ",
-              k.sizes(), " and v ", v.sizes());
-  check_scale(scale);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "attnext: dropout_p must be in [0, 1), got ", dropout_p);
-  Geometry g;
-  g.T = q.size(-2);
-  g.S = k.size(-2);
-  g.hs = q.size(-1);
-  g.hsv = v.size(-1);
-  g.BH = 1;
-  for (int64_t d = 0; d < q.dim() - 2; ++d) g.BH *= q.size(d);
-  g.shift = bottom_right ? g.S - g.T : 0;
   return g;
 }
 
