@@ -33,7 +33,7 @@ def main() -> int:
         return 1
     missing = []
     for op, backward in ops._PUBLIC_OPS.items():
-        for name in (op, backward):
+        for name in dict.fromkeys((op, backward)):  # dropout is its own backward
             ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"attnext::{name}", "CUDA")
             if name in expected:
                 print(f"  attnext::{name:<32} CUDA kernel {'registered' if ok else 'MISSING'}")
