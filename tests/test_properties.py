@@ -146,3 +146,62 @@ def test_causal_attention_matches_reference(batch, T, S, hs, hs_v, align, dtype,
     grads_ref = torch.autograd.grad(ref, rs, g)
     for got, want in zip(grads, grads_ref):
         torch.testing.assert_close(got.double(), want, atol=50 * atol, rtol=50 * rtol)
+
+
+@given(
+    batch=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    T=st.integers(1, 300),
+    S=st.integers(1, 300),
+    hs=st.sampled_from([2, 5, 16, 64]),
+    hs_v=st.sampled_from([2, 3, 16, 64]),
+    align=st.sampled_from(["top_left", "bottom_right"]),
+    dropout_p=st.sampled_from([0.0, 0.3]),
+    data=st.data(),
+)
+def test_causal_attention_bfloat16_within_twice_eager(batch, T, S, hs, hs_v, align, dropout_p, data):
+    # bfloat16 by the flash-attention rule: error vs the float64 oracle at most twice
+    # eager bfloat16's, on whichever bfloat16 path this CPU takes, plus a floor of 4
+    # bfloat16 ulps of the largest oracle value. Eager gets some gradients exactly in
+    # tiny cases (a row that sees one key has dq = 0), where the fused backward's
+    # D = rowsum(dO * O) sums hs_v products of the rounded output (as FlashAttention's
+    # does): for dq and dk the floor grows with sqrt(hs_v). A wrong mask or index
+    # errs by the values' own size.
+    q64 = data.draw(strided_tensor(tuple(batch) + (T, hs)))
+    k64 = data.draw(strided_tensor(tuple(batch) + (S, hs)))
+    v64 = data.draw(strided_tensor(tuple(batch) + (S, hs_v)))
+    br = align == "bottom_right"
+    seed = (data.draw(st.integers(-(2**63), 2**63 - 1)), data.draw(st.integers(-(2**63), 2**63 - 1)))
+    rs = [t.detach().clone().requires_grad_(True) for t in (q64, k64, v64)]
+    bs = [t.detach().bfloat16().requires_grad_(True) for t in (q64, k64, v64)]
+    es = [t.detach().bfloat16().requires_grad_(True) for t in (q64, k64, v64)]
+    oracle = reference.causal_attention(*rs, hs**-0.5, dropout_p, br, *seed)[0]
+    out = torch.ops.attnext.causal_attention(*bs, hs**-0.5, dropout_p, br, *seed)[0]
+    eager = reference.causal_attention(*es, hs**-0.5, dropout_p, br, *seed)[0]
+    g = torch.randn(oracle.shape, dtype=torch.float64)
+    got = (out, *torch.autograd.grad(out, bs, g.bfloat16()))
+    ref = (eager, *torch.autograd.grad(eager, es, g.bfloat16()))
+    want = (oracle, *torch.autograd.grad(oracle, rs, g))
+    ulps4 = 2.0**-6 * max([o.abs().max().item() for o in want if o.numel()] + [1.0])
+    floors = (ulps4, ulps4 * hs_v**0.5, ulps4 * hs_v**0.5, ulps4)  # out, dq, dk, dv
+    for a, e, o, floor in zip(got, ref, want, floors):
+        err = (a.double() - o).abs().max().item() if o.numel() else 0.0
+        eager_err = (e.double() - o).abs().max().item() if o.numel() else 0.0
+        assert err <= 2 * eager_err + floor, (err, eager_err, floor)
+
+
+@given(
+    shape=st.lists(st.integers(0, 7), min_size=0, max_size=4),
+    p=st.floats(0.0, 0.99),
+    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
+)
+def test_dropout_matches_reference_mask(shape, p, dtype, data):
+    x = (data.draw(strided_tensor(tuple(shape))) if shape else torch.randn((), dtype=torch.float64)).to(dtype)
+    seed = (data.draw(st.integers(-(2**63), 2**63 - 1)), data.draw(st.integers(-(2**63), 2**63 - 1)))
+    if p == 0.0:
+        return
+    y = torch.ops.attnext.dropout(x, p, *seed)
+    r = reference.dropout(x, p, *seed)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert torch.equal(y == 0, r == 0)
+    torch.testing.assert_close(y, r, atol=0, rtol=0 if dtype != torch.bfloat16 else 1e-2)
