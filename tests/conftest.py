@@ -62,3 +62,10 @@ def run_python(code: str, timeout: float = 600, **env) -> "subprocess.CompletedP
     (for settings read once per process, such as ATEN_CPU_CAPABILITY or ATTNEXT_*)."""
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, **env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def assert_python_ok(code: str, **env) -> None:
+    """:func:`run_python` must exit 0 and print ``ok`` (the snippet's last line)."""
+    out = run_python(code, **env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok" in out.stdout, out.stdout[-3000:]

@@ -543,8 +543,6 @@ def test_bfloat16_dot_path_matches_widened_path():
         "        assert ours <= 2 * eager + 1e-3, (case, ours, eager)\n"
         "print('ok')\n"
     )
-    from conftest import run_python
+    from conftest import assert_python_ok
 
-    out = run_python(code, ATTNEXT_BF16_DOT="0")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ok" in out.stdout
+    assert_python_ok(code, ATTNEXT_BF16_DOT="0")

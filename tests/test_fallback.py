@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attnext
-from conftest import needs_native, run_python
+from conftest import assert_python_ok, needs_native, run_python
 
 
 
@@ -52,9 +52,6 @@ def test_explain_rejects_unknown_op():
         attnext.explain("softmax", torch.ones(2, 2))
 
 
-_run = run_python
-
-
 def test_env_var_disables_kernels():
     code = (
         "import torch, attnext\n"
@@ -64,9 +61,7 @@ def test_env_var_disables_kernels():
         "torch.testing.assert_close(attnext.causal_softmax(x), attnext.reference.causal_softmax(x))\n"
         "print('ok')\n"
     )
-    out = _run(code, ATTNEXT_DISABLE_KERNELS="1")
-    assert out.returncode == 0, out.stderr
-    assert "ok" in out.stdout
+    assert_python_ok(code, ATTNEXT_DISABLE_KERNELS="1")
 
 
 def test_missing_extension_warns_once_and_falls_back():
@@ -94,9 +89,7 @@ def test_missing_extension_warns_once_and_falls_back():
         "assert 'not available' in r[0], r\n"
         "print('ok')\n"
     )
-    out = _run(code)
-    assert out.returncode == 0, out.stderr
-    assert "ok" in out.stdout
+    assert_python_ok(code)
 
 
 @needs_native
@@ -124,7 +117,7 @@ def test_narrower_instruction_sets_give_the_same_answers(isa):
         "            assert (gx.double() - gref).abs().max() < 50 * tol, (shape, br, dt)\n"
         "print(torch.ops.attnext._cpu_isa())\n"
     )
-    out = _run(code, ATEN_CPU_CAPABILITY=isa)
+    out = run_python(code, ATEN_CPU_CAPABILITY=isa)
     assert out.returncode == 0, out.stderr
     expected = {"default": "scalar", "avx2": ("avx2", "scalar")}[isa]
     assert out.stdout.strip() in expected

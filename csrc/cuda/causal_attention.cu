@@ -101,10 +101,20 @@ void set_smem(Kernel kernel, int64_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-void check_blocks(int64_t blocks) {
+// One launch of a tile kernel: blocks of kAttnThreads threads with `smem` bytes of
+// dynamic shared memory (opted in above the 48 KiB default), on the current stream.
+template <typename Kernel, typename... Args>
+void launch_tiles(Kernel kernel, int64_t blocks, int64_t smem, Args... args) {
   TORCH_CHECK(blocks <= int64_t(0x7fffffff), "attnext: causal_attention on CUDA: too many tiles for one launch (",
               blocks, ")");
+  set_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(blocks), cuda::kAttnThreads, static_cast<size_t>(smem),
+           at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// Query tiles of kRows rows per warp over T.
+int64_t query_tiles(int64_t T, int rows) { return (T + cuda::kAttnWarps * rows - 1) / (cuda::kAttnWarps * rows); }
 
 const char* kTooLarge =
     "attnext: causal_attention on CUDA: head sizes (hs, hs_v) too large for this GPU's shared memory in this dtype; "
@@ -119,17 +129,10 @@ void launch_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
   const auto bytes = [&](int rows) { return cuda::FwdSmem(rows, g.hs, g.hsv).total * int64_t(sizeof(A)); };
   const int rows = pick_rows(bytes);
   TORCH_CHECK(rows > 0, kTooLarge, ", got hs = ", g.hs, ", hs_v = ", g.hsv);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   rows_switch(rows, [&](auto r) {
     constexpr int kRows = decltype(r)::value;
-    const int64_t nqt = (g.T + cuda::kAttnWarps * kRows - 1) / (cuda::kAttnWarps * kRows);
-    const int64_t blocks = g.BH * nqt;
-    check_blocks(blocks);
-    auto kernel = cuda::causal_attention_fwd_kernel<T, kRows>;
-    set_smem(kernel, bytes(kRows));
-    kernel<<<static_cast<unsigned>(blocks), cuda::kAttnThreads, bytes(kRows), stream>>>(
-        p, reinterpret_cast<T*>(out.mutable_data_ptr()), lse.mutable_data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_tiles(cuda::causal_attention_fwd_kernel<T, kRows>, g.BH * query_tiles(g.T, kRows), bytes(kRows), p,
+                 reinterpret_cast<T*>(out.mutable_data_ptr()), lse.mutable_data_ptr<A>());
   });
 }
 
@@ -144,7 +147,6 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   const T* dop = reinterpret_cast<const T*>(dout.const_data_ptr());
   const A* lp = lse.const_data_ptr<A>();
   const A* Dp = D.const_data_ptr<A>();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   const auto kv_bytes = [&](int rows) { return cuda::DkdvSmem(rows, g.hs, g.hsv).total * int64_t(sizeof(A)); };
   const int kv_rows = pick_rows(kv_bytes);
@@ -154,24 +156,14 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
 
   rows_switch(kv_rows, [&](auto r) {
     constexpr int kRows = decltype(r)::value;
-    const int64_t blocks = g.BH * ((g.S + cuda::kBk - 1) / cuda::kBk);
-    check_blocks(blocks);
-    auto kernel = cuda::causal_attention_dkdv_kernel<T, kRows>;
-    set_smem(kernel, kv_bytes(kRows));
-    kernel<<<static_cast<unsigned>(blocks), cuda::kAttnThreads, kv_bytes(kRows), stream>>>(
-        p, dop, da, lp, Dp, reinterpret_cast<T*>(dk.mutable_data_ptr()), reinterpret_cast<T*>(dv.mutable_data_ptr()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_tiles(cuda::causal_attention_dkdv_kernel<T, kRows>, g.BH * ((g.S + cuda::kBk - 1) / cuda::kBk),
+                 kv_bytes(kRows), p, dop, da, lp, Dp, reinterpret_cast<T*>(dk.mutable_data_ptr()),
+                 reinterpret_cast<T*>(dv.mutable_data_ptr()));
   });
   rows_switch(q_rows, [&](auto r) {
     constexpr int kRows = decltype(r)::value;
-    const int64_t nqt = (g.T + cuda::kAttnWarps * kRows - 1) / (cuda::kAttnWarps * kRows);
-    const int64_t blocks = g.BH * nqt;
-    check_blocks(blocks);
-    auto kernel = cuda::causal_attention_dq_kernel<T, kRows>;
-    set_smem(kernel, q_bytes(kRows));
-    kernel<<<static_cast<unsigned>(blocks), cuda::kAttnThreads, q_bytes(kRows), stream>>>(
-        p, dop, da, lp, Dp, reinterpret_cast<T*>(dq.mutable_data_ptr()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_tiles(cuda::causal_attention_dq_kernel<T, kRows>, g.BH * query_tiles(g.T, kRows), q_bytes(kRows), p,
+                 dop, da, lp, Dp, reinterpret_cast<T*>(dq.mutable_data_ptr()));
   });
 }
 
