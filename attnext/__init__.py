@@ -19,6 +19,7 @@ of freed buffers: ``attnext.cpu_cache_info()``, ``attnext.empty_cpu_cache()``.
 from .ops import (
     _C,
     causal_attention,
+    causal_attention_qkvpacked,
     causal_mean,
     causal_softmax,
     cpu_cache_info,
@@ -41,6 +42,7 @@ def native_available() -> bool:
 
 __all__ = [
     "causal_attention",
+    "causal_attention_qkvpacked",
     "causal_mean",
     "causal_softmax",
     "cpu_cache_info",

@@ -70,6 +70,7 @@ def _smoke_cases(device: str) -> List[Tuple[str, Callable, Callable, tuple]]:
     h = torch.randn(2, 33, 7, generator=g, dtype=torch.float64).to(device)
     q, k = (torch.randn(2, 3, 37, 16, generator=g, dtype=torch.float64).to(device) for _ in range(2))
     v = torch.randn(2, 3, 37, 24, generator=g, dtype=torch.float64).to(device)
+    qkv = torch.randn(2, 37, 3, 3, 16, generator=g, dtype=torch.float64).to(device)  # (B, T, 3, nh, hs)
 
     def attn_ref(q, k, v, bottom_right=False):
         return reference.causal_attention(q, k, v, q.shape[-1] ** -0.5, 0.0, bottom_right)[0]
@@ -91,6 +92,12 @@ def _smoke_cases(device: str) -> List[Tuple[str, Callable, Callable, tuple]]:
             lambda *t: attnext.causal_attention(*t, align="bottom_right"),
             lambda *t: attn_ref(*t, bottom_right=True),
             (q, k[..., :20, :], v[..., :20, :]),
+        ),
+        (
+            "causal_attention_qkvpacked",
+            attnext.causal_attention_qkvpacked,
+            lambda t: reference.causal_attention_qkvpacked(t, t.shape[-1] ** -0.5)[0],
+            (qkv,),
         ),
         # the same (seed, offset) on both sides: the kernel's mask against the reference's
         ("dropout", lambda t: reference.dropout(t, 0.3, 5, 6) if ops._fallback_reasons("dropout", (t,))

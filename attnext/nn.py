@@ -13,11 +13,12 @@ into the kernel and is off in eval mode; the other dropouts (after ``proj`` /
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from .ops import causal_attention
+from .ops import causal_attention, causal_attention_qkvpacked, matmul
 from .ops import dropout as _dropout
 
 
@@ -33,6 +34,17 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: Tensor) -> Tensor:
         return _dropout(x, self.p, self.training)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` through :func:`attnext.matmul`: on the CPU its
+    outputs and gradients come from attnext's output cache, so the large
+    activations of a training step reuse warm memory instead of page-faulting
+    fresh allocations (x: ``(..., in)``, weight: ``(out, in)`` -> ``(..., out)``)."""
+    y = matmul(x, weight.t())
+    if bias is not None:
+        y.add_(bias)  # in place: matmul saves its inputs, not its output
+    return y
 
 
 class _drop_mask_buffers:
@@ -95,8 +107,10 @@ class MultiHeadAttention(nn.Module):
 
     Input ``(B, T, C)``, output ``(B, T, C)``. The heads' key/query/value weights
     (``heads.{i}.key.weight`` ...) are stacked into one ``(3 * nh * hs, C)`` projection
-    per call, so the heads run as one ``(B, nh, T, hs)`` attention instead of a Python
-    loop and ``torch.cat``.
+    per call, whose output ``(B, T, 3, nh, hs)`` goes to
+    :func:`attnext.causal_attention_qkvpacked` as it is: all heads in one call, the
+    heads' outputs side by side without ``torch.cat``, and one ``(B, T, 3 * nh * hs)``
+    gradient in the backward.
     """
 
     def __init__(self, num_heads: int, head_size: int, n_embd: int, block_size: int, dropout: float = 0.0):
@@ -118,14 +132,11 @@ class MultiHeadAttention(nn.Module):
         w = torch.cat(
             [h.query.weight for h in self.heads] + [h.key.weight for h in self.heads] + [h.value.weight for h in self.heads]
         )  # (3 * nh * hs, C)
-        # split (whose backward is one cat), not indexing (whose backward zero-fills the whole
-        # (B, T, 3 * nh * hs) gradient once per index)
-        q, k, v = F.linear(x, w).split(nh * hs, dim=2)  # 3 x (B, T, nh * hs)
-        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) views, read in place
+        qkv = _linear(x, w).view(B, T, 3, nh, hs)  # q, k, v of every head
         p = self.heads[0].dropout.p if self.training else 0.0
-        out = causal_attention(q, k, v, scale=hs**-0.5, dropout_p=p)  # (B, nh, T, hs)
-        out = out.transpose(1, 2).reshape(B, T, nh * hs)  # the heads side by side, as torch.cat(dim=-1)
-        return self.dropout(self.proj(out))
+        out = causal_attention_qkvpacked(qkv, scale=hs**-0.5, dropout_p=p)  # (B, T, nh, hs)
+        out = out.view(B, T, nh * hs)  # the heads side by side, as torch.cat(dim=-1)
+        return self.dropout(_linear(out, self.proj.weight, self.proj.bias))
 
 
 class CausalSelfAttention(nn.Module):
@@ -171,10 +182,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(
                 f"attnext.nn.CausalSelfAttention: sequence length {T} exceeds block_size {self.block_size}"
             )
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs), a strided view
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        # c_attn's output (B, T, 3C) is q, k, v of every head: (B, T, 3, nh, hs) as it is
+        qkv = _linear(x, self.c_attn.weight, self.c_attn.bias).view(B, T, 3, self.n_head, C // self.n_head)
+        y = causal_attention_qkvpacked(qkv, dropout_p=self.dropout if self.training else 0.0)  # (B, T, nh, hs)
+        y = y.view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(_linear(y, self.c_proj.weight, self.c_proj.bias))

@@ -37,13 +37,12 @@ _KERNEL_DTYPES = {
     "meta": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
 }
 # Ops whose native kernels take fewer dtypes than the table above.
-_OP_KERNEL_DTYPES = {
-    "causal_attention": {
-        "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
-        "cuda": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
-        "meta": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
-    },
+_ATTENTION_DTYPES = {
+    "cpu": frozenset({torch.float32, torch.float64, torch.bfloat16}),
+    "cuda": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
+    "meta": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
 }
+_OP_KERNEL_DTYPES = {"causal_attention": _ATTENTION_DTYPES, "causal_attention_qkvpacked": _ATTENTION_DTYPES}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
 
@@ -446,6 +445,7 @@ _PUBLIC_OPS = {
     "causal_mean": "_causal_mean_backward",
     "causal_attention": "_causal_attention_backward",
     "dropout": "dropout",  # its own backward: the same mask applied to the gradient
+    "causal_attention_qkvpacked": "_causal_attention_qkvpacked_backward",
 }
 # ----------------------------------------------------------------------------- causal_attention
 
@@ -472,6 +472,10 @@ def _check_attention_args(q, k, v, dropout_p) -> float:
         raise RuntimeError(
             f"attnext: k and v must have the same number of keys (dim -2), got k {tuple(k.shape)} and v {tuple(v.shape)}"
         )
+    return _check_dropout_p(dropout_p)
+
+
+def _check_dropout_p(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"attnext: dropout_p must be a Python number, got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
@@ -581,6 +585,92 @@ def _causal_attention_bwd(ctx, grad_out, grad_lse):
     return gq, gk, gv, None, None, None, None, None
 
 
+def causal_attention_qkvpacked(
+    qkv: Tensor,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    align: str = "top_left",
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """:func:`causal_attention` with q, k and v packed in one tensor, as a fused
+    projection produces them (nanoGPT's ``c_attn(x).view(B, T, 3, nh, hs)``).
+
+    Args:
+        qkv: ``(..., T, 3, nh, hs)``: ``qkv[..., 0, :, :]`` are the queries,
+            ``[..., 1, :, :]`` the keys and ``[..., 2, :, :]`` the values of ``nh`` heads
+            (at least 4 dims; any strides; dtypes as :func:`causal_attention`).
+        scale, dropout_p, align, generator: as :func:`causal_attention`; ``scale=None``
+            means ``hs ** -0.5``.
+
+    Returns:
+        ``out`` ``(..., T, nh, hs)``, contiguous: head ``h``'s output at
+        ``out[..., h, :]``, so ``out.view(..., T, nh * hs)`` is the heads side by side
+        (``torch.cat`` over heads) without a copy. Equal to
+        ``causal_attention(q, k, v).transpose(-3, -2)`` on the views
+        ``q = qkv[..., 0, :, :].transpose(-3, -2)`` (and k, v alike), dropout mask
+        included (the same (seed, offset) draws the same mask).
+
+    Differentiable: the backward
+    (``torch.ops.attnext._causal_attention_qkvpacked_backward``) returns one
+    ``(..., T, 3, nh, hs)`` gradient, where separate q, k, v inputs would have
+    their three gradients concatenated by autograd.
+    """
+    _check_tensor(qkv, "qkv", 4, "(..., T, 3, nh, hs)")
+    if qkv.shape[-3] != 3:
+        raise RuntimeError(
+            "attnext: qkv must have size 3 in dim -3 (q, k and v of shape (..., T, 3, nh, hs)), "
+            f"got shape {tuple(qkv.shape)}"
+        )
+    bottom_right = _bottom_right(align)
+    dropout_p = _check_dropout_p(dropout_p)
+    scale = qkv.shape[-1] ** -0.5 if scale is None else _check_scale(scale)
+    seed = offset = 0
+    if dropout_p > 0:
+        seed, offset = _draw_dropout_seed(generator)
+    if _fallback_reasons("causal_attention_qkvpacked", (qkv,)):
+        out, _ = reference.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, seed, offset)
+        return out
+    out, _ = torch.ops.attnext.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, seed, offset)
+    return out
+
+
+def _qkvpacked_check(qkv):
+    torch._check(qkv.dim() >= 4, lambda: f"attnext: qkv must have at least 4 dims (..., T, 3, nh, hs), got {qkv.dim()}")
+    torch._check(qkv.shape[-3] == 3, lambda: "attnext: qkv must have size 3 in dim -3 (..., T, 3, nh, hs)")
+
+
+def _causal_attention_qkvpacked_fake(qkv, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0):
+    _qkvpacked_check(qkv)
+    *batch, T, _, nh, hs = qkv.shape
+    out = qkv.new_empty((*batch, T, nh, hs))
+    lse = qkv.new_empty((*batch, nh, T), dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+def _causal_attention_qkvpacked_backward_fake(grad_out, qkv, out, lse, scale, dropout_p=0.0, bottom_right=False,
+                                              seed=0, offset=0):
+    _qkvpacked_check(qkv)
+    torch._check(grad_out.shape == out.shape, lambda: "attnext: grad_out must have the shape of out")
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _causal_attention_qkvpacked_setup_context(ctx, inputs, output):
+    qkv, scale, dropout_p, bottom_right, seed, offset = inputs
+    out, lse = output
+    ctx.args = (scale, dropout_p, bottom_right, seed, offset)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse)
+
+
+def _causal_attention_qkvpacked_bwd(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    gqkv = None
+    if ctx.needs_input_grad[0]:
+        gqkv = torch.ops.attnext._causal_attention_qkvpacked_backward(grad_out, qkv, out, lse, *ctx.args)
+    return gqkv, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- dropout
 
 
@@ -667,6 +757,16 @@ if _has_op("causal_attention"):
     torch.library.register_fake("attnext::_causal_attention_backward")(_causal_attention_backward_fake)
     torch.library.register_autograd(
         "attnext::causal_attention", _causal_attention_bwd, setup_context=_causal_attention_setup_context
+    )
+if _has_op("causal_attention_qkvpacked"):
+    torch.library.register_fake("attnext::causal_attention_qkvpacked")(_causal_attention_qkvpacked_fake)
+    torch.library.register_fake("attnext::_causal_attention_qkvpacked_backward")(
+        _causal_attention_qkvpacked_backward_fake
+    )
+    torch.library.register_autograd(
+        "attnext::causal_attention_qkvpacked",
+        _causal_attention_qkvpacked_bwd,
+        setup_context=_causal_attention_qkvpacked_setup_context,
     )
 if _C is not None:
     _DEVICES = {op: _registered_devices(op) for op in _PUBLIC_OPS}

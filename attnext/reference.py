@@ -146,6 +146,21 @@ def causal_attention(
     return out, lse.to(lse_dtype)
 
 
+def unpack_qkv(qkv: Tensor):
+    """The ``(..., nh, T, hs)`` views of q, k and v inside a packed ``(..., T, 3, nh, hs)`` qkv."""
+    return tuple(qkv.select(-3, i).transpose(-3, -2) for i in range(3))
+
+
+def causal_attention_qkvpacked(
+    qkv: Tensor, scale: float, dropout_p: float = 0.0, bottom_right: bool = False, seed: int = 0, offset: int = 0
+):
+    """:func:`causal_attention` on q, k, v packed as ``qkv`` ``(..., T, 3, nh, hs)`` (nanoGPT's
+    ``c_attn(x).view(B, T, 3, nh, hs)``): returns ``(out (..., T, nh, hs), lse (..., nh, T))``."""
+    q, k, v = unpack_qkv(qkv)
+    out, lse = causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset)  # (..., nh, T, hs)
+    return out.transpose(-3, -2).contiguous(), lse
+
+
 # ----------------------------------------------------------------------------- dropout
 
 

@@ -47,6 +47,16 @@ TORCH_LIBRARY(attnext, m) {
       "_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "float scale, float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // causal_attention over q, k, v packed as qkv (..., T, 3, nh, hs) (nanoGPT's
+  // c_attn(x).view(B, T, 3, nh, hs)): the same as causal_attention on the
+  // (..., nh, T, hs) views, with out (..., T, nh, hs) contiguous and lse (..., nh, T).
+  m.def(
+      "causal_attention_qkvpacked(Tensor qkv, float scale, float dropout_p=0.0, bool bottom_right=False, "
+      "SymInt seed=0, SymInt offset=0) -> (Tensor out, Tensor lse)");
+  // grad_qkv (..., T, 3, nh, hs), contiguous: no separate q, k, v gradients to concatenate.
+  m.def(
+      "_causal_attention_qkvpacked_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, float scale, "
+      "float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0) -> Tensor");
   // y = x * keep / (1 - p), keep[n] a counter-based hash of (seed, offset, n) >= p * 2^32
   // for the row-major index n of x: a pure function of its arguments, so its own
   // backward (the same mask applied to the gradient) is dropout again.

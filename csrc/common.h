@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -87,6 +88,21 @@ inline AttnGeometry check_attention_args(const at::Tensor& q, const at::Tensor& 
   for (int64_t d = 0; d < q.dim() - 2; ++d) g.BH *= q.size(d);
   g.shift = bottom_right ? g.S - g.T : 0;
   return g;
+}
+
+// qkv (..., T, 3, nh, hs): q, k and v packed along dim -3, as nanoGPT's
+// c_attn(x).view(B, T, 3, nh, hs) (and flash-attn's qkvpacked layout).
+inline void check_qkvpacked(const at::Tensor& qkv, const char* name) {
+  check_strided(qkv, name);
+  check_min_dim(qkv, 4, name, "(..., T, 3, nh, hs)");
+  TORCH_CHECK(qkv.size(-3) == 3, "attnext: ", name,
+              " must have size 3 in dim -3 (q, k and v of shape (..., T, 3, nh, hs)), got shape ", qkv.sizes());
+}
+
+// The (..., nh, T, hs) views of q, k and v inside a packed (..., T, 3, nh, hs) tensor.
+inline std::array<at::Tensor, 3> unpack_qkv(const at::Tensor& qkv) {
+  return {qkv.select(-3, 0).transpose(-3, -2), qkv.select(-3, 1).transpose(-3, -2),
+          qkv.select(-3, 2).transpose(-3, -2)};
 }
 
 // Number of key columns that query row t of a (T, S) causal pattern may see.

@@ -40,6 +40,15 @@ ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Te
 ATTNEXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset);
+// qkv: (..., T, 3, nh, hs) -> (out (..., T, nh, hs) contiguous, lse (..., nh, T)).
+ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tensor& qkv, double scale,
+                                                                              double dropout_p, bool bottom_right,
+                                                                              int64_t seed, int64_t offset);
+// -> grad_qkv (..., T, 3, nh, hs), contiguous.
+ATTNEXT_API at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                               const at::Tensor& out, const at::Tensor& lse,
+                                                               double scale, double dropout_p, bool bottom_right,
+                                                               int64_t seed, int64_t offset);
 // y = x * keep / (1 - p) with the counter-based keep mask of (seed, offset); contiguous.
 ATTNEXT_API at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset);
 

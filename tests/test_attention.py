@@ -68,6 +68,46 @@ def test_matches_reference_float64(batch, T, S, hs, hs_v, align):
         assert out[..., : T - S, :].abs().max() == 0  # rows that see no key are 0, not NaN
 
 
+# float32 runs attnext's AVX-512 tile products where the CPU has AVX-512 (the BLAS
+# elsewhere, or with ATTNEXT_F32_GEMM=0): every tiling path, plus S * hs > 2^20,
+# where the forward transposes K per key tile instead of caching K^T per batch.
+F32_SHAPES = SHAPES + [((1,), 520, 520, 2048, 40, "top_left")]
+
+
+def _float32_check(batch, T, S, hs, hs_v, align):
+    qd, kd, vd = make_qkv(batch, T, S, hs, hs_v)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (qd, kd, vd))
+    out = attnext.causal_attention(qf, kf, vf, align=align)
+    ref, _ = reference.causal_attention(qd, kd, vd, hs**-0.5, 0.0, align == "bottom_right")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (qf, kf, vf), g.float())
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), g)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    for name, a, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+@needs_native
+@pytest.mark.parametrize("batch,T,S,hs,hs_v,align", F32_SHAPES)
+def test_float32_matches_reference(batch, T, S, hs, hs_v, align):
+    _float32_check(batch, T, S, hs, hs_v, align)
+
+
+@needs_native
+def test_float32_blas_path_matches_reference():
+    # ATTNEXT_F32_GEMM=0: the float tiles through the BLAS, as on CPUs without AVX-512
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import test_attention as t\n"
+        "for case in t.F32_SHAPES[:-1]:\n"
+        "    t._float32_check(*case)\n"
+        "print('ok')\n"
+    )
+    from conftest import assert_python_ok
+
+    assert_python_ok(code, ATTNEXT_F32_GEMM="0")
+
+
 @needs_native
 def test_lse_matches_logsumexp():
     q, k, v = make_qkv((2,), 90, 90, 16, 16, requires_grad=False)

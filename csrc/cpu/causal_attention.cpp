@@ -7,16 +7,23 @@
 // walks key tiles of kBkF = 256 columns left to right up to the causal
 // boundary of its last row (the last tile is cut there; nothing above the
 // diagonal of the query tile is touched), with an online
-// softmax: S = scale q k^T (BLAS gemm into a per-thread tile), running max m
+// softmax: S = scale q k^T (into a per-thread tile), running max m
 // and sum l per row, the output accumulator rescaled by exp(m_old - m_new),
 // then O += P v. At the end O /= l and lse = m + log(l) is kept for the
 // backward.
 //
 // Scheduling: work items are handed out one at a time from a shared counter
-// to torch's intra-op threads (dynamic scheduling), the longest first (the
-// query tiles near the bottom of the matrix see the most keys). Causal tiles
-// have unequal work, and on a shared machine one thread may lose its core for
-// a while: with static chunks everyone would wait for it.
+// to torch's intra-op threads (dynamic scheduling), batch by batch and within a
+// batch the longest query tiles first (the tiles near the bottom of the matrix
+// see the most keys), so the short tiles fill the end. Causal tiles have
+// unequal work, and on a shared machine one thread may lose its core for a
+// while: with static chunks everyone would wait for it.
+//
+// Tile products (float): attnext's AVX-512 kernel (cpu/gemm_f32.inl), which
+// reads the operands where they lie; the one operand it needs transposed, K^T
+// (and V^T in the backward), is transposed once per batch (forward) or key tile
+// (backward) and reused. Without AVX-512, or with ATTNEXT_F32_GEMM=0, and for
+// double: the BLAS (which packs its operands on every call).
 //
 // Backward: D = rowsum(dO * O) first; then one work item per (batch, chunk of
 // key tiles of kBk = 64). For each of its key tiles the item walks the query tiles that
@@ -37,7 +44,9 @@
 // Types: float and double natively (float accumulation, double for double);
 // bfloat16 tiles are widened into per-thread float buffers as they are read
 // (no whole-tensor copies) and results rounded once.
-// Memory: O(B * T * hs) plus per-thread tiles, never O(T * S).
+// Memory: O(B * T * hs) plus per-thread tiles (and a K^T of at most 4 MiB per
+// thread), never O(T * S). Outputs are written through their row strides, so the
+// packed op (qkv (..., T, 3, nh, hs)) writes out and dqkv in its own layouts.
 // Limits: BLAS takes 32-bit leading dimensions (the LP64 interface torch's
 // MKL uses): inputs with larger row strides are copied. hs and hs_v must fit
 // an int. At most 16 batch dims (RowIndexer).
@@ -52,8 +61,10 @@
 #include <atomic>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -74,6 +85,7 @@ ATTNEXT_ISA_BEGIN_AVX512
 namespace isa_avx512 {
 #include "cpu/simd_avx512.inl"
 #include "cpu/causal_attention_tiles.inl"
+#include "cpu/gemm_f32.inl"
 }  // namespace isa_avx512
 ATTNEXT_ISA_END
 ATTNEXT_ISA_BEGIN_AVX2
@@ -245,6 +257,84 @@ void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, co
   blas_gemm<T>('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
 }
 
+// ---- the float tile products: attnext's AVX-512 kernel (cpu/gemm_f32.inl) where
+// the CPU runs AVX-512, else the BLAS. The kernel reads its operands where they
+// are (no packing per call), which on 64 x 64 tiles is what the BLAS spends a
+// fifth of its time on; the one operand it needs transposed (K^T, V^T) is
+// transposed once per key tile and reused. ATTNEXT_F32_GEMM=0 keeps the BLAS.
+using F32Gemm = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                         int64_t, float, bool);
+
+F32Gemm f32_gemm_kernel() {
+  static const F32Gemm fn = []() -> F32Gemm {
+#if ATTNEXT_X86_SIMD
+    const char* env = std::getenv("ATTNEXT_F32_GEMM");
+    if (env != nullptr && std::string(env) == "0") return nullptr;
+    if (simd::detected_isa() == simd::Isa::kAvx512) return &isa_avx512::gemm_f32;
+#endif
+    return nullptr;
+  }();
+  return fn;
+}
+
+// The kernel for the tiles of compute type T: float only.
+template <typename T>
+F32Gemm own_gemm() {
+  if constexpr (std::is_same<T, float>::value) {
+    return f32_gemm_kernel();
+  } else {
+    return nullptr;
+  }
+}
+
+// C (M, N) = alpha A B (+ C when accumulate), A element (i, p) at a[i * sa_i + p * sa_p]
+// with sa_p == 1 (rows) or sa_i == 1 (A^T stored), B (K, N) row-major.
+template <typename T>
+void tile_mm(F32Gemm own, int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t sa_i, int64_t sa_p,
+             const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (own != nullptr) {
+      own(M, N, K, a, sa_i, sa_p, b, ldb, c, ldc, alpha, accumulate);
+      return;
+    }
+  }
+  const T beta = accumulate ? T(1) : T(0);
+  if (sa_p == 1) {
+    mm_nn<T>(M, N, K, alpha, a, sa_i, b, ldb, beta, c, ldc);
+  } else {
+    mm_tn<T>(M, N, K, alpha, a, sa_p, b, ldb, beta, c, ldc);
+  }
+}
+
+// C (M, N) = alpha A B^T (+ C), A (M, K) rows, B (N, K) rows; bt: B^T (K, N) row-major
+// (ldbt), which the own kernel reads (the BLAS packs B itself).
+template <typename T>
+void tile_mm_nt(F32Gemm own, int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t lda, const T* b,
+                int64_t ldb, const T* bt, int64_t ldbt, T* c, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (own != nullptr) {
+      own(M, N, K, a, lda, 1, bt, ldbt, c, ldc, alpha, accumulate);
+      return;
+    }
+  }
+  mm_nt<T>(M, N, K, alpha, a, lda, b, ldb, accumulate ? T(1) : T(0), c, ldc);
+}
+
+// dst (C, R) row-major (ldd) = src (R, C)^T as T, src rows at stride lds.
+template <typename T, typename in_t>
+void transpose_block(const in_t* src, int64_t lds, int64_t R, int64_t C, T* dst, int64_t ldd) {
+  constexpr int64_t kB = 16;  // square blocks: both sides stay in L1
+  for (int64_t r0 = 0; r0 < R; r0 += kB) {
+    const int64_t r1 = std::min(R, r0 + kB);
+    for (int64_t c0 = 0; c0 < C; c0 += kB) {
+      const int64_t c1 = std::min(C, c0 + kB);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) dst[c * ldd + r] = static_cast<T>(src[r * lds + c]);
+      }
+    }
+  }
+}
+
 // The tile products run inside at::parallel_for: see SingleThreadedBlas (cpu/blas.h).
 
 #ifndef ATTNEXT_FWD_KEY_TILE
@@ -286,6 +376,19 @@ struct Rows2D {
   explicit Rows2D(const at::Tensor& t)
       : base(t.const_data_ptr<T>()), idx(t), ld(std::max<int64_t>(t.stride(-2), std::max<int64_t>(t.size(-1), 1))) {}
   const T* at(int64_t b, int64_t row) const { return base + idx.offset(b, row); }
+};
+
+// An output (.., rows, d) as the kernels write it: a contiguous tensor or a view
+// with unit-stride rows (the packed op's (..., T, nh, hs) outputs seen as
+// (..., nh, T, hs)).
+template <typename T>
+struct OutRows {
+  T* base;
+  RowIndexer idx;
+  int64_t ld;
+  explicit OutRows(at::Tensor& t)
+      : base(t.mutable_data_ptr<T>()), idx(t), ld(std::max<int64_t>(t.stride(-2), std::max<int64_t>(t.size(-1), 1))) {}
+  T* at(int64_t b, int64_t row) const { return base + idx.offset(b, row); }
 };
 
 struct Dropout {
@@ -351,13 +454,14 @@ void store_block(const T* src, int64_t lds, int64_t rows, int64_t cols, out_t* d
   }
 }
 
-// The end of a forward query tile: O /= l per row and lse = m + log(l); a row
-// that saw no key (bottom-right with T > S, or S == 0) keeps O = 0, lse = -inf.
+// The end of a forward query tile (O: nr rows of hsv, row stride ldo): O /= l per
+// row and lse = m + log(l); a row that saw no key (bottom-right with T > S, or
+// S == 0) keeps O = 0, lse = -inf.
 // NaN from the inputs propagates as in torch.softmax.
 template <typename T>
-void finish_rows(T* o, int64_t nr, int64_t hsv, const T* m, const T* l, T* lse_rows) {
+void finish_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* m, const T* l, T* lse_rows) {
   for (int64_t r = 0; r < nr; ++r) {
-    T* orow = o + r * hsv;
+    T* orow = o + r * ldo;
     if (l[r] != T(0)) {
       const T inv = T(1) / l[r];
       for (int64_t c = 0; c < hsv; ++c) orow[c] *= inv;
@@ -368,13 +472,13 @@ void finish_rows(T* o, int64_t nr, int64_t hsv, const T* m, const T* l, T* lse_r
   }
 }
 
-// O row r *= alpha[r] (the online softmax's rescale when the row max grew).
+// O row r (row stride ldo) *= alpha[r] (the online softmax's rescale when the row max grew).
 template <typename T>
-void rescale_rows(T* o, int64_t nr, int64_t hsv, const T* alpha) {
+void rescale_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* alpha) {
   for (int64_t r = 0; r < nr; ++r) {
     const T a = alpha[r];
     if (a != T(1)) {
-      T* orow = o + r * hsv;
+      T* orow = o + r * ldo;
       for (int64_t c = 0; c < hsv; ++c) orow[c] *= a;
     }
   }
@@ -434,67 +538,111 @@ const T* backward_probs(T* s, int64_t nr, int64_t nc, const Geometry& g, int64_t
   return pd;
 }
 
+// dq (..., T, hs), any unit-stride-row layout, = the sum of the per-chunk dQ
+// accumulators dq_acc (nchunks, BH, T, hs), rounded once to dq's dtype.
+void reduce_dq_chunks(const at::Tensor& dq_acc, at::Tensor& dq) {
+  const at::Tensor total = dq_acc.size(0) == 1 ? dq_acc[0] : dq_acc.sum(0);  // (BH, T, hs)
+  dq.copy_(total.view(dq.sizes()));
+}
+
 template <typename in_t, typename T = at::opmath_type<in_t>>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
               const Geometry& g, double scale_d, const Dropout& drop) {
   constexpr bool direct = std::is_same<T, in_t>::value;  // accumulate straight into `out`
   const Rows2D<in_t> Q(q), K(k), V(v);
-  in_t* op = out.mutable_data_ptr<in_t>();
+  const OutRows<in_t> Out(out);
   T* lp = lse.mutable_data_ptr<T>();
   const T scale = static_cast<T>(scale_d);
   const T inv_keep = static_cast<T>(drop.inv_keep);
   const int64_t nqt = ceil_div(g.T, kBq);
+  const F32Gemm own = own_gemm<T>();
+  // With the own kernel, S = Q K^T reads K^T: the thread transposes the K rows of
+  // the batch it last saw once, columns [0, packed), and later query tiles of that
+  // batch reuse them (items run batch by batch); past 4 MiB per thread, K^T is
+  // transposed per key tile instead.
+  const bool cache_kt = own != nullptr && g.S * g.hs <= (int64_t(1) << 20);
+  const int64_t ldkt = cache_kt ? std::max<int64_t>(g.S, 1) : kBkF;
   struct Scratch {
-    std::vector<T> s, m, l, alpha, o, qbuf, kbuf, vbuf;
+    std::vector<T> s, m, l, alpha, o, qbuf, kbuf, vbuf, kt;
     std::vector<int64_t> vis;
     std::vector<uint32_t> row_keys;
+    int64_t batch = -1, packed = 0;
   };
   auto make_scratch = [&] {
     const int64_t w = direct ? 0 : 1;  // widened copies only for bfloat16
-    return Scratch{std::vector<T>(kBq * kBkF),           std::vector<T>(kBq),
-                   std::vector<T>(kBq),                 std::vector<T>(kBq),
-                   std::vector<T>(w * kBq * g.hsv),     std::vector<T>(w * kBq * g.hs),
-                   std::vector<T>(w * kBkF * g.hs),      std::vector<T>(w * kBkF * g.hsv),
-                   std::vector<int64_t>(kBq),           std::vector<uint32_t>(kBq)};
+    Scratch sc;
+    sc.s.resize(kBq * kBkF);
+    sc.m.resize(kBq);
+    sc.l.resize(kBq);
+    sc.alpha.resize(kBq);
+    sc.o.resize(w * kBq * g.hsv);
+    sc.qbuf.resize(w * kBq * g.hs);
+    sc.kbuf.resize(own ? 0 : w * kBkF * g.hs);
+    sc.vbuf.resize(w * kBkF * g.hsv);
+    sc.kt.resize(own ? g.hs * ldkt : 0);
+    sc.vis.resize(kBq);
+    sc.row_keys.resize(kBq);
+    return sc;
   };
-  // item u: query tile nqt - 1 - u / BH (the longest rows first) of batch u % BH
+  // item u: query tile nqt - 1 - u % nqt (the longest rows first) of batch u / nqt
   parallel_items(g.BH * nqt, make_scratch, [&](Scratch& sc, int64_t item) {
-    const int64_t b = item % g.BH;
-    const int64_t t0 = (nqt - 1 - item / g.BH) * kBq;
+    const int64_t b = item / nqt;
+    const int64_t t0 = (nqt - 1 - item % nqt) * kBq;
     const int64_t nr = std::min(kBq, g.T - t0);
-    in_t* out_tile = op + (b * g.T + t0) * g.hsv;  // (nr, hsv)
-    T* o;                                           // (nr, hsv) accumulator, row stride hsv
+    in_t* out_tile = Out.at(b, t0);  // (nr, hsv), row stride Out.ld
+    T* o;                             // (nr, hsv) accumulator, row stride ldo
+    int64_t ldo;
     if constexpr (direct) {
       o = out_tile;
+      ldo = Out.ld;
     } else {
       o = sc.o.data();
+      ldo = std::max<int64_t>(g.hsv, 1);
     }
     T* s = sc.s.data();
-    std::fill(o, o + nr * g.hsv, T(0));
+    for (int64_t r = 0; r < nr; ++r) std::fill(o + r * ldo, o + r * ldo + g.hsv, T(0));
     std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<T>::infinity());
     std::fill(sc.l.begin(), sc.l.end(), T(0));
     if (drop.on) {
       for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
     }
+    if (cache_kt && sc.batch != b) {
+      sc.batch = b;
+      sc.packed = 0;
+    }
     const int64_t kv_end = g.visible(t0 + nr - 1);
     const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
     for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
       const int64_t nc = std::min(kBkF, kv_end - k0);
-      const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
       const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
-      mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBkF);  // S: (nr, nc)
+      if (own != nullptr) {  // S = Q K^T from K^T columns [k0, k0 + nc)
+        const T* kt = sc.kt.data();
+        if (cache_kt) {
+          if (k0 + nc > sc.packed) {
+            transpose_block(K.at(b, sc.packed), K.ld, k0 + nc - sc.packed, g.hs, sc.kt.data() + sc.packed, ldkt);
+            sc.packed = k0 + nc;
+          }
+          kt += k0;
+        } else {
+          transpose_block(K.at(b, k0), K.ld, nc, g.hs, sc.kt.data(), ldkt);
+        }
+        tile_mm(own, nr, nc, g.hs, scale, qb.p, qb.ld, 1, kt, ldkt, s, kBkF, false);  // S: (nr, nc)
+      } else {
+        const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
+        mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBkF);  // S: (nr, nc)
+      }
       for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
       fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       if (drop.on) {
         dropout_tile(s, static_cast<T*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
                      drop.threshold, inv_keep);
       }
-      if (k0 > 0) rescale_rows(o, nr, g.hsv, sc.alpha.data());
-      mm_nn<T>(nr, g.hsv, nc, T(1), s, kBkF, vb.p, vb.ld, T(1), o, std::max<int64_t>(g.hsv, 1));  // O += P V
+      if (k0 > 0) rescale_rows(o, nr, g.hsv, ldo, sc.alpha.data());
+      tile_mm(own, nr, g.hsv, nc, T(1), s, kBkF, 1, vb.p, vb.ld, o, ldo, true);  // O += P V
     }
-    finish_rows(o, nr, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0);
+    finish_rows(o, nr, g.hsv, ldo, sc.m.data(), sc.l.data(), lp + b * g.T + t0);
     if constexpr (!direct) {
-      store_block(o, g.hsv, nr, g.hsv, out_tile, g.hsv);
+      store_block(o, ldo, nr, g.hsv, out_tile, Out.ld);
     }
   });
 }
@@ -512,83 +660,90 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const int64_t nkt = ceil_div(g.S, kBk);
   const int64_t nchunks = backward_chunks(g);
   const bool dq_in_place = direct && nchunks == 1;
+  // dQ accumulates in place (dq's own rows) or in per-chunk copies (BH, T, hs)
   at::Tensor dq_acc = dq_in_place ? dq : at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(lse.dtype()));
   if (dq_in_place) dq.zero_();
-  T* dqp = dq_acc.mutable_data_ptr<T>();
-  in_t* dkp = dk.mutable_data_ptr<in_t>();
-  in_t* dvp = dv.mutable_data_ptr<in_t>();
+  const OutRows<T> dQ(dq_acc);
+  const OutRows<in_t> dK(dk), dV(dv);
 
+  const F32Gemm own = own_gemm<T>();  // with it: K^T and V^T transposed once per key tile
   struct Scratch {
-    std::vector<T> s, dp, z, pd, dk, dv, qbuf, kbuf, vbuf, dobuf;
+    std::vector<T> s, dp, z, pd, dk, dv, qbuf, kbuf, vbuf, dobuf, kt, vt;
     std::vector<int64_t> vis;
     std::vector<uint32_t> row_keys;
   };
   auto make_scratch = [&] {
     const int64_t nz = drop.on ? kBq * kBk : 0;
     const int64_t w = direct ? 0 : 1;
+    const int64_t t = own != nullptr ? 1 : 0;
     return Scratch{std::vector<T>(kBq * kBk),       std::vector<T>(kBq * kBk),
                    std::vector<T>(nz),              std::vector<T>(nz),
                    std::vector<T>(w * kBk * g.hs),  std::vector<T>(w * kBk * g.hsv),
                    std::vector<T>(w * kBq * g.hs),  std::vector<T>(w * kBk * g.hs),
                    std::vector<T>(w * kBk * g.hsv), std::vector<T>(w * kBq * g.hsv),
+                   std::vector<T>(t * g.hs * kBk),  std::vector<T>(t * g.hsv * kBk),
                    std::vector<int64_t>(kBq),       std::vector<uint32_t>(kBq)};
   };
   parallel_items(g.BH * nchunks, make_scratch, [&](Scratch& sc, int64_t item) {
     const int64_t b = item / nchunks, chunk = item % nchunks;
-    T* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;  // (T, hs)
+    T* dqb = dQ.at(chunk * g.BH + b, 0);  // (T, hs), row stride dQ.ld
     T* s = sc.s.data();
     T* dp = sc.dp.data();
     for (int64_t i = 0;; ++i) {
       const int64_t kt = chunk_key_tile(i, chunk, nchunks);
       if (kt >= nkt) break;
       const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0);
-      in_t* dk_out = dkp + (b * g.S + k0) * g.hs;   // (nc, hs)
-      in_t* dv_out = dvp + (b * g.S + k0) * g.hsv;  // (nc, hsv)
+      in_t* dk_out = dK.at(b, k0);  // (nc, hs), row stride dK.ld
+      in_t* dv_out = dV.at(b, k0);  // (nc, hsv), row stride dV.ld
       T* dkt;
       T* dvt;
+      int64_t ldk, ldv;
       if constexpr (direct) {
         dkt = dk_out;
         dvt = dv_out;
+        ldk = dK.ld;
+        ldv = dV.ld;
       } else {
         dkt = sc.dk.data();
         dvt = sc.dv.data();
+        ldk = std::max<int64_t>(g.hs, 1);
+        ldv = std::max<int64_t>(g.hsv, 1);
       }
-      std::fill(dkt, dkt + nc * g.hs, T(0));
-      std::fill(dvt, dvt + nc * g.hsv, T(0));
+      for (int64_t r = 0; r < nc; ++r) {
+        std::fill(dkt + r * ldk, dkt + r * ldk + g.hs, T(0));
+        std::fill(dvt + r * ldv, dvt + r * ldv + g.hsv, T(0));
+      }
       const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
       const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
+      if (own != nullptr) {
+        transpose_block(kb.p, kb.ld, nc, g.hs, sc.kt.data(), kBk);   // K^T: (hs, nc)
+        transpose_block(vb.p, vb.ld, nc, g.hsv, sc.vt.data(), kBk);  // V^T: (hsv, nc)
+      }
       // the first query row that sees key k0: t + 1 + shift > k0
       const int64_t t_first = std::max<int64_t>(0, k0 - g.shift);
       for (int64_t t0 = t_first; t0 < g.T; t0 += kBq) {
         const int64_t nr = std::min(kBq, g.T - t0);
         const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
         const Block<T> dob = load_block(dO.at(b, t0), dO.ld, nr, g.hsv, sc.dobuf.data());
-        mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBk);  // S: (nr, nc)
+        tile_mm_nt(own, nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, sc.kt.data(), kBk, s, kBk,
+                   false);  // S: (nr, nc)
         T* z = drop.on ? sc.z.data() : nullptr;
         const T* pdrop = backward_probs(s, nr, nc, g, b, t0, k0, lp + b * g.T + t0, drop, sc.vis.data(),
                                          sc.row_keys.data(), z, sc.pd.data());  // P, dropped
-        mm_tn<T>(nc, g.hsv, nr, T(1), pdrop, kBk, dob.p, dob.ld, T(1), dvt, std::max<int64_t>(g.hsv, 1));  // dV
-        mm_nt<T>(nr, nc, g.hsv, T(1), dob.p, dob.ld, vb.p, vb.ld, T(0), dp, kBk);  // dP: (nr, nc)
+        tile_mm(own, nc, g.hsv, nr, T(1), pdrop, 1, kBk, dob.p, dob.ld, dvt, ldv, true);  // dV += P^T dO
+        tile_mm_nt(own, nr, nc, g.hsv, T(1), dob.p, dob.ld, vb.p, vb.ld, sc.vt.data(), kBk, dp, kBk,
+                   false);  // dP: (nr, nc)
         bwd_ds_tile(s, dp, z, nr, nc, kBk, D.data() + b * g.T + t0, scale);  // dS, scaled
-        mm_nn<T>(nr, g.hs, nc, T(1), dp, kBk, kb.p, kb.ld, T(1), dqb + t0 * g.hs, std::max<int64_t>(g.hs, 1));  // dQ
-        mm_tn<T>(nc, g.hs, nr, T(1), dp, kBk, qb.p, qb.ld, T(1), dkt, std::max<int64_t>(g.hs, 1));  // dK
+        tile_mm(own, nr, g.hs, nc, T(1), dp, kBk, 1, kb.p, kb.ld, dqb + t0 * dQ.ld, dQ.ld, true);  // dQ += dS K
+        tile_mm(own, nc, g.hs, nr, T(1), dp, 1, kBk, qb.p, qb.ld, dkt, ldk, true);  // dK += dS^T Q
       }
       if constexpr (!direct) {
-        store_block(dkt, g.hs, nc, g.hs, dk_out, g.hs);
-        store_block(dvt, g.hsv, nc, g.hsv, dv_out, g.hsv);
+        store_block(dkt, ldk, nc, g.hs, dk_out, dK.ld);
+        store_block(dvt, ldv, nc, g.hsv, dv_out, dV.ld);
       }
     }
   });
-  if (!dq_in_place) {
-    at::Tensor dq3 = dq.view({g.BH, g.T, g.hs});
-    if (nchunks == 1) {
-      dq3.copy_(dq_acc[0]);
-    } else if (direct) {
-      at::sum_out(dq3, dq_acc, {0});
-    } else {
-      dq3.copy_(dq_acc.sum(0));
-    }
-  }
+  if (!dq_in_place) reduce_dq_chunks(dq_acc, dq);
 }
 
 #if ATTNEXT_X86_SIMD
@@ -616,7 +771,7 @@ const uint32_t* words(const uint16_t* p) { return reinterpret_cast<const uint32_
 void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
                  const Geometry& g, double scale_d, const Dropout& drop) {
   const Rows2D<at::BFloat16> Q(q), K(k), V(v);
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  const OutRows<at::BFloat16> Out(out);
   float* lp = lse.mutable_data_ptr<float>();
   const float scale = static_cast<float>(scale_d);
   const float inv_keep = static_cast<float>(drop.inv_keep);
@@ -687,14 +842,14 @@ void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         dropout_tile(s, static_cast<float*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
                      drop.threshold, inv_keep);
       }
-      if (k0 > 0) rescale_rows(o, nr, g.hsv, sc.alpha.data());
+      if (k0 > 0) rescale_rows(o, nr, g.hsv, g.hsv, sc.alpha.data());
       isa_bf16::float_rows_to_bf16(s, kBkF, nr, nc, sc.pa.data(), kBkF);  // P, even-padded
       isa_bf16::gemm_bf16(nr, g.hsv, half_up(nc), words(sc.pa.data()), kBkF / 2, 1, sc.vv.data() + (k0 / 2) * ldv,
                           ldv, o, g.hsv, 1.0f, true);  // O += P V
     }
-    finish_rows(o, nr, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0);
+    finish_rows(o, nr, g.hsv, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0);
     for (int64_t r = 0; r < nr; ++r) {
-      narrow_bf16_row(o + r * g.hsv, op + (b * g.T + t0 + r) * g.hsv, g.hsv);
+      narrow_bf16_row(o + r * g.hsv, reinterpret_cast<uint16_t*>(Out.at(b, t0 + r)), g.hsv);
     }
   });
 }
@@ -713,8 +868,7 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   const int64_t nchunks = backward_chunks(g);
   at::Tensor dq_acc = at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(at::kFloat));
   float* dqp = dq_acc.mutable_data_ptr<float>();
-  uint16_t* dkp = reinterpret_cast<uint16_t*>(dk.mutable_data_ptr<at::BFloat16>());
-  uint16_t* dvp = reinterpret_cast<uint16_t*>(dv.mutable_data_ptr<at::BFloat16>());
+  const OutRows<at::BFloat16> dK(dk), dV(dv);
 
   // Per thread: the item's batch of Q and dO as contiguous rows (A operands) and
   // in pair layout (B operands), made once per item; per key tile K^T, V^T
@@ -807,13 +961,12 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
                             true);  // dK += dS^T Q
       }
       for (int64_t r = 0; r < nc; ++r) {
-        narrow_bf16_row(dkt + r * g.hs, dkp + (b * g.S + k0 + r) * g.hs, g.hs);
-        narrow_bf16_row(dvt + r * g.hsv, dvp + (b * g.S + k0 + r) * g.hsv, g.hsv);
+        narrow_bf16_row(dkt + r * g.hs, reinterpret_cast<uint16_t*>(dK.at(b, k0 + r)), g.hs);
+        narrow_bf16_row(dvt + r * g.hsv, reinterpret_cast<uint16_t*>(dV.at(b, k0 + r)), g.hsv);
       }
     }
   });
-  at::Tensor dq3 = dq.view({g.BH, g.T, g.hs});
-  dq3.copy_(nchunks == 1 ? dq_acc[0] : dq_acc.sum(0));
+  reduce_dq_chunks(dq_acc, dq);
 }
 
 // Whether the bfloat16 fast path applies: the CPU has the instructions, head
@@ -863,81 +1016,143 @@ Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
 at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The forward into given outputs: out (..., T, hs_v) with unit-stride rows (a
+// contiguous tensor or a view of one), lse (..., T) contiguous in the compute type.
+void forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& out,
+                  at::Tensor& lse, const Geometry& g, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  if (lse.numel() == 0) return;
+  const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  const Dropout drop(dropout_p, seed, offset);
+#if ATTNEXT_X86_SIMD
+  if (use_bf16dot(q, k, v, g)) {
+    fwd_bf16dot(q, k, v, out, lse, g, scale, drop);
+    return;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_cpu",
+                                 [&] { fwd_impl<scalar_t>(q, k, v, out, lse, g, scale, drop); });
+}
+
+// The backward into given outputs dq, dk, dv shaped like q, k, v, with unit-stride
+// rows (contiguous tensors or views of one).
+void backward_into(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                   const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv, const Geometry& g, double scale, double dropout_p, int64_t seed,
+                   int64_t offset) {
+  if (g.BH * g.T == 0 || g.BH * g.S == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return;
+  }
+  const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  const at::Tensor dout = prepare(grad_out_in), out = prepare(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const Dropout drop(dropout_p, seed, offset);
+#if ATTNEXT_X86_SIMD
+  if (use_bf16dot(q, k, v, g)) {
+    bwd_bf16dot(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop);
+    return;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_backward_cpu",
+                                 [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
+}
+
+// The checks of the backward's extra inputs: grad_out and out shaped (..., T, hs_v)
+// like q's batch, lse (..., T) in the compute type.
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                           const at::Tensor& q, const Geometry& g) {
+  check_input(grad_out, "grad_out", "(..., T, hs_v)");
+  check_input(out, "out", "(..., T, hs_v)");
+  check_same(q, "q", grad_out, "grad_out");
+  check_same(q, "q", out, "out");
+  std::vector<int64_t> out_sizes = q.sizes().vec();
+  out_sizes.back() = g.hsv;
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_sizes), "attnext: grad_out must have shape ",
+              at::IntArrayRef(out_sizes), ", got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_sizes), "attnext: out must have shape ", at::IntArrayRef(out_sizes),
+              ", got ", out.sizes());
+  const at::ScalarType ct = compute_type(q.scalar_type());
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == ct, "attnext: lse must be a CPU ", ct, " tensor, got ",
+              lse.scalar_type(), " on ", lse.device());
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, q.dim() - 1), "attnext: lse must have shape ",
+              q.sizes().slice(0, q.dim() - 1), ", got ", lse.sizes());
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                        const at::Tensor& v_in, double scale, double dropout_p,
-                                                        bool bottom_right, int64_t seed, int64_t offset) {
-  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
-  const at::ScalarType ct = compute_type(q_in.scalar_type());
+std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        double scale, double dropout_p, bool bottom_right,
+                                                        int64_t seed, int64_t offset) {
+  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
   // out: (..., T, hs_v) in the input dtype; lse: (..., T) in the compute dtype
-  std::vector<int64_t> out_sizes = q_in.sizes().vec();
+  std::vector<int64_t> out_sizes = q.sizes().vec();
   out_sizes.back() = g.hsv;
-  std::vector<int64_t> lse_sizes(q_in.sizes().begin(), q_in.sizes().end() - 1);
-  at::Tensor out = empty_output(out_sizes, q_in.options());
-  at::Tensor lse = at::empty(lse_sizes, q_in.options().dtype(ct));
-  if (lse.numel() > 0) {
-    const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
-    const Dropout drop(dropout_p, seed, offset);
-#if ATTNEXT_X86_SIMD
-    if (use_bf16dot(q, k, v, g)) {
-      fwd_bf16dot(q, k, v, out, lse, g, scale, drop);
-      return {out, lse};
-    }
-#endif
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_cpu",
-                                   [&] { fwd_impl<scalar_t>(q, k, v, out, lse, g, scale, drop); });
-  }
+  std::vector<int64_t> lse_sizes(q.sizes().begin(), q.sizes().end() - 1);
+  at::Tensor out = empty_output(out_sizes, q.options());
+  at::Tensor lse = at::empty(lse_sizes, q.options().dtype(compute_type(q.scalar_type())));
+  forward_into(q, k, v, out, lse, g, scale, dropout_p, seed, offset);
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p, bool bottom_right,
-    int64_t seed, int64_t offset) {
-  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
-  check_input(grad_out_in, "grad_out", "(..., T, hs_v)");
-  check_input(out_in, "out", "(..., T, hs_v)");
-  check_same(q_in, "q", grad_out_in, "grad_out");
-  check_same(q_in, "q", out_in, "out");
-  std::vector<int64_t> out_sizes = q_in.sizes().vec();
-  out_sizes.back() = g.hsv;
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_sizes), "attnext: grad_out must have shape ",
-              at::IntArrayRef(out_sizes), ", got ", grad_out_in.sizes());
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_sizes), "attnext: out must have shape ",
-              at::IntArrayRef(out_sizes), ", got ", out_in.sizes());
-  const at::ScalarType ct = compute_type(q_in.scalar_type());
-  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == ct, "attnext: lse must be a CPU ", ct,
-              " tensor, got ", lse_in.scalar_type(), " on ", lse_in.device());
-  TORCH_CHECK(lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1), "attnext: lse must have shape ",
-              q_in.sizes().slice(0, q_in.dim() - 1), ", got ", lse_in.sizes());
-  at::Tensor dq = empty_output(q_in.sizes(), q_in.options());
-  at::Tensor dk = empty_output(k_in.sizes(), q_in.options());
-  at::Tensor dv = empty_output(v_in.sizes(), q_in.options());
-  if (g.BH * g.T > 0 && g.BH * g.S > 0) {
-    const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
-    const at::Tensor dout = prepare(grad_out_in), out = prepare(out_in);
-    const at::Tensor lse = lse_in.contiguous();
-    const Dropout drop(dropout_p, seed, offset);
-#if ATTNEXT_X86_SIMD
-    if (use_bf16dot(q, k, v, g)) {
-      bwd_bf16dot(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop);
-      return {dq, dk, dv};
-    }
-#endif
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_backward_cpu",
-                                   [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
-  } else {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-  }
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset) {
+  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
+  check_backward_inputs(grad_out, out, lse, q, g);
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dk = empty_output(k.sizes(), q.options());
+  at::Tensor dv = empty_output(v.sizes(), q.options());
+  backward_into(grad_out, q, k, v, out, lse, dq, dk, dv, g, scale, dropout_p, seed, offset);
   return {dq, dk, dv};
+}
+
+// ---- the packed layout: qkv (..., T, 3, nh, hs) -> out (..., T, nh, hs)
+//
+// The same kernels over the (..., nh, T, hs) views of q, k, v inside qkv; out and
+// dqkv are written in the packed layouts directly, so a module that projects x to
+// one (B, T, 3C) tensor needs no split gradients to be concatenated and no
+// transposed copy of the output.
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tensor& qkv, double scale,
+                                                                  double dropout_p, bool bottom_right, int64_t seed,
+                                                                  int64_t offset) {
+  check_qkvpacked(qkv, "qkv");
+  const auto [q, k, v] = unpack_qkv(qkv);  // 3 x (..., nh, T, hs) views
+  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
+  std::vector<int64_t> out_sizes = qkv.sizes().vec();
+  out_sizes.erase(out_sizes.end() - 3);  // (..., T, nh, hs)
+  at::Tensor out = empty_output(out_sizes, qkv.options());
+  at::Tensor out_rows = out.transpose(-3, -2);  // (..., nh, T, hs) view
+  std::vector<int64_t> lse_sizes(q.sizes().begin(), q.sizes().end() - 1);  // (..., nh, T)
+  at::Tensor lse = at::empty(lse_sizes, qkv.options().dtype(compute_type(qkv.scalar_type())));
+  forward_into(q, k, v, out_rows, lse, g, scale, dropout_p, seed, offset);
+  return {out, lse};
+}
+
+at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                   const at::Tensor& out, const at::Tensor& lse, double scale,
+                                                   double dropout_p, bool bottom_right, int64_t seed,
+                                                   int64_t offset) {
+  check_qkvpacked(qkv, "qkv");
+  const auto [q, k, v] = unpack_qkv(qkv);
+  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
+  check_min_dim(grad_out, 3, "grad_out", "(..., T, nh, hs)");
+  check_min_dim(out, 3, "out", "(..., T, nh, hs)");
+  const at::Tensor grad_rows = grad_out.transpose(-3, -2), out_rows = out.transpose(-3, -2);
+  check_backward_inputs(grad_rows, out_rows, lse, q, g);
+  at::Tensor dqkv = empty_output(qkv.sizes(), qkv.options());
+  auto [dq, dk, dv] = unpack_qkv(dqkv);
+  backward_into(grad_rows, q, k, v, out_rows, lse, dq, dk, dv, g, scale, dropout_p, seed, offset);
+  return dqkv;
 }
 
 TORCH_LIBRARY_IMPL(attnext, CPU, m) {
   m.impl("causal_attention", &causal_attention_cpu);
   m.impl("_causal_attention_backward", &causal_attention_backward_cpu);
+  m.impl("causal_attention_qkvpacked", &causal_attention_qkvpacked_cpu);
+  m.impl("_causal_attention_qkvpacked_backward", &causal_attention_qkvpacked_backward_cpu);
 }
 
 }  // namespace attnext
