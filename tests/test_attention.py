@@ -473,6 +473,28 @@ def test_kernel_errors_name_the_argument():
         torch.ops.attnext._causal_attention_backward(out, q, k, v, out, lse.double(), 1.0, 0.0, False, 0, 0)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_non_finite_scores_behave_as_torch_softmax(dtype):
+    # keys [0, 256) score -inf for every query (k[..., 0] = -inf, q[..., 0] > 0): rows
+    # t < 256 see only -inf (torch: NaN), rows t >= 256 also see finite keys (torch:
+    # finite, the -inf keys weigh 0) even though their first key tiles are all -inf.
+    T, hs = 300, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, T, hs, generator=g, dtype=torch.float64).abs() + 0.1
+    k = torch.randn(2, T, hs, generator=g, dtype=torch.float64)
+    v = torch.randn(2, T, hs, generator=g, dtype=torch.float64)
+    k[:, :256, 0] = float("-inf")
+    # and one NaN query row: only that row is NaN
+    q[1, 280, 3] = float("nan")
+    out = attnext.causal_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    ref, _ = reference.causal_attention(q, k, v, hs**-0.5)
+    assert ref[:, :256].isnan().all() and ref[:, 256:].isfinite().sum() == 2 * 44 * hs - hs
+    assert torch.equal(out.isnan(), ref.isnan())
+    atol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol, equal_nan=True)
+
+
 def test_empty_inputs():
     q, k, v = make_qkv((2,), 0, 0, 8, 8, dtype=torch.float32)
     out = attnext.causal_attention(q, k, v)

@@ -149,9 +149,10 @@ void fwd_tile(double* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis,
     double mx = -std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < L; ++j) mx = x[j] > mx ? x[j] : mx;
     const double m_new = std::max(mx, m[r]);
+    const double m_sub = m_new == -std::numeric_limits<double>::infinity() ? 0.0 : m_new;  // as the float tile
     double sum = 0;
     for (int64_t j = 0; j < L; ++j) {
-      x[j] = std::exp(x[j] - m_new);
+      x[j] = std::exp(x[j] - m_sub);
       sum += x[j];
     }
     std::fill(x + L, x + nc, 0.0);
@@ -455,21 +456,32 @@ void store_block(const T* src, int64_t lds, int64_t rows, int64_t cols, out_t* d
 }
 
 // The end of a forward query tile (O: nr rows of hsv, row stride ldo): O /= l per
-// row and lse = m + log(l); a row that saw no key (bottom-right with T > S, or
-// S == 0) keeps O = 0, lse = -inf.
-// NaN from the inputs propagates as in torch.softmax.
+// row and lse = m + log(l). The first `blind` rows saw no key (bottom-right with
+// T > S, or S == 0): O = 0, lse = -inf. A row that saw keys whose scores were all
+// -inf (l = 0) is NaN, as torch.softmax of it is; NaN from the inputs propagates
+// as in torch.softmax.
 template <typename T>
-void finish_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* m, const T* l, T* lse_rows) {
+void finish_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* m, const T* l, T* lse_rows, int64_t blind) {
   for (int64_t r = 0; r < nr; ++r) {
     T* orow = o + r * ldo;
     if (l[r] != T(0)) {
       const T inv = T(1) / l[r];
       for (int64_t c = 0; c < hsv; ++c) orow[c] *= inv;
       lse_rows[r] = m[r] + std::log(l[r]);
-    } else {
+    } else if (r < blind) {
       lse_rows[r] = -std::numeric_limits<T>::infinity();
+    } else {
+      for (int64_t c = 0; c < hsv; ++c) orow[c] = std::numeric_limits<T>::quiet_NaN();
+      lse_rows[r] = std::numeric_limits<T>::quiet_NaN();
     }
   }
+}
+
+// How many rows of the query tile at t0 (nr rows) see no key at all (they come first).
+inline int64_t blind_rows(const AttnGeometry& g, int64_t t0, int64_t nr) {
+  int64_t r = 0;
+  while (r < nr && g.visible(t0 + r) == 0) ++r;
+  return r;
 }
 
 // O row r (row stride ldo) *= alpha[r] (the online softmax's rescale when the row max grew).
@@ -640,7 +652,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       if (k0 > 0) rescale_rows(o, nr, g.hsv, ldo, sc.alpha.data());
       tile_mm(own, nr, g.hsv, nc, T(1), s, kBkF, 1, vb.p, vb.ld, o, ldo, true);  // O += P V
     }
-    finish_rows(o, nr, g.hsv, ldo, sc.m.data(), sc.l.data(), lp + b * g.T + t0);
+    finish_rows(o, nr, g.hsv, ldo, sc.m.data(), sc.l.data(), lp + b * g.T + t0, blind_rows(g, t0, nr));
     if constexpr (!direct) {
       store_block(o, ldo, nr, g.hsv, out_tile, Out.ld);
     }
@@ -847,7 +859,7 @@ void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       isa_bf16::gemm_bf16(nr, g.hsv, half_up(nc), words(sc.pa.data()), kBkF / 2, 1, sc.vv.data() + (k0 / 2) * ldv,
                           ldv, o, g.hsv, 1.0f, true);  // O += P V
     }
-    finish_rows(o, nr, g.hsv, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0);
+    finish_rows(o, nr, g.hsv, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0, blind_rows(g, t0, nr));
     for (int64_t r = 0; r < nr; ++r) {
       narrow_bf16_row(o + r * g.hsv, reinterpret_cast<uint16_t*>(Out.at(b, t0 + r)), g.hsv);
     }

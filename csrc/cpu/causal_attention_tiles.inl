@@ -29,7 +29,9 @@ inline void attn_fwd_tile_f32(float* s, int64_t nr, int64_t nc, int64_t ld, cons
     const float m_old = m[r];
     const float tile_max = vm.hmax();
     const float m_new = tile_max > m_old ? tile_max : m_old;
-    const VecF neg_m = VecF::set1(-m_new);
+    // every visible score so far -inf: subtract 0, not -inf (exp(-inf + inf) would
+    // be NaN), so the row stays empty (l = 0) until a finite score comes
+    const VecF neg_m = VecF::set1(m_new == -__builtin_inff() ? 0.0f : -m_new);
     VecF acc = VecF::set1(0.0f);
     for (j = 0; j + N <= L; j += N) {
       const VecF e = VecF::exp(VecF::load(x + j) + neg_m);
