@@ -378,9 +378,62 @@ for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATTNEXT_MATMUL_BLAS="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, ATTNEXT_MATMUL_BLAS="0", ATTNEXT_F32_GEMM="0",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+# float32 GEMMs large enough for the blocked driver of attnext's own AVX-512 GEMM (where
+# the CPU has AVX-512; the BLAS elsewhere): sizes off every block size (6-row and 96-row
+# blocks, 16/64/256 columns, 384-deep blocks), transposed operands (B transposed into
+# the driver's buffer, A read as columns), folded x @ W and batched entries in parallel.
+OWN_GEMM_CASES = [
+    ("k > 384: depth blocks accumulate", (1000, 777), (777, 300), lambda a, b: (a, b)),
+    ("x @ W^T folded, n > 256, B transposed", (4, 130, 65), (520, 65), lambda a, b: (a, b.t())),
+    ("A transposed (columns)", (97, 301), (97, 35), lambda a, b: (a.t(), b)),
+    ("batched entries", (3, 50, 40), (3, 40, 33), lambda a, b: (a, b)),
+]
+
+
+def _own_gemm_check(sa, sb, make):
+    g = torch.Generator().manual_seed(0)
+    a64, b64 = (torch.randn(s, generator=g, dtype=torch.float64) for s in (sa, sb))
+    a64, b64 = make(a64, b64)
+    a, b = (t.float().requires_grad_() for t in (a64, b64))
+    out = attnext.matmul(a, b)
+    ref = torch.matmul(a64, b64)
+    k = a64.shape[-1]
+    tol = 2e-6 * k**0.5 * 4
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ga, gb = torch.autograd.grad(out, (a, b), gout.float())
+    ra = gout @ b64.transpose(-1, -2)
+    rb = a64.transpose(-1, -2) @ gout
+    rb = rb.sum(0) if rb.dim() > b64.dim() else rb  # W's gradient summed over the folded batch
+    torch.testing.assert_close(ga.double(), ra, rtol=tol * 10, atol=tol * 10)
+    torch.testing.assert_close(gb.double(), rb, rtol=tol * 10, atol=tol * 10)
+
+
+@native
+@pytest.mark.parametrize("why,sa,sb,make", OWN_GEMM_CASES, ids=[c[0] for c in OWN_GEMM_CASES])
+def test_float32_own_gemm_sizes_and_layouts(why, sa, sb, make):
+    _own_gemm_check(sa, sb, make)
+
+
+@native
+def test_float32_blas_path_subprocess():
+    """ATTNEXT_F32_GEMM=0: the same cases through the BLAS (the path of a CPU without AVX-512)."""
+    from conftest import assert_python_ok
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import test_matmul as t\n"
+        "for _, sa, sb, make in t.OWN_GEMM_CASES:\n"
+        "    t._own_gemm_check(sa, sb, make)\n"
+        "print('ok')\n"
+    )
+    assert_python_ok(code, ATTNEXT_F32_GEMM="0")
 
 
 def test_grad_modes():

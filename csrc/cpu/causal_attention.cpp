@@ -61,16 +61,15 @@
 #include <atomic>
 #include <climits>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "cpu/blas.h"
+#include "cpu/gemm_f32.h"
 #include "dropout_hash.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
@@ -85,7 +84,6 @@ ATTNEXT_ISA_BEGIN_AVX512
 namespace isa_avx512 {
 #include "cpu/simd_avx512.inl"
 #include "cpu/causal_attention_tiles.inl"
-#include "cpu/gemm_f32.inl"
 }  // namespace isa_avx512
 ATTNEXT_ISA_END
 ATTNEXT_ISA_BEGIN_AVX2
@@ -258,26 +256,11 @@ void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, co
   blas_gemm<T>('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
 }
 
-// ---- the float tile products: attnext's AVX-512 kernel (cpu/gemm_f32.inl) where
+// ---- the float tile products: attnext's AVX-512 kernel (cpu/gemm_f32.h) where
 // the CPU runs AVX-512, else the BLAS. The kernel reads its operands where they
 // are (no packing per call), which on 64 x 64 tiles is what the BLAS spends a
 // fifth of its time on; the one operand it needs transposed (K^T, V^T) is
 // transposed once per key tile and reused. ATTNEXT_F32_GEMM=0 keeps the BLAS.
-using F32Gemm = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                         int64_t, float, bool);
-
-F32Gemm f32_gemm_kernel() {
-  static const F32Gemm fn = []() -> F32Gemm {
-#if ATTNEXT_X86_SIMD
-    const char* env = std::getenv("ATTNEXT_F32_GEMM");
-    if (env != nullptr && std::string(env) == "0") return nullptr;
-    if (simd::detected_isa() == simd::Isa::kAvx512) return &isa_avx512::gemm_f32;
-#endif
-    return nullptr;
-  }();
-  return fn;
-}
-
 // The kernel for the tiles of compute type T: float only.
 template <typename T>
 F32Gemm own_gemm() {

@@ -44,6 +44,7 @@
 
 #include "common.h"
 #include "cpu/blas.h"
+#include "cpu/gemm_f32.h"
 #include "ops.h"
 
 namespace attnext {
@@ -155,11 +156,13 @@ bool have_blas() {
   }
 }
 
-// How one GEMM is computed: the loop kernel (tiny, or k == 0), the exported BLAS,
-// or, where this torch exports none (or ATTNEXT_MATMUL_BLAS=0, for testing), ATen's
+// How one GEMM is computed: the loop kernel (tiny, or k == 0); for float32 on
+// AVX-512 CPUs attnext's own GEMM (cpu/gemm_f32.h: about 2x the MKL torch ships on
+// the dev VM's AMD EPYC; ATTNEXT_F32_GEMM=0 turns it off); the exported BLAS; or,
+// where this torch exports none (or ATTNEXT_MATMUL_BLAS=0, for testing), ATen's
 // mm on views of the same memory (reduced precision: float copies of the two
 // matrices, one GEMM's worth).
-enum class Backend { kLoop, kBlas, kAten };
+enum class Backend { kLoop, kOwn, kBlas, kAten };
 
 bool blas_allowed() {
   static const bool allowed = [] {
@@ -205,6 +208,14 @@ void gemm(int64_t m, int64_t n, int64_t k, const scalar_t* A, MatLayout la, cons
   if (backend == Backend::kAten) {
     aten_gemm<scalar_t>(m, n, k, A, la, B, lb, accumulate, C);
     return;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (backend == Backend::kOwn) {
+      const int64_t am = la.trans ? 1 : la.ld, ak = la.trans ? la.ld : 1;  // A(i, p) = A[i*am + p*ak]
+      const int64_t bk = lb.trans ? 1 : lb.ld, bn = lb.trans ? lb.ld : 1;  // B(p, j) = B[p*bk + j*bn]
+      f32_gemm_blocked(m, n, k, A, am, ak, B, bk, bn, C, n, accumulate);
+      return;
+    }
   }
   const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
   const int lda = static_cast<int>(la.ld), ldb = static_cast<int>(lb.ld), ldc = std::max(1, in);
@@ -282,10 +293,13 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     *oa = a;
     *ob = b;
   };
+  const bool own_f32 = std::is_same_v<scalar_t, float> && f32_gemm_kernel() != nullptr;
   const Backend backend = (k == 0 || m * n * k <= kTinyGemm)                                        ? Backend::kLoop
+                          : own_f32                                                                 ? Backend::kOwn
                           : (blas_allowed() && have_blas<scalar_t>() && fits_int(m, n, k, A.layout, B.layout)) ? Backend::kBlas
                                                                                                             : Backend::kAten;
   const bool loop = backend == Backend::kLoop;
+  const bool own = backend == Backend::kOwn;  // threads itself outside a parallel region, serial inside
 
   auto body = [&](int64_t e0, int64_t e1) {
     std::vector<acc_t> scratch(kLowp ? mn : 0);
@@ -314,8 +328,8 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
   };
   const bool can_pin = SingleThreadedBlas::available();
   const int64_t threads = at::get_num_threads();
-  const bool pin = can_pin && !loop;
-  const bool parallel_ok = loop || can_pin;
+  const bool pin = can_pin && backend == Backend::kBlas;
+  const bool parallel_ok = loop || own || can_pin;
   const int64_t macs = std::max<int64_t>(1, m * n * std::max<int64_t>(k, 1));
 
   if (parallel_ok && threads > 1 && E < threads && R > 1) {
@@ -357,14 +371,14 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     });
     return;
   }
-  if (loop || (can_pin && E > 1 && E >= threads)) {
+  if (loop || ((can_pin || own) && E > 1 && E >= threads)) {
     at::parallel_for(0, E, std::max<int64_t>(1, (int64_t(1) << 15) / (macs * std::max<int64_t>(R, 1))),
                      [&](int64_t e0, int64_t e1) {
                        SingleThreadedBlas guard(pin);
                        body(e0, e1);
                      });
   } else {
-    body(0, E);  // entries in turn, the BLAS threads each GEMM
+    body(0, E);  // entries in turn, the BLAS (or attnext's GEMM) threads each GEMM
   }
 }
 

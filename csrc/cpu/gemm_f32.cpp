@@ -1,0 +1,99 @@
+// attnext's own float32 GEMM on AVX-512: the register-blocked kernel of
+// cpu/gemm_f32.inl, and a cache-blocked, threaded driver around it for operands of
+// any size (see cpu/gemm_f32.h for why).
+//
+// Blocking of the driver, per thread (threads own row blocks of kMc rows):
+//   for each column block of kNc columns, each depth block of kKc:
+//     B (kKc, kNc): read in place when its rows are unit-stride, else transposed
+//       into a per-thread buffer (about 390 KB: it stays in L2);
+//     for each of the thread's row blocks: the kernel over (kMc, kNc, kKc), A read in
+//       place as broadcast scalars (so a transposed A costs nothing), C accumulating
+//       across the depth blocks.
+// With K <= kKc (the projections of a transformer) C is written once.
+#include "cpu/gemm_f32.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cpu/vec_math.h"
+
+namespace attnext {
+namespace {
+
+#if ATTNEXT_X86_SIMD
+ATTNEXT_ISA_BEGIN_AVX512
+namespace isa_avx512 {
+#include "cpu/gemm_f32.inl"
+}  // namespace isa_avx512
+ATTNEXT_ISA_END
+#endif
+
+constexpr int64_t kMc = 96;   // rows per block (16 register blocks of 6)
+constexpr int64_t kNc = 256;  // columns per block
+constexpr int64_t kKc = 384;  // depth per block: a (kKc, kNc) block of B is 384 KiB
+
+}  // namespace
+
+F32Gemm f32_gemm_kernel() {
+  static const F32Gemm fn = []() -> F32Gemm {
+#if ATTNEXT_X86_SIMD
+    const char* env = std::getenv("ATTNEXT_F32_GEMM");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
+    if (simd::detected_isa() == simd::Isa::kAvx512) return &isa_avx512::gemm_f32;
+#endif
+    return nullptr;
+  }();
+  return fn;
+}
+
+void f32_gemm_blocked(int64_t m, int64_t n, int64_t k, const float* a, int64_t sa_i, int64_t sa_p, const float* b,
+                      int64_t sb_p, int64_t sb_j, float* c, int64_t ldc, bool accumulate) {
+  const F32Gemm kernel = f32_gemm_kernel();
+  TORCH_INTERNAL_ASSERT(kernel != nullptr, "attnext: f32_gemm_blocked needs the AVX-512 kernel");
+  if (m <= 0 || n <= 0) return;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    }
+    return;
+  }
+  const bool b_rows = sb_j == 1 || n == 1;  // B's rows unit-stride: read in place
+  const int64_t nblocks = (m + kMc - 1) / kMc;
+  // enough work per task that a thread is worth starting: about 2^22 multiply-adds
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, kMc * n * k));
+  at::parallel_for(0, nblocks, grain, [&](int64_t blk0, int64_t blk1) {
+    std::vector<float> packed(b_rows ? 0 : kKc * kNc);
+    for (int64_t j0 = 0; j0 < n; j0 += kNc) {
+      const int64_t nc = std::min(kNc, n - j0);
+      for (int64_t p0 = 0; p0 < k; p0 += kKc) {
+        const int64_t kc = std::min(kKc, k - p0);
+        const float* bp = b + p0 * sb_p + j0 * sb_j;
+        int64_t ldb = sb_p;
+        if (!b_rows) {  // B (kc, nc) with unit-stride columns: transpose it in 16 x 16 blocks
+          for (int64_t jj = 0; jj < nc; jj += 16) {
+            for (int64_t pp = 0; pp < kc; pp += 16) {
+              for (int64_t j = jj; j < std::min(nc, jj + 16); ++j) {
+                const float* src = bp + j * sb_j;
+                for (int64_t p = pp; p < std::min(kc, pp + 16); ++p) packed[p * nc + j] = src[p * sb_p];
+              }
+            }
+          }
+          bp = packed.data();
+          ldb = nc;
+        }
+        const bool acc = accumulate || p0 > 0;
+        for (int64_t blk = blk0; blk < blk1; ++blk) {
+          const int64_t i0 = blk * kMc, mr = std::min(kMc, m - i0);
+          kernel(mr, nc, kc, a + i0 * sa_i + p0 * sa_p, sa_i, sa_p, bp, ldb, c + i0 * ldc + j0, ldc, 1.0f, acc);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace attnext
