@@ -263,6 +263,7 @@ std::string mma_unsupported(const at::Tensor& q, const at::Tensor& k, const at::
   const at::ScalarType st = q.scalar_type();
   if (st != at::kHalf && st != at::kBFloat16) return "the dtype is not float16 or bfloat16";
   if (g.hs != g.hsv) return "hs != hs_v";
+  if (g.hs == 0) return "head size 0";
   const int64_t max_hs = backward ? kMmaMaxHsBwd : kMmaMaxHsFwd;
   if (g.hs > max_hs) return "head size " + std::to_string(g.hs) + " > " + std::to_string(max_hs);
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
