@@ -41,8 +41,30 @@ def causal_flops(batch, T, hs, mode):
 def providers():
     return {
         "attnext": lambda q, k, v: attnext.causal_attention(q, k, v),
+        # the same op on its CUDA-core kernels (ATTNEXT_CUDA_MMA=0, set around it by run())
+        "attnext-cudacore": lambda q, k, v: attnext.causal_attention(q, k, v),
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
+
+
+# ATTNEXT_CUDA_MMA per provider: the env var is read at every call, forward and backward
+PROVIDER_ENV = {"attnext-cudacore": "0"}
+
+
+class provider_env:
+    def __init__(self, name):
+        self.value = PROVIDER_ENV.get(name)
+
+    def __enter__(self):
+        self.old = os.environ.get("ATTNEXT_CUDA_MMA")
+        if self.value is not None:
+            os.environ["ATTNEXT_CUDA_MMA"] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("ATTNEXT_CUDA_MMA", None)
+        else:
+            os.environ["ATTNEXT_CUDA_MMA"] = self.old
 
 
 def peak_mb(fn, q, k, v, g):
@@ -70,27 +92,28 @@ def run(quick: bool = False) -> List[Dict]:
                                                          v.detach().double(), hs**-0.5)[0] if T <= 2048 else None
                 shape = "x".join(map(str, (*batch, T, hs))) + f" ({layout})"
                 for name, fn in providers().items():
-                    if ref is not None:
-                        err = (fn(q, k, v).double() - ref).abs().max().item()
-                        if not err < 5e-2:
-                            raise RuntimeError(f"{name} is wrong at {shape} {dtype}: max error {err:.3g}")
+                    with provider_env(name):
+                        if ref is not None:
+                            err = (fn(q, k, v).double() - ref).abs().max().item()
+                            if not err < 5e-2:
+                                raise RuntimeError(f"{name} is wrong at {shape} {dtype}: max error {err:.3g}")
 
-                    def fwd(fn=fn):
-                        with torch.no_grad():
-                            return fn(q, k, v)
+                        def fwd(fn=fn):
+                            with torch.no_grad():
+                                return fn(q, k, v)
 
-                    def fwd_bwd(fn=fn):
-                        return torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+                        def fwd_bwd(fn=fn):
+                            return torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
 
-                    for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                        t = common.time_fn(f, "cuda", quick)
+                        for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                            t = common.time_fn(f, "cuda", quick)
+                            rows.append(dict(base, op="causal_attention", shape=shape, dtype=str(dtype).split(".")[-1],
+                                             seq_len=T, mode=mode, provider=name, median_ms=round(t.median_ms, 4),
+                                             iqr_ms=round(t.iqr_ms, 4),
+                                             gflops_or_gbs=round(causal_flops(batch, T, hs, mode) / (t.median_ms * 1e-3) / 1e9, 1)))
                         rows.append(dict(base, op="causal_attention", shape=shape, dtype=str(dtype).split(".")[-1],
-                                         seq_len=T, mode=mode, provider=name, median_ms=round(t.median_ms, 4),
-                                         iqr_ms=round(t.iqr_ms, 4),
-                                         gflops_or_gbs=round(causal_flops(batch, T, hs, mode) / (t.median_ms * 1e-3) / 1e9, 1)))
-                    rows.append(dict(base, op="causal_attention", shape=shape, dtype=str(dtype).split(".")[-1],
-                                     seq_len=T, mode="peak-MiB", provider=name,
-                                     median_ms=round(peak_mb(fn, q, k, v, grad), 1), iqr_ms=0.0, gflops_or_gbs=0.0))
+                                         seq_len=T, mode="peak-MiB", provider=name,
+                                         median_ms=round(peak_mb(fn, q, k, v, grad), 1), iqr_ms=0.0, gflops_or_gbs=0.0))
                 q = k = v = grad = ref = None  # noqa: F841 (free before the next case)
                 torch.cuda.empty_cache()
     common.add_ratios(rows)

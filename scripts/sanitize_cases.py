@@ -138,6 +138,43 @@ def attention_cases():
                     out.backward(torch.randn_like(out))
 
 
+def attention_mma_cases():
+    # The tensor-core kernels (float16 / bfloat16, sm_80+): ATTNEXT_CUDA_MMA=require makes any
+    # call they cannot take an error, so each case below really runs them. Small shapes that still
+    # cover several query and key tiles, both pipelines' prefetch, partial tiles, rows that see no
+    # key (bottom-right, T > S), nanoGPT views, a head size that is zero-padded (80 -> 96), dropout.
+    if "cuda" not in attnext.ops._DEVICES.get("causal_attention", ()):
+        return
+    if torch.cuda.get_device_capability()[0] < 8:
+        print("causal_attention tensor-core kernels: need sm_80+, not sanitized")
+        return
+    old = os.environ.get("ATTNEXT_CUDA_MMA")
+    os.environ["ATTNEXT_CUDA_MMA"] = "require"
+    try:
+        for dtype in (torch.bfloat16, torch.float16):
+            opts = dict(device="cuda", dtype=dtype)
+            for T, S, hs in ((70, 90, 64), (90, 70, 128), (130, 130, 80), (1, 1, 16)):
+                cases = (
+                    [torch.randn(2, n, hs, **opts) for n in (T, S, S)],
+                    [torch.randn(2, n, 2, hs, **opts).transpose(1, 2) for n in (T, S, S)],
+                )
+                for q, k, v in cases:
+                    for align in ("top_left", "bottom_right"):
+                        for p in (0.0, 0.25):
+                            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+                            out = attnext.causal_attention(q, k, v, dropout_p=p, align=align)
+                            out.backward(torch.randn_like(out))
+            # head size 256: the forward on tensor cores (its backward is the CUDA-core kernel's)
+            q, k, v = (torch.randn(1, 2, 70, 256, **opts) for _ in range(3))
+            out, lse = torch.ops.attnext.causal_attention(q, k, v, 0.0625, 0.25, True, 1, 2)
+            assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    finally:
+        if old is None:
+            del os.environ["ATTNEXT_CUDA_MMA"]
+        else:
+            os.environ["ATTNEXT_CUDA_MMA"] = old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-cublas", action="store_true", help="leave out matmul (cuBLAS kernels)")
@@ -148,6 +185,7 @@ def main() -> None:
     softmax_cases()
     mean_cases()
     attention_cases()
+    attention_mma_cases()
     if not args.no_cublas:
         matmul_cases()
     torch.cuda.synchronize()

@@ -66,21 +66,198 @@ def test_float64_matches_reference_tightly():
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,hs", [(17, 64), (1000, 64), (4097, 128), (256, 256)])
-def test_half_types_within_twice_eager_error(dtype, T, hs):
-    # The flash-attention rule: error vs the float64 oracle at most 2x eager's own error in that dtype.
-    q64, k64, v64 = make_qkv((1, 2), T, T, hs, hs)
-    g64 = torch.randn(1, 2, T, hs, device="cuda", dtype=torch.float64)
-    oracle = fwd_bwd(lambda *a: reference.causal_attention(*a, hs**-0.5)[0], q64, k64, v64, g64)
+def assert_within_twice_eager(fn, q64, k64, v64, g64, dtype, ref=None, atol=1e-4):
+    """The flash-attention rule: fn's error (forward and each gradient, one shared grad_out) vs the
+    float64 oracle is at most 2x eager torch's own error in that dtype, + atol. ref(q, k, v) -> out
+    is the eager computation (reference.causal_attention by default)."""
+    hs = q64.shape[-1]
+    ref = ref or (lambda q, k, v: reference.causal_attention(q, k, v, hs**-0.5)[0])
+    oracle = fwd_bwd(ref, q64, k64, v64, g64)
     qh, kh, vh = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
-    got = fwd_bwd(attnext.causal_attention, qh, kh, vh, g64.to(dtype))
-    eager = fwd_bwd(lambda *a: reference.causal_attention(*a, hs**-0.5)[0], qh, kh, vh, g64.to(dtype))
-    for a, e, o in zip(got, eager, oracle):
+    got = fwd_bwd(fn, qh, kh, vh, g64.to(dtype))
+    eager = fwd_bwd(ref, qh, kh, vh, g64.to(dtype))
+    for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, oracle):
         assert a.dtype == dtype
         err = (a.double() - o).abs().max().item()
         eager_err = (e.double() - o).abs().max().item()
+        assert err <= 2 * eager_err + atol, (name, err, eager_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,hs", [(17, 64), (1000, 64), (4097, 128), (256, 256)])
+def test_half_types_within_twice_eager_error(dtype, T, hs):
+    # Whichever path the dispatcher picks (tensor cores on sm_80+).
+    q64, k64, v64 = make_qkv((1, 2), T, T, hs, hs)
+    g64 = torch.randn(1, 2, T, hs, device="cuda", dtype=torch.float64)
+    assert_within_twice_eager(attnext.causal_attention, q64, k64, v64, g64, dtype)
+
+
+# ------------------------------------------------------------------ tensor cores vs CUDA cores
+# float16 / bfloat16 on sm_80+ run the mma.sync kernels (csrc/cuda/causal_attention_mma.cuh);
+# ATTNEXT_CUDA_MMA=0 forces the CUDA-core kernels and =require makes a call the tensor-core
+# kernels cannot take an error, so every case below runs on the path it names (the env var is
+# read per call). The backward's tensor-core limit is hs <= 128: above it the forward alone is
+# required to take that path (MMA_BWD_MAX_HS).
+MMA_BWD_MAX_HS = 128
+PATHS = ["mma", "cuda_core"]
+
+
+def use_path(monkeypatch, path, hs=64, backward=True):
+    if path == "cuda_core":
+        monkeypatch.setenv("ATTNEXT_CUDA_MMA", "0")
+        return
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core kernels need compute capability 8.0+")
+    monkeypatch.setenv("ATTNEXT_CUDA_MMA", "require" if hs <= MMA_BWD_MAX_HS or not backward else "1")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hs", [16, 64, 80, 128, 256])  # 16 -> tile 32, 80 -> 96 (zero-padded); 256: forward only
+@pytest.mark.parametrize("T", [1, 17, 128, 1000, 4097])  # one row; partial tile; whole tiles; many; 4096 + 1
+def test_both_paths_within_twice_eager_error(monkeypatch, path, dtype, T, hs):
+    use_path(monkeypatch, path, hs)
+    batch = (1, 2) if T <= 1000 else (1, 1)
+    q64, k64, v64 = make_qkv(batch, T, T, hs, hs, seed=T + hs)
+    g64 = torch.randn(*batch, T, hs, device="cuda", dtype=torch.float64)
+    assert_within_twice_eager(attnext.causal_attention, q64, k64, v64, g64, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("T,S", [(70, 150), (150, 70), (1, 300), (300, 1), (65, 64)])
+def test_both_paths_t_ne_s(monkeypatch, path, dtype, align, T, S):
+    # bottom-right with T > S: the first T - S rows see no key (zeros, lse -inf, zero gradients)
+    use_path(monkeypatch, path)
+    q64, k64, v64 = make_qkv((2,), T, S, 64, 64, seed=T * S)
+    g64 = torch.randn(2, T, 64, device="cuda", dtype=torch.float64)
+    br = align == "bottom_right"
+    assert_within_twice_eager(lambda *a: attnext.causal_attention(*a, align=align), q64, k64, v64, g64, dtype,
+                              ref=lambda q, k, v: reference.causal_attention(q, k, v, 64**-0.5, 0.0, br)[0])
+    if br and T > S:
+        qh, kh, vh = (t.detach().to(dtype) for t in (q64, k64, v64))
+        out, lse = torch.ops.attnext.causal_attention(qh, kh, vh, 0.125, 0.0, True, 0, 0)
+        assert (out[:, : T - S] == 0).all() and torch.isinf(lse[:, : T - S]).all() and (lse[:, : T - S] < 0).all()
+        assert torch.isfinite(lse[:, T - S :]).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_both_paths_nanogpt_views_and_3d(monkeypatch, path, dtype):
+    use_path(monkeypatch, path)
+    # 4-D nanoGPT views: q.view(B, T, nh, hs).transpose(1, 2), read in place (row stride nh * hs)
+    B, T, nh, hs = 2, 300, 4, 64
+    x = torch.randn(B, T, 3 * nh * hs, device="cuda", dtype=dtype, requires_grad=True)
+    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in x.split(nh * hs, dim=2))
+    assert not q.is_contiguous()
+    g = torch.randn(B, nh, T, hs, device="cuda", dtype=dtype)
+    out = attnext.causal_attention(q, k, v)
+    (gx,) = torch.autograd.grad(out, x, g)
+    x64 = x.detach().double().requires_grad_()
+    q64, k64, v64 = (t.view(B, T, nh, hs).transpose(1, 2) for t in x64.split(nh * hs, dim=2))
+    ref = reference.causal_attention(q64, k64, v64, hs**-0.5)[0]
+    (gx_ref,) = torch.autograd.grad(ref, x64, g.double())
+    xe = x.detach().requires_grad_()
+    qe, ke, ve = (t.view(B, T, nh, hs).transpose(1, 2) for t in xe.split(nh * hs, dim=2))
+    eager = reference.causal_attention(qe, ke, ve, hs**-0.5)[0]
+    (gx_eager,) = torch.autograd.grad(eager, xe, g)
+    for a, e, o in ((out, eager, ref), (gx, gx_eager, gx_ref)):
+        err, eager_err = (a.double() - o).abs().max().item(), (e.double() - o).abs().max().item()
         assert err <= 2 * eager_err + 1e-4, (err, eager_err)
+    # 3-D lecture inputs (B, T, hs)
+    q64, k64, v64 = make_qkv((4,), 129, 129, 64, 64)
+    assert_within_twice_eager(attnext.causal_attention, q64, k64, v64,
+                              torch.randn(4, 129, 64, device="cuda", dtype=torch.float64), dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("T,S,br", [(90, 90, False), (70, 150, True), (150, 70, True), (20, 20, False)])
+def test_both_paths_dropout_mask_is_the_cpu_mask(monkeypatch, path, T, S, br):
+    # The CPU kernel in float64 with the same (seed, offset) is the oracle: a mask bit that differs
+    # moves its weight (>= 1/S of the row) and fails the twice-eager bound. T = 20: large weights.
+    use_path(monkeypatch, path)
+    dtype, p, seed, offset = torch.bfloat16, 0.3, 1234, 77
+    q64, k64, v64 = make_qkv((2, 2), T, S, 64, 64, seed=5)
+    g64 = torch.randn(2, 2, T, 64, device="cuda", dtype=torch.float64)
+
+    def op(q, k, v):
+        return torch.ops.attnext.causal_attention(q, k, v, 0.125, p, br, seed, offset)[0]
+
+    def eager(q, k, v):
+        return reference.causal_attention(q, k, v, 0.125, p, br, seed, offset)[0]
+
+    qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q64, k64, v64))
+    cpu = fwd_bwd(op, qc, kc, vc, g64.cpu())  # CPU kernel, float64
+    qh, kh, vh = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
+    got = fwd_bwd(op, qh, kh, vh, g64.to(dtype))
+    eag = fwd_bwd(eager, qh, kh, vh, g64.to(dtype))
+    for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eag, cpu):
+        err = (a.double().cpu() - o).abs().max().item()
+        eager_err = (e.double().cpu() - o).abs().max().item()
+        assert err <= 2 * eager_err + 1e-4, (name, err, eager_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_forward_with_cuda_core_backward(monkeypatch, dtype):
+    # No state passes from the forward to the backward but lse: a tensor-core forward followed by
+    # a CUDA-core backward (and the reverse) gives the gradients of either path alone.
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core kernels need compute capability 8.0+")
+    q, k, v = make_qkv((2, 2), 150, 150, 64, 64, dtype, seed=3)
+    g = torch.randn(2, 2, 150, 64, device="cuda", dtype=dtype)
+    grads = {}
+    for fwd_mode, bwd_mode in (("require", "require"), ("0", "0"), ("require", "0"), ("0", "require")):
+        monkeypatch.setenv("ATTNEXT_CUDA_MMA", fwd_mode)
+        out = torch.ops.attnext.causal_attention(q, k, v, 0.125, 0.1, False, 9, 0)[0]
+        monkeypatch.setenv("ATTNEXT_CUDA_MMA", bwd_mode)
+        grads[fwd_mode, bwd_mode] = torch.autograd.grad(out, (q, k, v), g)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=5e-3, rtol=5e-3)
+    for mixed in (("require", "0"), ("0", "require")):
+        for a, b in zip(grads[mixed], grads["require", "require"]):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_mma_forward_takes_head_size_256(monkeypatch):
+    use_path(monkeypatch, "mma", 256, backward=False)
+    q64, k64, v64 = make_qkv((1, 2), 300, 300, 256, 256)
+    qh, kh, vh = (t.detach().bfloat16() for t in (q64, k64, v64))
+    out, lse = torch.ops.attnext.causal_attention(qh, kh, vh, 256**-0.5, 0.0, False, 0, 0)
+    ref_out, ref_lse = reference.causal_attention(q64.detach(), k64.detach(), v64.detach(), 256**-0.5)
+    eager = reference.causal_attention(qh, kh, vh, 256**-0.5)[0]
+    assert (out.double() - ref_out).abs().max() <= 2 * (eager.double() - ref_out).abs().max() + 1e-4
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+def test_mma_path_refusals(monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core kernels need compute capability 8.0+")
+    monkeypatch.setenv("ATTNEXT_CUDA_MMA", "require")
+    # rows not 16-byte aligned (a view starting one element in): the CUDA-core kernel takes it
+    base = torch.randn(2, 40, 65, device="cuda", dtype=torch.bfloat16)
+    q = base[..., 1:]
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        torch.ops.attnext.causal_attention(q, q, q, 0.125, 0.0, False, 0, 0)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.attnext.causal_attention(q.float(), q.float(), q.float(), 0.125, 0.0, False, 0, 0)
+    with pytest.raises(RuntimeError, match="hs != hs_v"):
+        v = torch.randn(2, 40, 32, device="cuda", dtype=torch.bfloat16)
+        torch.ops.attnext.causal_attention(q.contiguous(), q.contiguous(), v, 0.125, 0.0, False, 0, 0)
+    monkeypatch.setenv("ATTNEXT_CUDA_MMA", "1")
+    out = torch.ops.attnext.causal_attention(q, q, q, 0.125, 0.0, False, 0, 0)[0]
+    ref = reference.causal_attention(q.double(), q.double(), q.double(), 0.125)[0]
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_nan_in_a_visible_score_makes_only_the_rows_that_see_it_nan(monkeypatch, dtype):
+    use_path(monkeypatch, "mma")
+    q, k, v = (t.detach() for t in make_qkv((2,), 130, 130, 64, 64, dtype))
+    k = k.clone()
+    k[:, 70, 3] = float("nan")  # key 70: the second key tile; rows 64.. share its query tile
+    out, lse = torch.ops.attnext.causal_attention(q, k, v, 0.125, 0.0, False, 0, 0)
+    assert torch.isfinite(out[:, :70]).all() and torch.isfinite(lse[:, :70]).all()
+    assert torch.isnan(out[:, 70:]).all() and torch.isnan(lse[:, 70:]).all()
 
 
 def test_matches_sdpa_4d_and_reads_transposed_views():

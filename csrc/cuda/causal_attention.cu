@@ -1,17 +1,32 @@
-// Fused causal attention on CUDA: host side (checks, tile choice, launches).
-// The kernels and their algorithm are described in causal_attention_kernels.cuh.
+// Fused causal attention on CUDA: host side (checks, path and tile choice, launches).
+// Two kernel families:
+//  * tensor cores (causal_attention_mma.cuh / .h): float16 and bfloat16 on sm_80+,
+//    mma.sync m16n8k16 with fp32 accumulation, head sizes up to 256 forward and 128
+//    backward (rounded up to a compiled class), rows 16-byte aligned;
+//  * CUDA cores (causal_attention_kernels.cuh): everything else, exact in float32 and
+//    float64, and the fallback of the first.
+// The choice (mma_forward / mma_backward) is made per call, forward and backward
+// independently: both families read and write the same lse (float32 for half types,
+// natural log, -inf for a row that sees no key) and the same dropout mask, so a
+// forward on one and a backward on the other agree. ATTNEXT_CUDA_MMA=0 turns the
+// tensor-core path off, =require makes a call that cannot take it an error (tests).
 // Launches go to the current stream under a device guard; launch errors are checked.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common.h"
 #include "cuda/causal_attention_kernels.cuh"
+#include "cuda/causal_attention_mma.cuh"
 #include "cuda/cuda_common.h"
+#include "cuda/static_switch.h"
 #include "dropout_hash.h"
 
 namespace attnext {
@@ -167,6 +182,196 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   });
 }
 
+// ------------------------------------------------------------- tensor-core path (mma.sync)
+
+static_assert(mma::kThreads == cuda::kAttnThreads, "launch_tiles launches kAttnThreads per block");
+
+// Head-size classes compiled for the tensor-core kernels (hs rounds up to the next one,
+// zero-padded in shared memory). The dK/dV kernel keeps dK and dV (16 x kHd each per
+// warp) in registers, hence the lower limit of the backward.
+template <bool kBackward, typename F>
+bool mma_head_switch(int64_t hs, F&& f) {
+  if constexpr (kBackward) {
+    return ceil_switch<32, 64, 96, 128>(hs, f);
+  } else {
+    return ceil_switch<32, 64, 96, 128, 192, 256>(hs, f);
+  }
+}
+constexpr int64_t kMmaMaxHsFwd = 256, kMmaMaxHsBwd = 128;
+
+enum class MmaMode { kOff, kAuto, kRequire };
+
+MmaMode mma_mode() {
+  const char* e = std::getenv("ATTNEXT_CUDA_MMA");
+  if (e == nullptr) return MmaMode::kAuto;
+  if (std::strcmp(e, "0") == 0) return MmaMode::kOff;
+  if (std::strcmp(e, "require") == 0) return MmaMode::kRequire;
+  return MmaMode::kAuto;
+}
+
+// cp.async copies 16 bytes: every row must start on a 16-byte boundary (data pointer,
+// and every stride of a dim of size > 1 but the last a multiple of 8 elements).
+bool rows_aligned16(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+  if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
+  for (int64_t d = 0; d < t.dim() - 1; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  return true;
+}
+
+mma::Rows mma_rows(const at::Tensor& t) {
+  const cuda::RowAddr a = row_addr(t);
+  mma::Rows r{};
+  static_assert(mma::kMaxBatchDims == cuda::kMaxBatchDims, "same batch-dim limit");
+  r.nbatch = a.nbatch;
+  for (int d = 0; d < a.nbatch; ++d) {
+    r.sizes[d] = a.sizes[d];
+    r.strides[d] = a.strides[d];
+  }
+  r.stride_t = a.stride_t;
+  return r;
+}
+
+mma::Params mma_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g,
+                       double scale, double dropout_p, int64_t seed, int64_t offset) {
+  mma::Params p{};
+  p.q = reinterpret_cast<const uint16_t*>(q.const_data_ptr());
+  p.k = reinterpret_cast<const uint16_t*>(k.const_data_ptr());
+  p.v = reinterpret_cast<const uint16_t*>(v.const_data_ptr());
+  p.qa = mma_rows(q);
+  p.ka = mma_rows(k);
+  p.va = mma_rows(v);
+  p.BH = g.BH;
+  p.T = g.T;
+  p.S = g.S;
+  p.shift = g.shift;
+  p.hs = static_cast<int>(g.hs);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.drop = dropout_p > 0.0;
+  p.stream_key = p.drop ? dropout_stream_key(seed, offset) : 0u;
+  p.threshold = p.drop ? dropout_threshold(dropout_p) : 0u;
+  p.inv_keep = static_cast<float>(p.drop ? 1.0 / (1.0 - dropout_p) : 1.0);
+  return p;
+}
+
+// Why the tensor-core kernels cannot take this call; empty when they can (up to the
+// per-kernel checks of mma_kernel_unfit).
+std::string mma_unsupported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* dout,
+                            const Geometry& g, bool backward) {
+  const at::ScalarType st = q.scalar_type();
+  if (st != at::kHalf && st != at::kBFloat16) return "the dtype is not float16 or bfloat16";
+  if (g.hs != g.hsv) return "hs != hs_v";
+  if (g.hs == 0) return "head size 0";
+  const int64_t max_hs = backward ? kMmaMaxHsBwd : kMmaMaxHsFwd;
+  if (g.hs > max_hs) return "head size " + std::to_string(g.hs) + " > " + std::to_string(max_hs);
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major < 8) return "compute capability " + std::to_string(prop->major) + "." + std::to_string(prop->minor) + " < 8.0";
+  if (!rows_aligned16(q)) return "q rows are not 16-byte aligned";
+  if (!rows_aligned16(k)) return "k rows are not 16-byte aligned";
+  if (!rows_aligned16(v)) return "v rows are not 16-byte aligned";
+  if (dout != nullptr && !rows_aligned16(*dout)) return "grad_out rows are not 16-byte aligned";
+  return "";
+}
+
+int smem_optin() {
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return optin;
+}
+
+// Why this instantiation cannot run on the current GPU: a build without sm_80+ code
+// for it (its body would be the trap), or more shared memory than the opt-in limit.
+template <typename Kernel>
+std::string mma_kernel_unfit(Kernel kernel, int64_t smem) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (attr.ptxVersion < 80) {
+    return "this build has no sm_80+ code for this GPU (TORCH_CUDA_ARCH_LIST; the kernel's PTX version is " +
+           std::to_string(attr.ptxVersion) + ")";
+  }
+  if (smem > smem_optin()) return "needs " + std::to_string(smem) + " bytes of shared memory per block";
+  return "";
+}
+
+void mma_fail_if_required(MmaMode mode, bool done, const std::string& why, const char* direction) {
+  TORCH_CHECK(done || mode != MmaMode::kRequire, "attnext: ATTNEXT_CUDA_MMA=require, but the tensor-core ",
+              direction, " of causal_attention cannot take this call: ", why);
+}
+
+int64_t mma_query_tiles(int64_t T) { return (T + mma::kBm - 1) / mma::kBm; }
+
+// The forward on tensor cores if it can take the call; false (nothing written) if not.
+bool mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                 const Geometry& g, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  const MmaMode mode = mma_mode();
+  if (mode == MmaMode::kOff) return false;
+  std::string why = mma_unsupported(q, k, v, nullptr, g, false);
+  bool done = false;
+  if (why.empty()) {
+    mma::Params p = mma_params(q, k, v, g, scale, dropout_p, seed, offset);
+    p.out = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+    p.lse_out = lse.mutable_data_ptr<float>();
+    mma_head_switch<false>(g.hs, [&](auto hd) {
+      constexpr int kHd = decltype(hd)::value;
+      bool_switch(q.scalar_type() == at::kBFloat16, [&](auto bf) {
+        constexpr bool kBf16 = decltype(bf)::value;
+        const auto kernel = mma::causal_attention_fwd_mma_kernel<kBf16, kHd>;
+        const int64_t smem = mma::Tiles<kHd>::fwd_smem();
+        why = mma_kernel_unfit(kernel, smem);
+        if (!why.empty()) return;
+        launch_tiles(kernel, g.BH * mma_query_tiles(g.T), smem, p);
+        done = true;
+      });
+    });
+  }
+  mma_fail_if_required(mode, done, why, "forward");
+  return done;
+}
+
+// The backward on tensor cores if it can take the call; false (nothing written) if not.
+// Each kernel prefetches the next tile into a second buffer when two fit in shared memory.
+bool mma_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                  const Geometry& g, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  const MmaMode mode = mma_mode();
+  if (mode == MmaMode::kOff) return false;
+  std::string why = mma_unsupported(q, k, v, &dout, g, true);
+  bool done = false;
+  if (why.empty()) {
+    mma::Params p = mma_params(q, k, v, g, scale, dropout_p, seed, offset);
+    p.dout = reinterpret_cast<const uint16_t*>(dout.const_data_ptr());
+    p.da = mma_rows(dout);
+    p.lse = lse.const_data_ptr<float>();
+    p.D = D.const_data_ptr<float>();
+    p.dq = reinterpret_cast<uint16_t*>(dq.mutable_data_ptr());
+    p.dk = reinterpret_cast<uint16_t*>(dk.mutable_data_ptr());
+    p.dv = reinterpret_cast<uint16_t*>(dv.mutable_data_ptr());
+    mma_head_switch<true>(g.hs, [&](auto hd) {
+      constexpr int kHd = decltype(hd)::value;
+      using L = mma::Tiles<kHd>;
+      bool_switch(q.scalar_type() == at::kBFloat16, [&](auto bf) {
+        constexpr bool kBf16 = decltype(bf)::value;
+        const auto dq_kernel = mma::causal_attention_dq_mma_kernel<kBf16, kHd>;
+        const auto kv_kernel = mma::causal_attention_dkdv_mma_kernel<kBf16, kHd>;
+        why = mma_kernel_unfit(dq_kernel, L::dq_smem(1));
+        if (why.empty()) why = mma_kernel_unfit(kv_kernel, L::dkdv_smem(1));
+        if (!why.empty()) return;
+        const int optin = smem_optin();
+        const int dq_stages = L::dq_smem(2) <= optin ? 2 : 1;
+        const int kv_stages = L::dkdv_smem(2) <= optin ? 2 : 1;
+        launch_tiles(kv_kernel, g.BH * ((g.S + L::kKvBn - 1) / L::kKvBn), L::dkdv_smem(kv_stages), p, kv_stages);
+        launch_tiles(dq_kernel, g.BH * mma_query_tiles(g.T), L::dq_smem(dq_stages), p, dq_stages);
+        done = true;
+      });
+    });
+  }
+  mma_fail_if_required(mode, done, why, "backward");
+  return done;
+}
+
 std::vector<int64_t> out_shape(const at::Tensor& q, int64_t hsv) {
   std::vector<int64_t> s = q.sizes().vec();
   s.back() = hsv;
@@ -187,6 +392,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_in,
     return {out, lse};
   }
   const at::Tensor q = unit_stride_rows(q_in), k = unit_stride_rows(k_in), v = unit_stride_rows(v_in);
+  if (mma_forward(q, k, v, out, lse, g, scale, dropout_p, seed, offset)) {
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_cuda", [&] {
     launch_fwd<scalar_t>(q, k, v, out, lse, g, scale, dropout_p, seed, offset);
   });
@@ -228,6 +436,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
   const at::Tensor lse = lse_in.contiguous();
   // D = rowsum(dO * O) in the accumulation type, (BH * T) contiguous
   const at::Tensor D = (grad_out_in.to(at_acc) * out_in.to(at_acc)).sum(-1).contiguous();
+  if (mma_backward(dout, q, k, v, lse, D, dq, dk, dv, g, scale, dropout_p, seed, offset)) {
+    return {dq, dk, dv};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_backward_cuda", [&] {
     launch_bwd<scalar_t>(dout, q, k, v, lse, D, dq, dk, dv, g, scale, dropout_p, seed, offset);
   });

@@ -3,8 +3,9 @@
 // out = dropout(softmax(scale * q k^T, causal)) v, lse = logsumexp per query row,
 // the (T, S) matrix never stored. A first, exact implementation on CUDA cores:
 // every product in the accumulation type (float, or double for double), so
-// float32 is exact (no TF32) and float64 serves gradcheck. Tensor-core tiles for
-// half types are a later step (see the README).
+// float32 is exact (no TF32) and float64 serves gradcheck. float16 / bfloat16 on
+// sm_80+ normally take the tensor-core kernels (causal_attention_mma.cuh); these are
+// their fallback (head sizes above 256 / 128, unaligned rows, older GPUs).
 //
 // Tiles: a warp owns kRows query rows; its 32 lanes are the 32 keys of the key
 // tile (kBk = 32), so a row's max and sum are warp shuffles. Blocks have 4 warps

@@ -1,8 +1,10 @@
 // Compile-time specialisation from a run-time value, in one place: the kernels'
-// per-lane register counts (and later head sizes) go through these helpers
-// instead of repeated `case` blocks.
+// per-lane register counts, head-size classes and element types go through these
+// helpers instead of repeated `case` blocks.
 #pragma once
 
+#include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace attnext {
@@ -46,6 +48,26 @@ bool pow2_switch(int n, F&& f) {
     }
   }
   return false;
+}
+
+// Calls f(std::integral_constant<int, D>{}) for the first D of kDims (ascending) with
+// n <= D, e.g. a head size rounded up to a compiled tile width; returns false (and calls
+// nothing) if n is above them all.
+template <int... kDims, typename F>
+bool ceil_switch(int64_t n, F&& f) {
+  bool done = false;
+  ((!done && n <= kDims ? (f(std::integral_constant<int, kDims>{}), done = true) : false), ...);
+  return done;
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}).
+template <typename F>
+void bool_switch(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 }  // namespace attnext

@@ -1,0 +1,635 @@
+// Tensor-core causal attention for float16 / bfloat16 (sm_80+): the tile algorithms.
+//
+// Plain C++ (no CUDA, no torch includes): every function here is written over a small
+// set of warp primitives, the `Ops` template argument, so the same code runs
+//   * on the GPU with PtxOps (causal_attention_mma.cuh): ldmatrix, mma.sync.m16n8k16
+//     with fp32 accumulation, cp.async, warp shuffles, __syncthreads;
+//   * on the host in tests/cpp/test_mma_layout.cpp, where 128 threads emulate a block and
+//     the primitives implement the PTX ISA's documented fragment layouts independently:
+//     the index math below is checked by running it, not by reading it.
+// Ops provides: ldsm_x4 / ldsm_x4_t (ldmatrix .x4 [.trans]; p = this lane's row
+// address), mma<kBf16>(d, a, b0, b1) (d += A B), shfl_xor, sync, cp_async16(dst, src,
+// bytes: the first `bytes` of 16 from src, zeros after), cp_commit, cp_wait<N>, exp2,
+// pack2<kBf16>(lo, hi) (two floats rounded to one 32-bit pair, lo in the low half),
+// cvt<kBf16>(x) (one float rounded), store_u32.
+//
+// FlashAttention-2 blocking, 4 warps (128 threads) per block, one m16 row block per warp:
+//  forward  one block per (batch, 64 query rows); K/V tiles of kFwdBn keys stream through
+//           shared memory (V(j) is fetched while S(j) = Q K(j)^T is computed, K(j+1) while
+//           P V(j) is); online softmax in registers (row max by quad shuffles, log2
+//           domain); P goes from the S accumulators straight into the P V mma as A
+//           fragments; tiles above the diagonal are never visited, diagonal tiles masked.
+//           out = O / l in the input dtype, lse = m + log(l) in float (natural log; -inf
+//           and a zero row for a row that sees no key), as the CUDA-core kernel.
+//  dK/dV    one block per (batch, 64 keys), warp w owns keys 16w..16w+15 and accumulates
+//           dK, dV (16 x hs each) in registers over the query tiles that see its keys:
+//           S^T = K Q^T, P^T = exp2(S^T scale log2e - lse log2e), dP^T = V dO^T,
+//           dV += (P Z)^T dO, dS^T = P^T (dP^T Z - D), dK += dS^T Q (scale at the end).
+//  dQ       one block per (batch, 64 query rows): S, dP, dS as above by rows, dQ += dS K.
+// No atomics: every output element is written by exactly one thread. Z is dropout's
+// factor (1/(1-p) or 0) from dropout_hash.h, so the mask is the CPU kernel's bit for bit.
+// Shared tiles are [rows][hs rounded up to kHd, + 8] 16-bit elements: the 16-byte pad
+// puts the 8 rows of every ldmatrix 8x8 matrix in distinct banks; columns hs..kHd and
+// rows past the end are zero-filled by cp.async (src-size < 16), so padding adds zeros.
+// Inputs are read through row strides (any batch / T strides, unit-stride rows whose
+// start addresses are 16-byte aligned: the host side checks and otherwise falls back).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "dropout_hash.h"
+
+#if defined(__CUDACC__)
+#define ATTNEXT_MMA_FN __device__ __forceinline__
+#define ATTNEXT_MMA_HD __host__ __device__ __forceinline__ constexpr
+#define ATTNEXT_UNROLL _Pragma("unroll")
+#else
+#define ATTNEXT_MMA_FN inline
+#define ATTNEXT_MMA_HD inline constexpr
+#define ATTNEXT_UNROLL
+#endif
+
+namespace attnext {
+namespace mma {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBm = 16 * kWarps;  // query rows per forward / dQ block: one m16 block per warp
+constexpr int kPad = 8;           // elements (16 bytes) of padding per shared row
+constexpr int kMaxBatchDims = 16;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Tile sizes for a head size rounded up to kHd (a multiple of 16, <= 256). Register
+// budget (fp32 accumulators per thread): forward O kHd/2 + S kFwdBn/2; dQ dQ kHd/2 +
+// S, dP kDqBn/2 each; dK/dV kHd + S^T, dP^T kKvBm/2 each (hence kHd <= 128 there).
+template <int kHd>
+struct Tiles {
+  static_assert(kHd % 16 == 0 && kHd >= 16 && kHd <= 256, "kHd: a multiple of 16 in [16, 256]");
+  static constexpr int kLd = kHd + kPad;            // shared row stride, elements
+  static constexpr int kFwdBn = kHd <= 128 ? 64 : 32;  // keys per forward K/V tile
+  static constexpr int kDqBn = 64;                  // keys per dQ K/V tile
+  static constexpr int kKvBn = 16 * kWarps;         // keys per dK/dV block
+  static constexpr int kKvBm = kHd <= 64 ? 64 : 32;  // query rows per dK/dV Q/dO tile
+  // Dynamic shared memory, bytes. stages: 2 = the next K/V (or Q/dO) tile is prefetched
+  // into a second buffer while this one is used, 1 = loaded after it (less memory).
+  static constexpr int64_t fwd_smem() { return int64_t(kBm + 2 * kFwdBn) * kLd * 2; }
+  static constexpr int64_t dq_smem(int stages) { return (int64_t(2 * kBm) + 2 * stages * kDqBn) * kLd * 2; }
+  static constexpr int64_t dkdv_smem(int stages) {
+    return (int64_t(2 * kKvBn) + 2 * stages * kKvBm) * kLd * 2 + int64_t(stages) * kKvBm * 3 * 4;
+  }
+};
+
+// ------------------------------------------------------------------ fragment layouts
+// mma.m16n8k16 (.f16 / .bf16 inputs, .f32 accumulators), PTX ISA "Matrix Fragments for
+// mma.m16n8k16 with floating point type": lane = 4 * group + tig (group = lane / 4 is
+// the row group, tig = lane % 4 the thread in the group).
+//   C/D 16x8 f32, c0..c3:  row = group (c0, c1) or group + 8 (c2, c3), col = 2 tig + (i & 1)
+//   A 16x16, four 32-bit registers of two elements (low half first):
+//        reg r holds row group + 8 (r & 1), cols 2 tig + {0, 1} + 8 (r >> 1)
+//   B 16x8 (k x n), two registers: reg r holds k = 2 tig + {0, 1} + 8 r, n = group
+// So the C fragments of two adjacent n8 tiles (columns 16 kk .. 16 kk + 15) rounded to
+// 16 bits are exactly the A fragment of k-step kk of the next product: the P V, dS K,
+// P^T dO and dS^T Q products take their A operand from registers (pack_a below).
+ATTNEXT_MMA_HD int c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+ATTNEXT_MMA_HD int c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
+// ldmatrix .x4: lane supplies the address of row (lane & 7) of 8x8 matrix (lane >> 3),
+// and receives in register q the pair (row lane / 4, cols 2 (lane % 4) + {0, 1}) of
+// matrix q, or with .trans the pair (rows 2 (lane % 4) + {0, 1}, col lane / 4).
+// Pattern A: matrix q at (row 8 (q & 1), col 8 (q >> 1)) of a 16x16 block. Without
+//   .trans on a row-major [m][k] block: registers = the A fragment. With .trans on a
+//   [k][n] block: registers = B fragments {b0, b1} of n tile 0, then of n tile 1.
+// Pattern B: matrix q at (row 8 (q >> 1), col 8 (q & 1)). Without .trans on an [n][k]
+//   block (B^T stored by rows, e.g. K for Q K^T): B fragments of n tiles 0 and 1.
+ATTNEXT_MMA_HD int ldsm_a_row(int lane) { return (lane & 7) + 8 * ((lane >> 3) & 1); }
+ATTNEXT_MMA_HD int ldsm_a_col(int lane) { return 8 * (lane >> 4); }
+ATTNEXT_MMA_HD int ldsm_b_row(int lane) { return (lane & 7) + 8 * (lane >> 4); }
+ATTNEXT_MMA_HD int ldsm_b_col(int lane) { return 8 * ((lane >> 3) & 1); }
+
+// --------------------------------------------------------------------------- params
+
+// Rows of a (..., T, C) tensor: any batch and T strides, unit-stride rows.
+struct Rows {
+  int64_t sizes[kMaxBatchDims];
+  int64_t strides[kMaxBatchDims];
+  int nbatch;
+  int64_t stride_t;
+  ATTNEXT_HD int64_t batch_offset(int64_t b) const {
+    int64_t off = 0;
+    for (int d = nbatch - 1; d >= 0; --d) {
+      const int64_t i = b % sizes[d];
+      b /= sizes[d];
+      off += i * strides[d];
+    }
+    return off;
+  }
+};
+
+// Elements are raw 16-bit values (float16 or bfloat16, as kBf16 says). out, dq, dk, dv
+// are contiguous (BH, T or S, hs); lse, D contiguous (BH, T) floats.
+struct Params {
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  const uint16_t* dout;
+  Rows qa, ka, va, da;
+  uint16_t* out;   // forward
+  float* lse_out;  // forward
+  const float* lse;  // backward
+  const float* D;    // backward: rowsum(dO * O)
+  uint16_t* dq;
+  uint16_t* dk;
+  uint16_t* dv;
+  int64_t BH, T, S;
+  int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
+  int hs;         // head size (q, k, v alike)
+  float scale;
+  float scale_log2;  // scale * log2(e): scores in the log2 domain
+  bool drop;
+  uint32_t stream_key, threshold;
+  float inv_keep;
+
+  ATTNEXT_HD int64_t visible(int64_t t) const {
+    const int64_t n = t + 1 + shift;
+    return n < 0 ? 0 : (n > S ? S : n);
+  }
+};
+
+// ------------------------------------------------------------------------ building blocks
+
+// Rows [0, n) of x + base + r * stride (row r of the tile) into sm[r][kLd] for r < kRows,
+// columns [0, hs); zeros in rows >= n and columns >= hs up to kHd. All threads take part;
+// the copies land at the caller's next cp_wait.
+template <class Ops, int kRows, int kHd>
+ATTNEXT_MMA_FN void load_rows(uint16_t* sm, const uint16_t* x, int64_t base, int64_t stride, int64_t n, int hs,
+                              int tid) {
+  constexpr int kChunks = kHd / 8, kLd = kHd + kPad, kTotal = kRows * kChunks;
+  ATTNEXT_UNROLL
+  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
+    const int i = it * kThreads + tid;
+    if (kTotal % kThreads != 0 && i >= kTotal) break;
+    const int r = i / kChunks, c = (i % kChunks) * 8;
+    const bool ok = r < n && c < hs;
+    const int bytes = ok ? 2 * (hs - c < 8 ? hs - c : 8) : 0;
+    Ops::cp_async16(sm + r * kLd + c, ok ? x + base + r * stride + c : x, bytes);
+  }
+}
+
+// acc (16 x kN, C fragments of kN / 8 n tiles) += A B^T over 16 kK columns: A = 16 rows
+// at As, B = kN rows at Bs, both row-major with stride kLd.
+template <class Ops, bool kBf16, int kLd, int kN, int kK>
+ATTNEXT_MMA_FN void gemm_abt(float (&acc)[kN / 8][4], const uint16_t* As, const uint16_t* Bs, int lane) {
+  static_assert(kN % 16 == 0, "pairs of n tiles");
+  ATTNEXT_UNROLL
+  for (int kk = 0; kk < kK; ++kk) {
+    uint32_t a[4];
+    Ops::ldsm_x4(a, As + ldsm_a_row(lane) * kLd + kk * 16 + ldsm_a_col(lane));
+    ATTNEXT_UNROLL
+    for (int np = 0; np < kN / 16; ++np) {
+      uint32_t b[4];
+      Ops::ldsm_x4(b, Bs + (np * 16 + ldsm_b_row(lane)) * kLd + kk * 16 + ldsm_b_col(lane));
+      Ops::template mma<kBf16>(acc[2 * np], a, b[0], b[1]);
+      Ops::template mma<kBf16>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The A fragment of k-step kk from C fragments c (columns 16 kk .. 16 kk + 15).
+template <class Ops, bool kBf16, int kNt>
+ATTNEXT_MMA_FN void pack_a(uint32_t (&a)[4], const float (&c)[kNt][4], int kk) {
+  a[0] = Ops::template pack2<kBf16>(c[2 * kk][0], c[2 * kk][1]);          // row g,     cols 2t, 2t+1
+  a[1] = Ops::template pack2<kBf16>(c[2 * kk][2], c[2 * kk][3]);          // row g + 8, cols 2t, 2t+1
+  a[2] = Ops::template pack2<kBf16>(c[2 * kk + 1][0], c[2 * kk + 1][1]);  // row g,     cols 8 + 2t, ..
+  a[3] = Ops::template pack2<kBf16>(c[2 * kk + 1][2], c[2 * kk + 1][3]);  // row g + 8, cols 8 + 2t, ..
+}
+
+// acc (16 x kN) += P B: P = 16 x 16 kK from this warp's C fragments p (rounded to 16
+// bits), B = 16 kK rows at Bs ([k][n], row-major, stride kLd), read with ldmatrix.trans.
+template <class Ops, bool kBf16, int kLd, int kN, int kK>
+ATTNEXT_MMA_FN void gemm_pb(float (&acc)[kN / 8][4], const float (&p)[2 * kK][4], const uint16_t* Bs, int lane) {
+  static_assert(kN % 16 == 0, "pairs of n tiles");
+  ATTNEXT_UNROLL
+  for (int kk = 0; kk < kK; ++kk) {
+    uint32_t a[4];
+    pack_a<Ops, kBf16, 2 * kK>(a, p, kk);
+    ATTNEXT_UNROLL
+    for (int np = 0; np < kN / 16; ++np) {
+      uint32_t b[4];
+      Ops::ldsm_x4_t(b, Bs + (kk * 16 + ldsm_a_row(lane)) * kLd + np * 16 + ldsm_a_col(lane));
+      Ops::template mma<kBf16>(acc[2 * np], a, b[0], b[1]);
+      Ops::template mma<kBf16>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Writes the pair (x0, x1) to row[c], row[c + 1] where c, c + 1 < n (n = row length).
+template <class Ops, bool kBf16>
+ATTNEXT_MMA_FN void store_pair(uint16_t* row, int c, int n, float x0, float x1) {
+  if ((n & 1) == 0) {
+    if (c < n) Ops::store_u32(row + c, Ops::template pack2<kBf16>(x0, x1));  // 4-byte aligned: n, c even
+  } else {
+    if (c < n) row[c] = Ops::template cvt<kBf16>(x0);
+    if (c + 1 < n) row[c + 1] = Ops::template cvt<kBf16>(x1);
+  }
+}
+
+// Columns [k0, k0 + n) of the tile that row limit `vis` lets through: the index of the
+// first column it hides, clamped to [0, n].
+ATTNEXT_MMA_HD int first_hidden(int64_t vis, int64_t k0, int n) {
+  const int64_t d = vis - k0;
+  return d < 0 ? 0 : (d > n ? n : static_cast<int>(d));
+}
+
+// ---------------------------------------------------------------------------- forward
+
+// One online-softmax step on this warp's scores s (C fragments: row (lane >> 2) + 8 h for
+// elements 2h, 2h + 1; key k0 + 8 nt + 2 (lane & 3) + (i & 1)). In place: s becomes the
+// unnormalised weights exp2(z - m) of the kept entries (dropped and hidden ones 0); m
+// (log2 units) and l (this thread's part of the row sum, all weights, dropout or not)
+// are updated and o is rescaled by exp2(m_old - m_new). Hidden entries (key >= the row's
+// visible count) count as absent, visible ones as they are: a NaN or +inf score, or a
+// row whose visible scores are all -inf, makes l and so the row NaN, as torch.softmax
+// and the CUDA-core kernel do.
+template <class Ops, bool kMask, int kNt, int kDt>
+ATTNEXT_MMA_FN void softmax_step(float (&s)[kNt][4], float (&o)[kDt][4], float (&m)[2], float (&l)[2],
+                                 const Params& p, int64_t k0, const int64_t (&vis)[2], const uint32_t (&rkey)[2],
+                                 int lane) {
+  const int c0 = 2 * (lane & 3);
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int lim = first_hidden(vis[h], k0, 8 * kNt);
+    float mx = m[h];
+    ATTNEXT_UNROLL
+    for (int nt = 0; nt < kNt; ++nt) {
+      ATTNEXT_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[nt][2 * h + e];
+        x = (kMask && 8 * nt + c0 + e >= lim) ? -INFINITY : x * p.scale_log2;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = fmaxf(mx, Ops::shfl_xor(mx, 1));
+    mx = fmaxf(mx, Ops::shfl_xor(mx, 2));
+    const float alpha = m[h] == -INFINITY ? 0.f : Ops::exp2(m[h] - mx);
+    m[h] = mx;
+    float sum = 0.f;
+    ATTNEXT_UNROLL
+    for (int nt = 0; nt < kNt; ++nt) {
+      ATTNEXT_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * nt + c0 + e;
+        float& x = s[nt][2 * h + e];
+        const float w = (kMask && j >= lim) ? 0.f : Ops::exp2(x - mx);
+        sum += w;
+        const bool keep = !p.drop || dropout_keep(rkey[h], static_cast<uint32_t>(k0 + j), p.threshold);
+        x = keep ? w : 0.f;
+      }
+    }
+    l[h] = l[h] * alpha + sum;
+    ATTNEXT_UNROLL
+    for (int dt = 0; dt < kDt; ++dt) {
+      o[dt][2 * h] *= alpha;
+      o[dt][2 * h + 1] *= alpha;
+    }
+  }
+}
+
+// One block: query rows [t0, t0 + 64) of batch b, item = blockIdx.x (longest tiles first).
+template <class Ops, bool kBf16, int kHd>
+ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, uint16_t* smem) {
+  using L = Tiles<kHd>;
+  constexpr int kLd = L::kLd, kBn = L::kFwdBn, kNt = kBn / 8, kDt = kHd / 8;
+  uint16_t* Qs = smem;             // [kBm][kLd]
+  uint16_t* Ks = Qs + kBm * kLd;   // [kBn][kLd]
+  uint16_t* Vs = Ks + kBn * kLd;   // [kBn][kLd]
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t nqt = (p.T + kBm - 1) / kBm;
+  const int64_t b = item % p.BH;
+  const int64_t t0 = (nqt - 1 - item / p.BH) * kBm;
+  const int64_t nr = p.T - t0 < kBm ? p.T - t0 : kBm;
+  const int64_t kv_end = p.visible(t0 + nr - 1);  // keys [0, kv_end) are seen by some row
+  const int64_t nkt = (kv_end + kBn - 1) / kBn;
+  const int64_t kb = p.ka.batch_offset(b), vb = p.va.batch_offset(b);
+  // the fewest keys a row of this warp sees: tiles below it need no mask
+  const int64_t warp_vis = p.visible(t0 + 16 * warp);
+
+  int64_t row[2], vis[2];
+  uint32_t rkey[2];
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    row[h] = t0 + 16 * warp + c_row(lane, 2 * h);
+    vis[h] = p.visible(row[h]);
+    rkey[h] = p.drop ? dropout_row_key(p.stream_key, b, row[h]) : 0u;
+  }
+  float o[kDt][4];
+  ATTNEXT_UNROLL
+  for (int dt = 0; dt < kDt; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  if (nkt > 0) {
+    load_rows<Ops, kBm, kHd>(Qs, p.q, p.qa.batch_offset(b) + t0 * p.qa.stride_t, p.qa.stride_t, nr, p.hs, tid);
+    load_rows<Ops, kBn, kHd>(Ks, p.k, kb, p.ka.stride_t, kv_end < kBn ? kv_end : kBn, p.hs, tid);
+    Ops::cp_commit();
+  }
+  for (int64_t j = 0; j < nkt; ++j) {
+    const int64_t k0 = j * kBn;
+    Ops::template cp_wait<0>();
+    Ops::sync();  // K(j) (and Q) landed; every warp is done with V(j - 1)
+    const int64_t nv = kv_end - k0 < kBn ? kv_end - k0 : kBn;
+    load_rows<Ops, kBn, kHd>(Vs, p.v, vb + k0 * p.va.stride_t, p.va.stride_t, nv, p.hs, tid);
+    Ops::cp_commit();
+    float s[kNt][4];
+    ATTNEXT_UNROLL
+    for (int nt = 0; nt < kNt; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    gemm_abt<Ops, kBf16, kLd, kBn, kHd / 16>(s, Qs + 16 * warp * kLd, Ks, lane);
+    if (k0 + kBn > warp_vis) {
+      softmax_step<Ops, true>(s, o, m, l, p, k0, vis, rkey, lane);
+    } else {
+      softmax_step<Ops, false>(s, o, m, l, p, k0, vis, rkey, lane);
+    }
+    Ops::template cp_wait<0>();
+    Ops::sync();  // V(j) landed; every warp is done with K(j)
+    if (j + 1 < nkt) {
+      const int64_t k1 = k0 + kBn;
+      load_rows<Ops, kBn, kHd>(Ks, p.k, kb + k1 * p.ka.stride_t, p.ka.stride_t,
+                               kv_end - k1 < kBn ? kv_end - k1 : kBn, p.hs, tid);
+      Ops::cp_commit();
+    }
+    gemm_pb<Ops, kBf16, kLd, kHd, kBn / 16>(o, s, Vs, lane);
+  }
+
+  float lsum[2];
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    lsum[h] = l[h] + Ops::shfl_xor(l[h], 1);
+    lsum[h] += Ops::shfl_xor(lsum[h], 2);
+  }
+  const int c0 = 2 * (lane & 3);
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    if (row[h] >= p.T) continue;
+    const bool any = lsum[h] != 0.f;  // NaN != 0: a NaN row stays NaN
+    const float inv = any ? p.inv_keep / lsum[h] : 0.f;
+    uint16_t* orow = p.out + (b * p.T + row[h]) * p.hs;
+    ATTNEXT_UNROLL
+    for (int dt = 0; dt < kDt; ++dt) {
+      store_pair<Ops, kBf16>(orow, 8 * dt + c0, p.hs, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+    }
+    if ((lane & 3) == 0) p.lse_out[b * p.T + row[h]] = any ? m[h] * kLn2 + logf(lsum[h]) : -INFINITY;
+  }
+}
+
+// --------------------------------------------------------------------------- backward
+
+// dQ block, per key tile: s (scores) and dp (dO V^T) by rows as in the forward; in place s
+// becomes dS = P (dP Z - D) with P = exp2(s scale log2e - lse log2e), hidden entries 0.
+template <class Ops, bool kMask, int kNt>
+ATTNEXT_MMA_FN void ds_rows(float (&s)[kNt][4], const float (&dp)[kNt][4], const Params& p, int64_t k0,
+                            const int64_t (&vis)[2], const uint32_t (&rkey)[2], const float (&lse2)[2],
+                            const float (&Dr)[2], int lane) {
+  const int c0 = 2 * (lane & 3);
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int lim = first_hidden(vis[h], k0, 8 * kNt);
+    ATTNEXT_UNROLL
+    for (int nt = 0; nt < kNt; ++nt) {
+      ATTNEXT_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * nt + c0 + e;
+        const int i = 2 * h + e;
+        const bool on = (!kMask || j < lim) && lse2[h] != -INFINITY;
+        const float pr = on ? Ops::exp2(s[nt][i] * p.scale_log2 - lse2[h]) : 0.f;
+        const float z = !p.drop ? 1.f
+                        : dropout_keep(rkey[h], static_cast<uint32_t>(k0 + j), p.threshold) ? p.inv_keep
+                                                                                            : 0.f;
+        s[nt][i] = on ? pr * (dp[nt][i] * z - Dr[h]) : 0.f;
+      }
+    }
+  }
+}
+
+template <class Ops, bool kBf16, int kHd>
+ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, uint16_t* smem, int stages) {
+  using L = Tiles<kHd>;
+  constexpr int kLd = L::kLd, kBn = L::kDqBn, kNt = kBn / 8, kDt = kHd / 8;
+  uint16_t* Qs = smem;              // [kBm][kLd]
+  uint16_t* dOs = Qs + kBm * kLd;   // [kBm][kLd]
+  uint16_t* KV = dOs + kBm * kLd;   // per stage: K [kBn][kLd], V [kBn][kLd]
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t nqt = (p.T + kBm - 1) / kBm;
+  const int64_t b = item % p.BH;
+  const int64_t t0 = (nqt - 1 - item / p.BH) * kBm;
+  const int64_t nr = p.T - t0 < kBm ? p.T - t0 : kBm;
+  const int64_t kv_end = p.visible(t0 + nr - 1);
+  const int64_t nkt = (kv_end + kBn - 1) / kBn;
+  const int64_t kb = p.ka.batch_offset(b), vb = p.va.batch_offset(b);
+  const int64_t warp_vis = p.visible(t0 + 16 * warp);
+
+  int64_t row[2], vis[2];
+  uint32_t rkey[2];
+  float lse2[2], Dr[2];
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    row[h] = t0 + 16 * warp + c_row(lane, 2 * h);
+    vis[h] = p.visible(row[h]);
+    rkey[h] = p.drop ? dropout_row_key(p.stream_key, b, row[h]) : 0u;
+    lse2[h] = row[h] < p.T ? p.lse[b * p.T + row[h]] * kLog2e : -INFINITY;
+    Dr[h] = row[h] < p.T ? p.D[b * p.T + row[h]] : 0.f;
+  }
+  float dq[kDt][4];
+  ATTNEXT_UNROLL
+  for (int dt = 0; dt < kDt; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+
+  const auto load_kv = [&](int64_t j, int buf) {
+    const int64_t k0 = j * kBn, n = kv_end - k0 < kBn ? kv_end - k0 : kBn;
+    uint16_t* Ks = KV + buf * 2 * kBn * kLd;
+    load_rows<Ops, kBn, kHd>(Ks, p.k, kb + k0 * p.ka.stride_t, p.ka.stride_t, n, p.hs, tid);
+    load_rows<Ops, kBn, kHd>(Ks + kBn * kLd, p.v, vb + k0 * p.va.stride_t, p.va.stride_t, n, p.hs, tid);
+  };
+  if (nkt > 0) {
+    load_rows<Ops, kBm, kHd>(Qs, p.q, p.qa.batch_offset(b) + t0 * p.qa.stride_t, p.qa.stride_t, nr, p.hs, tid);
+    load_rows<Ops, kBm, kHd>(dOs, p.dout, p.da.batch_offset(b) + t0 * p.da.stride_t, p.da.stride_t, nr, p.hs,
+                             tid);
+    load_kv(0, 0);
+    Ops::cp_commit();
+  }
+  for (int64_t j = 0; j < nkt; ++j) {
+    const int64_t k0 = j * kBn;
+    const int buf = stages == 2 ? static_cast<int>(j & 1) : 0;
+    if (stages == 2 && j + 1 < nkt) {
+      load_kv(j + 1, buf ^ 1);  // that buffer was last read before the previous iteration's closing sync
+      Ops::cp_commit();
+      Ops::template cp_wait<1>();
+    } else {
+      Ops::template cp_wait<0>();
+    }
+    Ops::sync();  // tile j landed for every thread
+    const uint16_t* Ks = KV + buf * 2 * kBn * kLd;
+    const uint16_t* Vs = Ks + kBn * kLd;
+    float s[kNt][4], dp[kNt][4];
+    ATTNEXT_UNROLL
+    for (int nt = 0; nt < kNt; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+    }
+    gemm_abt<Ops, kBf16, kLd, kBn, kHd / 16>(s, Qs + 16 * warp * kLd, Ks, lane);
+    gemm_abt<Ops, kBf16, kLd, kBn, kHd / 16>(dp, dOs + 16 * warp * kLd, Vs, lane);
+    if (k0 + kBn > warp_vis) {
+      ds_rows<Ops, true>(s, dp, p, k0, vis, rkey, lse2, Dr, lane);
+    } else {
+      ds_rows<Ops, false>(s, dp, p, k0, vis, rkey, lse2, Dr, lane);
+    }
+    gemm_pb<Ops, kBf16, kLd, kHd, kBn / 16>(dq, s, Ks, lane);  // dQ += dS K
+    Ops::sync();  // every warp is done with tile j's buffer
+    if (stages == 1 && j + 1 < nkt) {
+      load_kv(j + 1, 0);
+      Ops::cp_commit();
+    }
+  }
+
+  const int c0 = 2 * (lane & 3);
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    if (row[h] >= p.T) continue;
+    uint16_t* drow = p.dq + (b * p.T + row[h]) * p.hs;
+    ATTNEXT_UNROLL
+    for (int dt = 0; dt < kDt; ++dt) {
+      store_pair<Ops, kBf16>(drow, 8 * dt + c0, p.hs, dq[dt][2 * h] * p.scale, dq[dt][2 * h + 1] * p.scale);
+    }
+  }
+}
+
+// dK/dV block, per query tile: st = S^T and dpt = dP^T by key rows (row = key (lane >> 2)
+// + 8 (i >> 1) of the warp's 16, column = query t0 + 8 nt + 2 (lane & 3) + (i & 1)). In
+// place: st becomes P^T Z (dropped weights, for dV), dpt becomes dS^T. Per-query lse
+// (log2 units), D and dropout row keys come from shared memory (stats of this tile).
+template <class Ops, bool kMask, int kNt>
+ATTNEXT_MMA_FN void ds_cols(float (&st)[kNt][4], float (&dpt)[kNt][4], const Params& p, int64_t t0,
+                            const int64_t (&key)[2], const float* lse2, const float* Dq, const uint32_t* rkey,
+                            int lane) {
+  const int c0 = 2 * (lane & 3);
+  ATTNEXT_UNROLL
+  for (int nt = 0; nt < kNt; ++nt) {
+    ATTNEXT_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int qi = 8 * nt + c0 + (i & 1);
+      const int64_t kj = key[i >> 1];
+      const bool on = (!kMask || kj < p.visible(t0 + qi)) && lse2[qi] != -INFINITY;
+      const float pr = on ? Ops::exp2(st[nt][i] * p.scale_log2 - lse2[qi]) : 0.f;
+      const float z = !p.drop ? 1.f
+                      : dropout_keep(rkey[qi], static_cast<uint32_t>(kj), p.threshold) ? p.inv_keep
+                                                                                       : 0.f;
+      dpt[nt][i] = on ? pr * (dpt[nt][i] * z - Dq[qi]) : 0.f;
+      st[nt][i] = pr * z;
+    }
+  }
+}
+
+template <class Ops, bool kBf16, int kHd>
+ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t* smem, int stages) {
+  using L = Tiles<kHd>;
+  constexpr int kLd = L::kLd, kBn = L::kKvBn, kBq = L::kKvBm, kNt = kBq / 8, kDt = kHd / 8;
+  static_assert(kBn == 16 * kWarps, "one m16 block of keys per warp");
+  uint16_t* Ks = smem;             // [kBn][kLd]
+  uint16_t* Vs = Ks + kBn * kLd;   // [kBn][kLd]
+  uint16_t* QD = Vs + kBn * kLd;   // per stage: Q [kBq][kLd], dO [kBq][kLd]
+  float* stats = reinterpret_cast<float*>(QD + 2 * stages * kBq * kLd);  // per stage: lse2, D, row key [kBq]
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t b = item % p.BH;
+  const int64_t n0 = (item / p.BH) * kBn;  // key tile 0 (the most query tiles) first
+  const int64_t nc = p.S - n0 < kBn ? p.S - n0 : kBn;
+  // the first query row that sees key n0: t + 1 + shift > n0
+  const int64_t t_first = n0 - p.shift > 0 ? n0 - p.shift : 0;
+  const int64_t nqt = t_first < p.T ? (p.T - t_first + kBq - 1) / kBq : 0;
+  const int64_t qb = p.qa.batch_offset(b), db = p.da.batch_offset(b);
+  const int64_t warp_last_key = n0 + 16 * warp + 15;
+
+  int64_t key[2];
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) key[h] = n0 + 16 * warp + c_row(lane, 2 * h);
+  float dk[kDt][4], dv[kDt][4];
+  ATTNEXT_UNROLL
+  for (int dt = 0; dt < kDt; ++dt) {
+    dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = 0.f;
+    dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
+  }
+
+  // Q, dO rows of query tile j into stage buffer buf (cp.async), and its stats (plain
+  // stores, visible to the block after the next sync).
+  const auto load_q = [&](int64_t j, int buf) {
+    const int64_t t0 = t_first + j * kBq, n = p.T - t0 < kBq ? p.T - t0 : kBq;
+    uint16_t* Qs = QD + buf * 2 * kBq * kLd;
+    load_rows<Ops, kBq, kHd>(Qs, p.q, qb + t0 * p.qa.stride_t, p.qa.stride_t, n, p.hs, tid);
+    load_rows<Ops, kBq, kHd>(Qs + kBq * kLd, p.dout, db + t0 * p.da.stride_t, p.da.stride_t, n, p.hs, tid);
+    float* st = stats + buf * 3 * kBq;
+    if (tid < kBq) {
+      const int64_t t = t0 + tid;
+      st[tid] = t < p.T ? p.lse[b * p.T + t] * kLog2e : -INFINITY;
+      st[kBq + tid] = t < p.T ? p.D[b * p.T + t] : 0.f;
+      reinterpret_cast<uint32_t*>(st + 2 * kBq)[tid] = p.drop ? dropout_row_key(p.stream_key, b, t) : 0u;
+    }
+  };
+  if (nqt > 0) {
+    load_rows<Ops, kBn, kHd>(Ks, p.k, p.ka.batch_offset(b) + n0 * p.ka.stride_t, p.ka.stride_t, nc, p.hs, tid);
+    load_rows<Ops, kBn, kHd>(Vs, p.v, p.va.batch_offset(b) + n0 * p.va.stride_t, p.va.stride_t, nc, p.hs, tid);
+    load_q(0, 0);
+    Ops::cp_commit();
+  }
+  for (int64_t j = 0; j < nqt; ++j) {
+    const int64_t t0 = t_first + j * kBq;
+    const int buf = stages == 2 ? static_cast<int>(j & 1) : 0;
+    if (stages == 2 && j + 1 < nqt) {
+      load_q(j + 1, buf ^ 1);  // that buffer was last read before the previous iteration's closing sync
+      Ops::cp_commit();
+      Ops::template cp_wait<1>();
+    } else {
+      Ops::template cp_wait<0>();
+    }
+    Ops::sync();  // tile j (and K, V) landed for every thread
+    const uint16_t* Qs = QD + buf * 2 * kBq * kLd;
+    const uint16_t* dOs = Qs + kBq * kLd;
+    const float* st_lse = stats + buf * 3 * kBq;
+    float st[kNt][4], dpt[kNt][4];
+    ATTNEXT_UNROLL
+    for (int nt = 0; nt < kNt; ++nt) {
+      st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+      dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+    }
+    gemm_abt<Ops, kBf16, kLd, kBq, kHd / 16>(st, Ks + 16 * warp * kLd, Qs, lane);    // S^T = K Q^T
+    gemm_abt<Ops, kBf16, kLd, kBq, kHd / 16>(dpt, Vs + 16 * warp * kLd, dOs, lane);  // dP^T = V dO^T
+    // every (query, key) of the tile is visible when the tile's first query sees the warp's last key
+    if (p.visible(t0) <= warp_last_key) {
+      ds_cols<Ops, true>(st, dpt, p, t0, key, st_lse, st_lse + kBq,
+                         reinterpret_cast<const uint32_t*>(st_lse + 2 * kBq), lane);
+    } else {
+      ds_cols<Ops, false>(st, dpt, p, t0, key, st_lse, st_lse + kBq,
+                          reinterpret_cast<const uint32_t*>(st_lse + 2 * kBq), lane);
+    }
+    gemm_pb<Ops, kBf16, kLd, kHd, kBq / 16>(dv, st, dOs, lane);  // dV += (P Z)^T dO
+    gemm_pb<Ops, kBf16, kLd, kHd, kBq / 16>(dk, dpt, Qs, lane);  // dK += dS^T Q
+    Ops::sync();  // every warp is done with tile j's buffer
+    if (stages == 1 && j + 1 < nqt) {
+      load_q(j + 1, 0);
+      Ops::cp_commit();
+    }
+  }
+
+  const int c0 = 2 * (lane & 3);
+  ATTNEXT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    if (key[h] >= p.S) continue;
+    uint16_t* krow = p.dk + (b * p.S + key[h]) * p.hs;
+    uint16_t* vrow = p.dv + (b * p.S + key[h]) * p.hs;
+    ATTNEXT_UNROLL
+    for (int dt = 0; dt < kDt; ++dt) {
+      store_pair<Ops, kBf16>(krow, 8 * dt + c0, p.hs, dk[dt][2 * h] * p.scale, dk[dt][2 * h + 1] * p.scale);
+      store_pair<Ops, kBf16>(vrow, 8 * dt + c0, p.hs, dv[dt][2 * h], dv[dt][2 * h + 1]);
+    }
+  }
+}
+
+}  // namespace mma
+}  // namespace attnext
