@@ -348,6 +348,27 @@ def test_nan_in_a_visible_score_makes_only_the_rows_that_see_it_nan():
     torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize("path,dtype", [("cuda_core", torch.float32), ("cuda_core", torch.bfloat16),
+                                        ("mma", torch.bfloat16), ("mma", torch.float16)])
+def test_first_key_tiles_all_minus_inf(monkeypatch, path, dtype):
+    # keys [0, 256) score -inf for every query: rows t < 256 see only -inf (torch: NaN),
+    # rows t >= 256 also see finite keys (torch: finite) although their first key tiles
+    # are all -inf (the online softmax must not compute -inf - -inf)
+    use_path(monkeypatch, path, backward=False)
+    T, hs = 300, 64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, T, hs, generator=g, dtype=torch.float64).abs() + 0.1
+    k = torch.randn(2, T, hs, generator=g, dtype=torch.float64)
+    v = torch.randn(2, T, hs, generator=g, dtype=torch.float64)
+    k[:, :256, 0] = float("-inf")
+    out = attnext.causal_attention(*(t.to("cuda", dtype) for t in (q, k, v)))
+    ref, _ = reference.causal_attention(q, k, v, hs**-0.5)
+    assert ref[:, :256].isnan().all() and ref[:, 256:].isfinite().all()
+    assert torch.equal(out.isnan().cpu(), ref.isnan())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol, equal_nan=True)
+
+
 def test_modules_run_on_cuda_and_match_cpu():
     torch.manual_seed(0)
     mha = attnext.nn.MultiHeadAttention(4, 16, 64, 32).double()

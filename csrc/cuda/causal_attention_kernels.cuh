@@ -149,10 +149,12 @@ __global__ void __launch_bounds__(kAttnThreads)
       const A z = vis ? s[r] * p.scale : A(-INFINITY);
       const A mx = warp_max(z);
       const A m_new = mx != mx ? mx : max(m[r], mx);
-      // Visible entries only: NaN or +inf scores, or a row whose visible scores
-      // are all -inf (-inf - -inf), make e and so l NaN, and the row NaN, as in
-      // torch.softmax and the CPU kernel.
-      A e = vis ? exp_acc(z - m_new) : A(0);
+      // Visible entries only: NaN or +inf scores make e and so l NaN, and the row
+      // NaN, as in torch.softmax and the CPU kernel. While every visible score so far
+      // is -inf, 0 is subtracted instead of m (-inf - -inf would be NaN): the row
+      // stays empty until a finite score arrives.
+      const A m_sub = m_new == A(-INFINITY) ? A(0) : m_new;
+      A e = vis ? exp_acc(z - m_sub) : A(0);
       alpha[r] = m[r] == A(-INFINITY) ? A(0) : exp_acc(m[r] - m_new);
       l[r] = l[r] * alpha[r] + warp_sum(e);
       m[r] = m_new;
@@ -180,12 +182,16 @@ __global__ void __launch_bounds__(kAttnThreads)
     const int64_t t = t0 + warp * kRows + r;
     if (t >= p.T) continue;
     const bool any = l[r] != A(0);  // NaN != 0: a NaN row stays NaN
+    // l == 0: a row that sees no key is 0 (lse -inf); one whose scores were all -inf
+    // is NaN, as torch.softmax of it
+    const bool blind = p.visible(t) == 0;
     const A inv = any ? A(1) / l[r] : A(0);
+    const A empty = blind ? A(0) : A(NAN);
     T* orow = out + (b * p.T + t) * p.hsv;
     for (int64_t d = lane; d < p.hsv; d += 32) {
-      orow[d] = from_acc<T>(any ? Os[(warp * kRows + r) * p.hsv + d] * inv : A(0));
+      orow[d] = from_acc<T>(any ? Os[(warp * kRows + r) * p.hsv + d] * inv : empty);
     }
-    if (lane == 0) lse[b * p.T + t] = any ? m[r] + log(l[r]) : A(-INFINITY);
+    if (lane == 0) lse[b * p.T + t] = any ? m[r] + log(l[r]) : (blind ? A(-INFINITY) : A(NAN));
   }
 }
 

@@ -250,9 +250,11 @@ ATTNEXT_MMA_HD int first_hidden(int64_t vis, int64_t k0, int n) {
 // unnormalised weights exp2(z - m) of the kept entries (dropped and hidden ones 0); m
 // (log2 units) and l (this thread's part of the row sum, all weights, dropout or not)
 // are updated and o is rescaled by exp2(m_old - m_new). Hidden entries (key >= the row's
-// visible count) count as absent, visible ones as they are: a NaN or +inf score, or a
-// row whose visible scores are all -inf, makes l and so the row NaN, as torch.softmax
-// and the CUDA-core kernel do.
+// visible count) count as absent, visible ones as they are: a NaN or +inf score makes l
+// and so the row NaN, as torch.softmax and the CUDA-core kernel do. While every visible
+// score so far is -inf the step subtracts 0 instead of m (-inf - -inf would be NaN), so
+// the row stays empty until a finite score arrives; a row that saw keys but only -inf
+// scores ends NaN (see the end of the forward).
 template <class Ops, bool kMask, int kNt, int kDt>
 ATTNEXT_MMA_FN void softmax_step(float (&s)[kNt][4], float (&o)[kDt][4], float (&m)[2], float (&l)[2],
                                  const Params& p, int64_t k0, const int64_t (&vis)[2], const uint32_t (&rkey)[2],
@@ -274,6 +276,7 @@ ATTNEXT_MMA_FN void softmax_step(float (&s)[kNt][4], float (&o)[kDt][4], float (
     mx = fmaxf(mx, Ops::shfl_xor(mx, 1));
     mx = fmaxf(mx, Ops::shfl_xor(mx, 2));
     const float alpha = m[h] == -INFINITY ? 0.f : Ops::exp2(m[h] - mx);
+    const float msub = mx == -INFINITY ? 0.f : mx;
     m[h] = mx;
     float sum = 0.f;
     ATTNEXT_UNROLL
@@ -282,7 +285,7 @@ ATTNEXT_MMA_FN void softmax_step(float (&s)[kNt][4], float (&o)[kDt][4], float (
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * nt + c0 + e;
         float& x = s[nt][2 * h + e];
-        const float w = (kMask && j >= lim) ? 0.f : Ops::exp2(x - mx);
+        const float w = (kMask && j >= lim) ? 0.f : Ops::exp2(x - msub);
         sum += w;
         const bool keep = !p.drop || dropout_keep(rkey[h], static_cast<uint32_t>(k0 + j), p.threshold);
         x = keep ? w : 0.f;
@@ -372,13 +375,18 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, uint16_t* 
   for (int h = 0; h < 2; ++h) {
     if (row[h] >= p.T) continue;
     const bool any = lsum[h] != 0.f;  // NaN != 0: a NaN row stays NaN
-    const float inv = any ? p.inv_keep / lsum[h] : 0.f;
+    // l == 0: a row that sees no key is 0 (lse -inf); one whose scores were all -inf is
+    // NaN, as torch.softmax of it
+    const bool blind = p.visible(row[h]) == 0;
+    const float inv = any ? p.inv_keep / lsum[h] : (blind ? 0.f : NAN);
     uint16_t* orow = p.out + (b * p.T + row[h]) * p.hs;
     ATTNEXT_UNROLL
     for (int dt = 0; dt < kDt; ++dt) {
       store_pair<Ops, kBf16>(orow, 8 * dt + c0, p.hs, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
     }
-    if ((lane & 3) == 0) p.lse_out[b * p.T + row[h]] = any ? m[h] * kLn2 + logf(lsum[h]) : -INFINITY;
+    if ((lane & 3) == 0) {
+      p.lse_out[b * p.T + row[h]] = any ? m[h] * kLn2 + logf(lsum[h]) : (blind ? -INFINITY : NAN);
+    }
   }
 }
 
