@@ -491,6 +491,33 @@ def _draw_dropout_seed(generator: Optional[torch.Generator]) -> Tuple[int, int]:
     return seed, offset
 
 
+def _draw_dropout(device: torch.device, generator: Optional[torch.Generator]) -> Tuple[int, int, Optional[Tensor]]:
+    """(seed, offset, rng) for one dropout call on tensors of ``device``.
+
+    CUDA tensors with a CUDA generator (or none given): ``rng`` is an int64 ``[seed,
+    offset]`` tensor drawn on the GPU by torch's CUDA generator (Philox), which the
+    kernels read there, and the ints are 0: no host sync, and a CUDA graph that
+    captured the call draws a new mask on every replay, as torch's own dropout does.
+    Otherwise (seed, offset) are drawn on the host from ``generator`` (default torch's
+    CPU generator) and ``rng`` is None.
+    """
+    if device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
+        rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
+        return 0, 0, rng
+    seed, offset = _draw_dropout_seed(generator)
+    return seed, offset, None
+
+
+def _host_seed(seed: int, offset: int, rng: Optional[Tensor]) -> Tuple[int, int]:
+    """The (seed, offset) values of a call, for the eager reference (reads rng: a sync)."""
+    return (seed, offset) if rng is None else tuple(rng.tolist())
+
+
+def _rng_input(inputs, index: int) -> Optional[Tensor]:
+    """The optional rng argument of an op call's inputs (absent when the caller left it out)."""
+    return inputs[index] if len(inputs) > index else None
+
+
 def causal_attention(
     q: Tensor,
     k: Tensor,
@@ -520,8 +547,10 @@ def causal_attention(
             query ``i`` sees keys ``j <= i``. ``"bottom_right"`` (decoding with a
             KV cache): ``j <= i + S - T``.
         generator: where the dropout mask's (seed, offset) are drawn from; default
-            torch's default CPU generator, so ``torch.manual_seed`` makes a training
-            step reproducible. Unused when ``dropout_p == 0``.
+            torch's default generator of ``q``'s device, so ``torch.manual_seed`` makes
+            a training step reproducible. On CUDA the draw stays on the GPU (an int64
+            ``rng`` tensor the kernels read), so CUDA-graph capture replays fresh
+            masks. Unused when ``dropout_p == 0``.
 
     Returns:
         ``(..., T, hs_v)`` contiguous, same dtype as ``q``. A query that sees no key
@@ -538,17 +567,17 @@ def causal_attention(
     bottom_right = _bottom_right(align)
     dropout_p = _check_attention_args(q, k, v, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else _check_scale(scale)
-    seed = offset = 0
+    seed, offset, rng = 0, 0, None
     if dropout_p > 0:
-        seed, offset = _draw_dropout_seed(generator)
+        seed, offset, rng = _draw_dropout(q.device, generator)
     if _fallback_reasons("causal_attention", (q, k, v)):
-        out, _ = reference.causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset)
+        out, _ = reference.causal_attention(q, k, v, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng))
         return out
-    out, _ = torch.ops.attnext.causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset)
+    out, _ = torch.ops.attnext.causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset, rng)
     return out
 
 
-def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0):
+def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0, rng=None):
     torch._check(q.dim() >= 2, lambda: f"attnext: q must have at least 2 dims (..., T, hs), got {q.dim()}")
     torch._check(q.shape[-1] == k.shape[-1], lambda: "attnext: q and k must have the same head size (last dim)")
     torch._check(k.shape[-2] == v.shape[-2], lambda: "attnext: k and v must have the same number of keys (dim -2)")
@@ -557,7 +586,8 @@ def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, se
     return out, lse
 
 
-def _causal_attention_backward_fake(grad_out, q, k, v, out, lse, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0):
+def _causal_attention_backward_fake(grad_out, q, k, v, out, lse, scale, dropout_p=0.0, bottom_right=False, seed=0,
+                                    offset=0, rng=None):
     torch._check(grad_out.shape == out.shape, lambda: "attnext: grad_out must have the shape of out")
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -567,22 +597,22 @@ def _causal_attention_backward_fake(grad_out, q, k, v, out, lse, scale, dropout_
 
 
 def _causal_attention_setup_context(ctx, inputs, output):
-    q, k, v, scale, dropout_p, bottom_right, seed, offset = inputs
+    q, k, v, scale, dropout_p, bottom_right, seed, offset = inputs[:8]
     out, lse = output
     ctx.args = (scale, dropout_p, bottom_right, seed, offset)
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, _rng_input(inputs, 8))
 
 
 def _causal_attention_bwd(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, rng = ctx.saved_tensors
     gq = gk = gv = None
     if any(ctx.needs_input_grad[:3]):
-        gq, gk, gv = torch.ops.attnext._causal_attention_backward(grad_out, q, k, v, out, lse, *ctx.args)
+        gq, gk, gv = torch.ops.attnext._causal_attention_backward(grad_out, q, k, v, out, lse, *ctx.args, rng)
         gq = gq if ctx.needs_input_grad[0] else None
         gk = gk if ctx.needs_input_grad[1] else None
         gv = gv if ctx.needs_input_grad[2] else None
-    return gq, gk, gv, None, None, None, None, None
+    return gq, gk, gv, None, None, None, None, None, None
 
 
 def causal_attention_qkvpacked(
@@ -625,13 +655,14 @@ def causal_attention_qkvpacked(
     bottom_right = _bottom_right(align)
     dropout_p = _check_dropout_p(dropout_p)
     scale = qkv.shape[-1] ** -0.5 if scale is None else _check_scale(scale)
-    seed = offset = 0
+    seed, offset, rng = 0, 0, None
     if dropout_p > 0:
-        seed, offset = _draw_dropout_seed(generator)
+        seed, offset, rng = _draw_dropout(qkv.device, generator)
     if _fallback_reasons("causal_attention_qkvpacked", (qkv,)):
-        out, _ = reference.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, seed, offset)
+        hs = _host_seed(seed, offset, rng)
+        out, _ = reference.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, *hs)
         return out
-    out, _ = torch.ops.attnext.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, seed, offset)
+    out, _ = torch.ops.attnext.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, seed, offset, rng)
     return out
 
 
@@ -640,7 +671,7 @@ def _qkvpacked_check(qkv):
     torch._check(qkv.shape[-3] == 3, lambda: "attnext: qkv must have size 3 in dim -3 (..., T, 3, nh, hs)")
 
 
-def _causal_attention_qkvpacked_fake(qkv, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0):
+def _causal_attention_qkvpacked_fake(qkv, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0, rng=None):
     _qkvpacked_check(qkv)
     *batch, T, _, nh, hs = qkv.shape
     out = qkv.new_empty((*batch, T, nh, hs))
@@ -649,26 +680,26 @@ def _causal_attention_qkvpacked_fake(qkv, scale, dropout_p=0.0, bottom_right=Fal
 
 
 def _causal_attention_qkvpacked_backward_fake(grad_out, qkv, out, lse, scale, dropout_p=0.0, bottom_right=False,
-                                              seed=0, offset=0):
+                                              seed=0, offset=0, rng=None):
     _qkvpacked_check(qkv)
     torch._check(grad_out.shape == out.shape, lambda: "attnext: grad_out must have the shape of out")
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _causal_attention_qkvpacked_setup_context(ctx, inputs, output):
-    qkv, scale, dropout_p, bottom_right, seed, offset = inputs
+    qkv, scale, dropout_p, bottom_right, seed, offset = inputs[:6]
     out, lse = output
     ctx.args = (scale, dropout_p, bottom_right, seed, offset)
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, out, lse)
+    ctx.save_for_backward(qkv, out, lse, _rng_input(inputs, 6))
 
 
 def _causal_attention_qkvpacked_bwd(ctx, grad_out, grad_lse):
-    qkv, out, lse = ctx.saved_tensors
+    qkv, out, lse, rng = ctx.saved_tensors
     gqkv = None
     if ctx.needs_input_grad[0]:
-        gqkv = torch.ops.attnext._causal_attention_qkvpacked_backward(grad_out, qkv, out, lse, *ctx.args)
-    return gqkv, None, None, None, None, None
+        gqkv = torch.ops.attnext._causal_attention_qkvpacked_backward(grad_out, qkv, out, lse, *ctx.args, rng)
+    return gqkv, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -684,7 +715,8 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, generator: Opti
             does); ``p == 1`` returns zeros.
         training: apply dropout only when true.
         generator: where the mask's (seed, offset) are drawn from; default torch's default
-            CPU generator, so ``torch.manual_seed`` makes a step reproducible.
+            generator of ``x``'s device, so ``torch.manual_seed`` makes a step reproducible
+            (on CUDA drawn on the GPU: CUDA-graph capture replays fresh masks).
 
     Returns:
         A new contiguous tensor of ``x``'s shape and dtype. The mask is a counter-based
@@ -704,24 +736,26 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, generator: Opti
         return x
     if p == 1.0:
         return x * 0.0
-    seed, offset = _draw_dropout_seed(generator)
+    seed, offset, rng = _draw_dropout(x.device, generator)
     if _fallback_reasons("dropout", (x,)):
-        return reference.dropout(x, p, seed, offset)
-    return torch.ops.attnext.dropout(x, p, seed, offset)
+        return reference.dropout(x, p, *_host_seed(seed, offset, rng))
+    return torch.ops.attnext.dropout(x, p, seed, offset, rng)
 
 
-def _dropout_fake(x, p, seed, offset):
+def _dropout_fake(x, p, seed, offset, rng=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _dropout_setup_context(ctx, inputs, output):
-    _, ctx.p, ctx.seed, ctx.offset = inputs
+    _, ctx.p, ctx.seed, ctx.offset = inputs[:4]
+    ctx.save_for_backward(_rng_input(inputs, 4))
 
 
 def _dropout_bwd(ctx, grad):
     if not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    return torch.ops.attnext.dropout(grad, ctx.p, ctx.seed, ctx.offset), None, None, None
+        return None, None, None, None, None
+    (rng,) = ctx.saved_tensors
+    return torch.ops.attnext.dropout(grad, ctx.p, ctx.seed, ctx.offset, rng), None, None, None, None
 
 
 if _has_op("causal_softmax"):

@@ -38,27 +38,28 @@ TORCH_LIBRARY(attnext, m) {
   // q: (..., T, hs), k: (..., S, hs), v: (..., S, hs_v) -> out (..., T, hs_v) and the
   // per-row logsumexp lse (..., T) (float32; float64 for float64). Dropout keeps
   // weight (b, t, j) by a counter-based hash of (seed, offset, b, t, j), so the op
-  // is a pure function of its arguments.
+  // is a pure function of its arguments. rng, when given, is an int64 tensor [seed,
+  // offset] that replaces the two ints (drawn on the GPU for CUDA inputs: CUDA-graph safe).
   m.def(
       "causal_attention(Tensor q, Tensor k, Tensor v, float scale, float dropout_p=0.0, bool bottom_right=False, "
-      "SymInt seed=0, SymInt offset=0) -> (Tensor out, Tensor lse)");
+      "SymInt seed=0, SymInt offset=0, Tensor? rng=None) -> (Tensor out, Tensor lse)");
   // (grad_q, grad_k, grad_v), recomputing the weights from lse and the dropout mask from (seed, offset).
   m.def(
       "_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "float scale, float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0) -> "
-      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "float scale, float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0, Tensor? rng=None) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // causal_attention over q, k, v packed as qkv (..., T, 3, nh, hs) (nanoGPT's
   // c_attn(x).view(B, T, 3, nh, hs)): the same as causal_attention on the
   // (..., nh, T, hs) views, with out (..., T, nh, hs) contiguous and lse (..., nh, T).
   m.def(
       "causal_attention_qkvpacked(Tensor qkv, float scale, float dropout_p=0.0, bool bottom_right=False, "
-      "SymInt seed=0, SymInt offset=0) -> (Tensor out, Tensor lse)");
+      "SymInt seed=0, SymInt offset=0, Tensor? rng=None) -> (Tensor out, Tensor lse)");
   // grad_qkv (..., T, 3, nh, hs), contiguous: no separate q, k, v gradients to concatenate.
   m.def(
       "_causal_attention_qkvpacked_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, float scale, "
-      "float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0) -> Tensor");
+      "float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0, Tensor? rng=None) -> Tensor");
   // y = x * keep / (1 - p), keep[n] a counter-based hash of (seed, offset, n) >= p * 2^32
   // for the row-major index n of x: a pure function of its arguments, so its own
   // backward (the same mask applied to the gradient) is dropout again.
-  m.def("dropout(Tensor x, float p, SymInt seed, SymInt offset) -> Tensor");
+  m.def("dropout(Tensor x, float p, SymInt seed, SymInt offset, Tensor? rng=None) -> Tensor");
 }

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <climits>
+#include <optional>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -88,6 +89,43 @@ inline AttnGeometry check_attention_args(const at::Tensor& q, const at::Tensor& 
   for (int64_t d = 0; d < q.dim() - 2; ++d) g.BH *= q.size(d);
   g.shift = bottom_right ? g.S - g.T : 0;
   return g;
+}
+
+// The (seed, offset) of a dropout call: the op's two ints, or, when its optional
+// `rng` argument is given, the two values of that int64 tensor [seed, offset].
+// attnext/ops.py draws rng on the GPU for CUDA inputs (torch's CUDA generator), so a
+// CUDA graph that captured the call draws a new mask on every replay; the CUDA
+// kernels then read the values on the device (`device`), host code reads them here.
+struct DropoutSeed {
+  int64_t seed = 0, offset = 0;
+  const int64_t* device = nullptr;  // the rng tensor's data on the GPU, for the CUDA kernels
+};
+
+inline void check_rng(const at::Tensor& rng) {
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.dim() == 1 && rng.numel() == 2,
+              "attnext: rng must be an int64 tensor of shape (2,) holding [seed, offset], got ", rng.scalar_type(),
+              " of shape ", rng.sizes());
+}
+
+// For host code (the CPU kernels, or a CPU rng given to a CUDA kernel): the values.
+inline DropoutSeed host_dropout_seed(int64_t seed, int64_t offset, const std::optional<at::Tensor>& rng) {
+  if (!rng.has_value()) return {seed, offset, nullptr};
+  check_rng(*rng);
+  const at::Tensor r = rng->to(at::kCPU).contiguous();  // a GPU rng given to a CPU kernel: one sync
+  return {r.const_data_ptr<int64_t>()[0], r.const_data_ptr<int64_t>()[1], nullptr};
+}
+
+// For the CUDA kernels: a GPU rng (on the inputs' device) is read by the kernels
+// themselves (DropoutSeed::device); a CPU rng or the ints are read here.
+inline DropoutSeed device_dropout_seed(int64_t seed, int64_t offset, const std::optional<at::Tensor>& rng,
+                                       const at::Tensor& like) {
+  if (!rng.has_value() || rng->is_cpu()) return host_dropout_seed(seed, offset, rng);
+  check_rng(*rng);
+  TORCH_CHECK(rng->device() == like.device() && rng->is_contiguous(), "attnext: rng must be a contiguous tensor on ",
+              like.device(), " (or on the CPU), got one on ", rng->device());
+  DropoutSeed ds;
+  ds.device = rng->const_data_ptr<int64_t>();
+  return ds;
 }
 
 // qkv (..., T, 3, nh, hs): q, k and v packed along dim -3, as nanoGPT's

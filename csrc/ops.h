@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 // The extension is built with -fvisibility=hidden; these stay visible for C++ users.
@@ -35,21 +36,28 @@ ATTNEXT_API at::Tensor causal_mean_backward_cpu(const at::Tensor& grad_y);
 ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                     const at::Tensor& v, double scale,
                                                                     double dropout_p, bool bottom_right, int64_t seed,
-                                                                    int64_t offset);
+                                                                    int64_t offset,
+                                                                    const std::optional<at::Tensor>& rng = std::nullopt);
 // -> (grad_q, grad_k, grad_v), shaped like q, k, v, contiguous.
 ATTNEXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset);
+    const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset,
+    const std::optional<at::Tensor>& rng = std::nullopt);
 // qkv: (..., T, 3, nh, hs) -> (out (..., T, nh, hs) contiguous, lse (..., nh, T)).
 ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tensor& qkv, double scale,
                                                                               double dropout_p, bool bottom_right,
-                                                                              int64_t seed, int64_t offset);
+                                                                              int64_t seed, int64_t offset,
+                                                                              const std::optional<at::Tensor>& rng =
+                                                                                  std::nullopt);
 // -> grad_qkv (..., T, 3, nh, hs), contiguous.
 ATTNEXT_API at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv,
                                                                const at::Tensor& out, const at::Tensor& lse,
                                                                double scale, double dropout_p, bool bottom_right,
-                                                               int64_t seed, int64_t offset);
+                                                               int64_t seed, int64_t offset,
+                                                               const std::optional<at::Tensor>& rng = std::nullopt);
 // y = x * keep / (1 - p) with the counter-based keep mask of (seed, offset); contiguous.
-ATTNEXT_API at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset);
+// rng (every op with dropout): an int64 tensor [seed, offset] replacing the two ints.
+ATTNEXT_API at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset,
+                                   const std::optional<at::Tensor>& rng = std::nullopt);
 
 }  // namespace attnext

@@ -367,6 +367,35 @@ def test_opcheck(dropout_p):
 
 
 @needs_native
+def test_rng_tensor_replaces_the_ints():
+    # rng = [seed, offset] as an int64 tensor (what CUDA inputs get, drawn on the GPU):
+    # the same mask as the ints in the forward and the backward, opcheck-clean
+    q, k, v = make_qkv((2,), 37, 37, 8, 8)
+    rng = torch.tensor([11, 2])
+    args = (0.35, 0.3, False)
+    out, lse = torch.ops.attnext.causal_attention(q, k, v, *args, 0, 0, rng)
+    ref, _ = torch.ops.attnext.causal_attention(q, k, v, *args, 11, 2)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.attnext.causal_attention(q, k, v, *args, 0, 0, rng)[0], (q, k, v)
+    )
+    qf, kf, vf = (t.detach().float() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.attnext.causal_attention.default, (qf, kf, vf, *args, 0, 0, rng))
+    qkv = torch.randn(2, 21, 3, 2, 8, requires_grad=True)
+    o1, _ = torch.ops.attnext.causal_attention_qkvpacked(qkv, *args, 0, 0, rng)
+    o2, _ = torch.ops.attnext.causal_attention_qkvpacked(qkv, *args, 11, 2)
+    assert torch.equal(o1, o2)
+    torch.library.opcheck(torch.ops.attnext.causal_attention_qkvpacked.default, (qkv, *args, 0, 0, rng))
+    with pytest.raises(RuntimeError, match="rng must be an int64 tensor of shape"):
+        torch.ops.attnext.causal_attention(q, k, v, *args, 0, 0, rng.float())
+
+
+@needs_native
 def test_fake_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -173,15 +173,19 @@ def test_both_paths_nanogpt_views_and_3d(monkeypatch, path, dtype):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("T,S,br", [(90, 90, False), (70, 150, True), (150, 70, True), (20, 20, False)])
-def test_both_paths_dropout_mask_is_the_cpu_mask(monkeypatch, path, T, S, br):
+@pytest.mark.parametrize("seed_on", ["host", "gpu"])  # the ints, or rng = [seed, offset] read by the kernels
+def test_both_paths_dropout_mask_is_the_cpu_mask(monkeypatch, path, T, S, br, seed_on):
     # The CPU kernel in float64 with the same (seed, offset) is the oracle: a mask bit that differs
     # moves its weight (>= 1/S of the row) and fails the twice-eager bound. T = 20: large weights.
     use_path(monkeypatch, path)
     dtype, p, seed, offset = torch.bfloat16, 0.3, 1234, 77
     q64, k64, v64 = make_qkv((2, 2), T, S, 64, 64, seed=5)
     g64 = torch.randn(2, 2, T, 64, device="cuda", dtype=torch.float64)
+    rng = torch.tensor([seed, offset], device="cuda")
 
     def op(q, k, v):
+        if q.is_cuda and seed_on == "gpu":
+            return torch.ops.attnext.causal_attention(q, k, v, 0.125, p, br, 0, 0, rng)[0]
         return torch.ops.attnext.causal_attention(q, k, v, 0.125, p, br, seed, offset)[0]
 
     def eager(q, k, v):
@@ -287,11 +291,12 @@ def test_dropout_mask_is_the_cpu_mask():
     # the CPU kernel and the reference drop the same weights.
     q, k, v = make_qkv((2, 2), 90, 90, 32, 32, torch.float64)
     g = torch.randn(2, 2, 90, 32, dtype=torch.float64, device="cuda")
-    torch.manual_seed(123)
-    got = fwd_bwd(lambda *a: attnext.causal_attention(*a, dropout_p=0.3), q, k, v, g)
+    # a CPU generator: both devices draw (seed, offset) on the host, the same values
+    got = fwd_bwd(lambda *a: attnext.causal_attention(*a, dropout_p=0.3, generator=torch.Generator().manual_seed(123)),
+                  q, k, v, g)
     qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q, k, v))
-    torch.manual_seed(123)
-    cpu = fwd_bwd(lambda *a: attnext.causal_attention(*a, dropout_p=0.3), qc, kc, vc, g.cpu())
+    cpu = fwd_bwd(lambda *a: attnext.causal_attention(*a, dropout_p=0.3, generator=torch.Generator().manual_seed(123)),
+                  qc, kc, vc, g.cpu())
     for a, b in zip(got, cpu):
         torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10)
 
@@ -367,6 +372,46 @@ def test_first_key_tiles_all_minus_inf(monkeypatch, path, dtype):
     assert torch.equal(out.isnan().cpu(), ref.isnan())
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol, equal_nan=True)
+
+
+def test_dropout_seed_is_drawn_on_the_gpu_and_matches_the_cpu_mask():
+    # CUDA inputs draw rng = [seed, offset] on the GPU (torch's CUDA generator); the CPU
+    # kernel given the same values drops the same weights
+    q, k, v = make_qkv((2,), 50, 50, 16, 16, torch.float64)
+    torch.manual_seed(3)
+    out = attnext.causal_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device="cuda")
+    seed, offset = rng.tolist()
+    ref, _ = torch.ops.attnext.causal_attention(*(t.detach().cpu() for t in (q, k, v)), 0.25, 0.3, False, seed, offset)
+    torch.testing.assert_close(out.detach().cpu(), ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_under_cuda_graph_capture_draws_a_new_mask_per_replay(monkeypatch, path):
+    use_path(monkeypatch, path)
+    q, k, v = (t.detach() for t in make_qkv((2,), 128, 128, 64, 64, torch.bfloat16))
+    xd = torch.randn(4, 1000, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside the graph, as torch's capture recipe does
+        attnext.causal_attention(q, k, v, dropout_p=0.3)
+        attnext.dropout(xd, 0.3)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = attnext.causal_attention(q, k, v, dropout_p=0.3)
+        y = attnext.dropout(xd, 0.3)
+    results = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append((out.clone(), y.clone()))
+    assert not torch.equal(results[0][0], results[1][0])  # a fresh attention mask per replay
+    assert not torch.equal(results[0][1], results[1][1])  # and a fresh dropout mask
+    for _, yy in results:
+        keep = (yy != 0).float().mean().item()
+        assert abs(keep - 0.7) < 0.02
 
 
 def test_modules_run_on_cuda_and_match_cpu():

@@ -111,6 +111,25 @@ def test_opcheck():
 
 
 @needs_native
+def test_rng_tensor_replaces_the_ints():
+    # rng = [seed, offset] as an int64 tensor (what CUDA inputs get, drawn on the GPU):
+    # the same mask as the ints, forward and backward, and the op stays opcheck-clean
+    x = torch.randn(4, 50, dtype=torch.float64, requires_grad=True)
+    rng = torch.tensor([11, 12])
+    y = torch.ops.attnext.dropout(x, 0.3, 0, 0, rng)
+    torch.testing.assert_close(y, torch.ops.attnext.dropout(x, 0.3, 11, 12))
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, g * reference.dropout_keep_flat(x.shape, 0.3, 11, 12) / 0.7)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.attnext.dropout(t, 0.3, 0, 0, rng), (x,))
+    torch.library.opcheck(torch.ops.attnext.dropout.default, (x.float().detach().requires_grad_(), 0.25, 0, 0, rng))
+    with pytest.raises(RuntimeError, match="rng must be an int64 tensor of shape"):
+        torch.ops.attnext.dropout(x, 0.3, 0, 0, torch.tensor([1.0, 2.0]))
+    with pytest.raises(RuntimeError, match="rng must be an int64 tensor of shape"):
+        torch.ops.attnext.dropout(x, 0.3, 0, 0, torch.tensor([1, 2, 3]))
+
+
+@needs_native
 def test_compile_fullgraph():
     torch._dynamo.config.capture_scalar_outputs = True
     try:

@@ -1014,10 +1014,10 @@ at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::
 // The forward into given outputs: out (..., T, hs_v) with unit-stride rows (a
 // contiguous tensor or a view of one), lse (..., T) contiguous in the compute type.
 void forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& out,
-                  at::Tensor& lse, const Geometry& g, double scale, double dropout_p, int64_t seed, int64_t offset) {
+                  at::Tensor& lse, const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   if (lse.numel() == 0) return;
   const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
-  const Dropout drop(dropout_p, seed, offset);
+  const Dropout drop(dropout_p, ds.seed, ds.offset);
 #if ATTNEXT_X86_SIMD
   if (use_bf16dot(q, k, v, g)) {
     fwd_bf16dot(q, k, v, out, lse, g, scale, drop);
@@ -1032,8 +1032,8 @@ void forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
 // rows (contiguous tensors or views of one).
 void backward_into(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
                    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv, const Geometry& g, double scale, double dropout_p, int64_t seed,
-                   int64_t offset) {
+                   at::Tensor& dk, at::Tensor& dv, const Geometry& g, double scale, double dropout_p,
+                   const DropoutSeed& ds) {
   if (g.BH * g.T == 0 || g.BH * g.S == 0) {
     dq.zero_();
     dk.zero_();
@@ -1043,7 +1043,7 @@ void backward_into(const at::Tensor& grad_out_in, const at::Tensor& q_in, const 
   const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   const at::Tensor dout = prepare(grad_out_in), out = prepare(out_in);
   const at::Tensor lse = lse_in.contiguous();
-  const Dropout drop(dropout_p, seed, offset);
+  const Dropout drop(dropout_p, ds.seed, ds.offset);
 #if ATTNEXT_X86_SIMD
   if (use_bf16dot(q, k, v, g)) {
     bwd_bf16dot(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop);
@@ -1079,7 +1079,8 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, co
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         double scale, double dropout_p, bool bottom_right,
-                                                        int64_t seed, int64_t offset) {
+                                                        int64_t seed, int64_t offset,
+                                                        const std::optional<at::Tensor>& rng) {
   const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
   // out: (..., T, hs_v) in the input dtype; lse: (..., T) in the compute dtype
   std::vector<int64_t> out_sizes = q.sizes().vec();
@@ -1087,19 +1088,20 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, con
   std::vector<int64_t> lse_sizes(q.sizes().begin(), q.sizes().end() - 1);
   at::Tensor out = empty_output(out_sizes, q.options());
   at::Tensor lse = at::empty(lse_sizes, q.options().dtype(compute_type(q.scalar_type())));
-  forward_into(q, k, v, out, lse, g, scale, dropout_p, seed, offset);
+  forward_into(q, k, v, out, lse, g, scale, dropout_p, host_dropout_seed(seed, offset, rng));
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset) {
+    const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset,
+    const std::optional<at::Tensor>& rng) {
   const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
   check_backward_inputs(grad_out, out, lse, q, g);
   at::Tensor dq = empty_output(q.sizes(), q.options());
   at::Tensor dk = empty_output(k.sizes(), q.options());
   at::Tensor dv = empty_output(v.sizes(), q.options());
-  backward_into(grad_out, q, k, v, out, lse, dq, dk, dv, g, scale, dropout_p, seed, offset);
+  backward_into(grad_out, q, k, v, out, lse, dq, dk, dv, g, scale, dropout_p, host_dropout_seed(seed, offset, rng));
   return {dq, dk, dv};
 }
 
@@ -1112,7 +1114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tensor& qkv, double scale,
                                                                   double dropout_p, bool bottom_right, int64_t seed,
-                                                                  int64_t offset) {
+                                                                  int64_t offset, const std::optional<at::Tensor>& rng) {
   check_qkvpacked(qkv, "qkv");
   const auto [q, k, v] = unpack_qkv(qkv);  // 3 x (..., nh, T, hs) views
   const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
@@ -1122,14 +1124,14 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tens
   at::Tensor out_rows = out.transpose(-3, -2);  // (..., nh, T, hs) view
   std::vector<int64_t> lse_sizes(q.sizes().begin(), q.sizes().end() - 1);  // (..., nh, T)
   at::Tensor lse = at::empty(lse_sizes, qkv.options().dtype(compute_type(qkv.scalar_type())));
-  forward_into(q, k, v, out_rows, lse, g, scale, dropout_p, seed, offset);
+  forward_into(q, k, v, out_rows, lse, g, scale, dropout_p, host_dropout_seed(seed, offset, rng));
   return {out, lse};
 }
 
 at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv,
                                                    const at::Tensor& out, const at::Tensor& lse, double scale,
-                                                   double dropout_p, bool bottom_right, int64_t seed,
-                                                   int64_t offset) {
+                                                   double dropout_p, bool bottom_right, int64_t seed, int64_t offset,
+                                                   const std::optional<at::Tensor>& rng) {
   check_qkvpacked(qkv, "qkv");
   const auto [q, k, v] = unpack_qkv(qkv);
   const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
@@ -1139,7 +1141,8 @@ at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, c
   check_backward_inputs(grad_rows, out_rows, lse, q, g);
   at::Tensor dqkv = empty_output(qkv.sizes(), qkv.options());
   auto [dq, dk, dv] = unpack_qkv(dqkv);
-  backward_into(grad_rows, q, k, v, out_rows, lse, dq, dk, dv, g, scale, dropout_p, seed, offset);
+  backward_into(grad_rows, q, k, v, out_rows, lse, dq, dk, dv, g, scale, dropout_p,
+                host_dropout_seed(seed, offset, rng));
   return dqkv;
 }
 

@@ -54,7 +54,8 @@ void drop_block(const T* x, T* y, int64_t n, uint32_t key, uint32_t j0, uint32_t
 
 }  // namespace
 
-at::Tensor dropout_cpu(const at::Tensor& x_in, double p, int64_t seed, int64_t offset) {
+at::Tensor dropout_cpu(const at::Tensor& x_in, double p, int64_t seed, int64_t offset,
+                       const std::optional<at::Tensor>& rng) {
   check_strided(x_in, "x");
   TORCH_CHECK(x_in.device().is_cpu(), "attnext: x must be a CPU tensor for the CPU kernel, got ", x_in.device());
   check_floating(x_in, "x");
@@ -65,7 +66,8 @@ at::Tensor dropout_cpu(const at::Tensor& x_in, double p, int64_t seed, int64_t o
   if (N == 0) {
     return y;
   }
-  const uint32_t stream = dropout_stream_key(seed, offset);
+  const DropoutSeed ds = host_dropout_seed(seed, offset, rng);
+  const uint32_t stream = dropout_stream_key(ds.seed, ds.offset);
   const uint32_t threshold = dropout_threshold(p);
   const double scale = 1.0 / (1.0 - p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_cpu", [&] {

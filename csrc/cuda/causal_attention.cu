@@ -55,7 +55,7 @@ at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDou
 template <typename T>
 cuda::AttnParams<T, typename cuda::AccOf<T>::type> make_params(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const Geometry& g, double scale,
-                                                              double dropout_p, int64_t seed, int64_t offset) {
+                                                              double dropout_p, const DropoutSeed& ds) {
   using A = typename cuda::AccOf<T>::type;
   cuda::AttnParams<T, A> p{};
   p.q = reinterpret_cast<const T*>(q.const_data_ptr());
@@ -72,7 +72,8 @@ cuda::AttnParams<T, typename cuda::AccOf<T>::type> make_params(const at::Tensor&
   p.shift = g.shift;
   p.scale = static_cast<A>(scale);
   p.drop = dropout_p > 0.0;
-  p.stream_key = p.drop ? dropout_stream_key(seed, offset) : 0u;
+  p.stream_key = p.drop ? dropout_stream_key(ds.seed, ds.offset) : 0u;
+  p.rng = p.drop ? ds.device : nullptr;
   p.threshold = p.drop ? dropout_threshold(dropout_p) : 0u;
   p.inv_keep = static_cast<A>(p.drop ? 1.0 / (1.0 - dropout_p) : 1.0);
   return p;
@@ -137,10 +138,10 @@ const char* kTooLarge =
 
 template <typename scalar_t>
 void launch_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                const Geometry& g, double scale, double dropout_p, int64_t seed, int64_t offset) {
+                const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   using T = typename CudaType<scalar_t>::type;
   using A = typename cuda::AccOf<T>::type;
-  const auto p = make_params<T>(q, k, v, g, scale, dropout_p, seed, offset);
+  const auto p = make_params<T>(q, k, v, g, scale, dropout_p, ds);
   const auto bytes = [&](int rows) { return cuda::FwdSmem(rows, g.hs, g.hsv).total * int64_t(sizeof(A)); };
   const int rows = pick_rows(bytes);
   TORCH_CHECK(rows > 0, kTooLarge, ", got hs = ", g.hs, ", hs_v = ", g.hsv);
@@ -154,10 +155,10 @@ void launch_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
 template <typename scalar_t>
 void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                const Geometry& g, double scale, double dropout_p, int64_t seed, int64_t offset) {
+                const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   using T = typename CudaType<scalar_t>::type;
   using A = typename cuda::AccOf<T>::type;
-  const auto p = make_params<T>(q, k, v, g, scale, dropout_p, seed, offset);
+  const auto p = make_params<T>(q, k, v, g, scale, dropout_p, ds);
   const auto da = row_addr(dout);
   const T* dop = reinterpret_cast<const T*>(dout.const_data_ptr());
   const A* lp = lse.const_data_ptr<A>();
@@ -234,7 +235,7 @@ mma::Rows mma_rows(const at::Tensor& t) {
 }
 
 mma::Params mma_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g,
-                       double scale, double dropout_p, int64_t seed, int64_t offset) {
+                       double scale, double dropout_p, const DropoutSeed& ds) {
   mma::Params p{};
   p.q = reinterpret_cast<const uint16_t*>(q.const_data_ptr());
   p.k = reinterpret_cast<const uint16_t*>(k.const_data_ptr());
@@ -250,7 +251,8 @@ mma::Params mma_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.drop = dropout_p > 0.0;
-  p.stream_key = p.drop ? dropout_stream_key(seed, offset) : 0u;
+  p.stream_key = p.drop ? dropout_stream_key(ds.seed, ds.offset) : 0u;
+  p.rng = p.drop ? ds.device : nullptr;
   p.threshold = p.drop ? dropout_threshold(dropout_p) : 0u;
   p.inv_keep = static_cast<float>(p.drop ? 1.0 / (1.0 - dropout_p) : 1.0);
   return p;
@@ -305,13 +307,13 @@ int64_t mma_query_tiles(int64_t T) { return (T + mma::kBm - 1) / mma::kBm; }
 
 // The forward on tensor cores if it can take the call; false (nothing written) if not.
 bool mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                 const Geometry& g, double scale, double dropout_p, int64_t seed, int64_t offset) {
+                 const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   const MmaMode mode = mma_mode();
   if (mode == MmaMode::kOff) return false;
   std::string why = mma_unsupported(q, k, v, nullptr, g, false);
   bool done = false;
   if (why.empty()) {
-    mma::Params p = mma_params(q, k, v, g, scale, dropout_p, seed, offset);
+    mma::Params p = mma_params(q, k, v, g, scale, dropout_p, ds);
     p.out = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
     p.lse_out = lse.mutable_data_ptr<float>();
     mma_head_switch<false>(g.hs, [&](auto hd) {
@@ -335,13 +337,13 @@ bool mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 // Each kernel prefetches the next tile into a second buffer when two fit in shared memory.
 bool mma_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& lse, const at::Tensor& D, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                  const Geometry& g, double scale, double dropout_p, int64_t seed, int64_t offset) {
+                  const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   const MmaMode mode = mma_mode();
   if (mode == MmaMode::kOff) return false;
   std::string why = mma_unsupported(q, k, v, &dout, g, true);
   bool done = false;
   if (why.empty()) {
-    mma::Params p = mma_params(q, k, v, g, scale, dropout_p, seed, offset);
+    mma::Params p = mma_params(q, k, v, g, scale, dropout_p, ds);
     p.dout = reinterpret_cast<const uint16_t*>(dout.const_data_ptr());
     p.da = mma_rows(dout);
     p.lse = lse.const_data_ptr<float>();
@@ -382,9 +384,11 @@ std::vector<int64_t> out_shape(const at::Tensor& q, int64_t hsv) {
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                          const at::Tensor& v_in, double scale, double dropout_p,
-                                                         bool bottom_right, int64_t seed, int64_t offset) {
+                                                         bool bottom_right, int64_t seed, int64_t offset,
+                                                         const std::optional<at::Tensor>& rng) {
   const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  const DropoutSeed ds = device_dropout_seed(seed, offset, rng, q_in);
   const auto opts = q_in.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor out = at::empty(out_shape(q_in, g.hsv), opts);
   at::Tensor lse = at::empty(q_in.sizes().slice(0, q_in.dim() - 1), opts.dtype(acc_type(q_in.scalar_type())));
@@ -392,11 +396,11 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_in,
     return {out, lse};
   }
   const at::Tensor q = unit_stride_rows(q_in), k = unit_stride_rows(k_in), v = unit_stride_rows(v_in);
-  if (mma_forward(q, k, v, out, lse, g, scale, dropout_p, seed, offset)) {
+  if (mma_forward(q, k, v, out, lse, g, scale, dropout_p, ds)) {
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_cuda", [&] {
-    launch_fwd<scalar_t>(q, k, v, out, lse, g, scale, dropout_p, seed, offset);
+    launch_fwd<scalar_t>(q, k, v, out, lse, g, scale, dropout_p, ds);
   });
   return {out, lse};
 }
@@ -404,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p, bool bottom_right,
-    int64_t seed, int64_t offset) {
+    int64_t seed, int64_t offset, const std::optional<at::Tensor>& rng) {
   const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
   check_same(q_in, "q", grad_out_in, "grad_out");
   check_same(q_in, "q", out_in, "out");
@@ -421,6 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
   TORCH_CHECK(lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1), "attnext: lse must have shape ",
               q_in.sizes().slice(0, q_in.dim() - 1), ", got ", lse_in.sizes());
   const c10::cuda::CUDAGuard guard(q_in.device());
+  const DropoutSeed ds = device_dropout_seed(seed, offset, rng, q_in);
   const auto opts = q_in.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q_in.sizes(), opts);
   at::Tensor dk = at::empty(k_in.sizes(), opts);
@@ -436,11 +441,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
   const at::Tensor lse = lse_in.contiguous();
   // D = rowsum(dO * O) in the accumulation type, (BH * T) contiguous
   const at::Tensor D = (grad_out_in.to(at_acc) * out_in.to(at_acc)).sum(-1).contiguous();
-  if (mma_backward(dout, q, k, v, lse, D, dq, dk, dv, g, scale, dropout_p, seed, offset)) {
+  if (mma_backward(dout, q, k, v, lse, D, dq, dk, dv, g, scale, dropout_p, ds)) {
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_backward_cuda", [&] {
-    launch_bwd<scalar_t>(dout, q, k, v, lse, D, dq, dk, dv, g, scale, dropout_p, seed, offset);
+    launch_bwd<scalar_t>(dout, q, k, v, lse, D, dq, dk, dv, g, scale, dropout_p, ds);
   });
   return {dq, dk, dv};
 }

@@ -56,7 +56,10 @@ struct AttnParams {
   bool drop;
   uint32_t stream_key, threshold;
   A inv_keep;
+  const int64_t* rng;  // [seed, offset] on the device (CUDA-graph safe), or null: stream_key
 
+  // The dropout stream: from rng when the call drew its seed on the device.
+  __device__ __forceinline__ uint32_t key() const { return rng ? dropout_stream_key(rng[0], rng[1]) : stream_key; }
   __device__ __forceinline__ int64_t visible(int64_t t) const {
     const int64_t v = t + 1 + shift;
     return v < 0 ? 0 : (v > S ? S : v);
@@ -122,7 +125,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int r = 0; r < kRows; ++r) {
     m[r] = -INFINITY;
     l[r] = A(0);
-    row_key[r] = p.drop ? dropout_row_key(p.stream_key, b, t0 + warp * kRows + r) : 0u;
+    row_key[r] = p.drop ? dropout_row_key(p.key(), b, t0 + warp * kRows + r) : 0u;
   }
   const int64_t kv_end = p.visible(t0 + nr - 1);
   for (int64_t k0 = 0; k0 < kv_end; k0 += kBk) {
@@ -258,7 +261,7 @@ __device__ __forceinline__ void recompute_p_ds(const AttnParams<T, A>& p, int64_
     const int64_t t = t0 + rr;
     const bool vis = t < p.T && k0 + lane < p.S && k0 + lane < p.visible(t) && lse_s[rr] != A(-INFINITY);
     const A pr = vis ? exp_acc(s[r] * p.scale - lse_s[rr]) : A(0);
-    const A z = p.drop ? p.drop_factor(dropout_row_key(p.stream_key, b, t), k0 + lane) : A(1);
+    const A z = p.drop ? p.drop_factor(dropout_row_key(p.key(), b, t), k0 + lane) : A(1);
     P[r] = pr;
     Z[r] = z;
     dS[r] = vis ? pr * (dp[r] * z - D_s[rr]) : A(0);

@@ -151,7 +151,10 @@ struct Params {
   bool drop;
   uint32_t stream_key, threshold;
   float inv_keep;
+  const int64_t* rng;  // [seed, offset] on the device (CUDA-graph safe), or null: stream_key
 
+  // The dropout stream: from rng when the call drew its seed on the device.
+  ATTNEXT_HD uint32_t key() const { return rng ? dropout_stream_key(rng[0], rng[1]) : stream_key; }
   ATTNEXT_HD int64_t visible(int64_t t) const {
     const int64_t n = t + 1 + shift;
     return n < 0 ? 0 : (n > S ? S : n);
@@ -325,7 +328,7 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, uint16_t* 
   for (int h = 0; h < 2; ++h) {
     row[h] = t0 + 16 * warp + c_row(lane, 2 * h);
     vis[h] = p.visible(row[h]);
-    rkey[h] = p.drop ? dropout_row_key(p.stream_key, b, row[h]) : 0u;
+    rkey[h] = p.drop ? dropout_row_key(p.key(), b, row[h]) : 0u;
   }
   float o[kDt][4];
   ATTNEXT_UNROLL
@@ -443,7 +446,7 @@ ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, uint16_t* s
   for (int h = 0; h < 2; ++h) {
     row[h] = t0 + 16 * warp + c_row(lane, 2 * h);
     vis[h] = p.visible(row[h]);
-    rkey[h] = p.drop ? dropout_row_key(p.stream_key, b, row[h]) : 0u;
+    rkey[h] = p.drop ? dropout_row_key(p.key(), b, row[h]) : 0u;
     lse2[h] = row[h] < p.T ? p.lse[b * p.T + row[h]] * kLog2e : -INFINITY;
     Dr[h] = row[h] < p.T ? p.D[b * p.T + row[h]] : 0.f;
   }
@@ -577,7 +580,7 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t*
       const int64_t t = t0 + tid;
       st[tid] = t < p.T ? p.lse[b * p.T + t] * kLog2e : -INFINITY;
       st[kBq + tid] = t < p.T ? p.D[b * p.T + t] : 0.f;
-      reinterpret_cast<uint32_t*>(st + 2 * kBq)[tid] = p.drop ? dropout_row_key(p.stream_key, b, t) : 0u;
+      reinterpret_cast<uint32_t*>(st + 2 * kBq)[tid] = p.drop ? dropout_row_key(p.key(), b, t) : 0u;
     }
   };
   if (nqt > 0) {

@@ -8,6 +8,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "common.h"
@@ -17,49 +18,49 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 double scale, double dropout_p, bool bottom_right, int64_t seed,
-                                                int64_t offset) {
+                                                int64_t offset, const std::optional<at::Tensor>& rng) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnext::causal_attention", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&, double, double, bool,
-                                                                       c10::SymInt, c10::SymInt)>();
-  return op.call(q, k, v, scale, dropout_p, bottom_right, seed, offset);
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool,
+                                 c10::SymInt, c10::SymInt, const std::optional<at::Tensor>&)>();
+  return op.call(q, k, v, scale, dropout_p, bottom_right, seed, offset, rng);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_op(const at::Tensor& grad_out, const at::Tensor& q,
                                                                      const at::Tensor& k, const at::Tensor& v,
                                                                      const at::Tensor& out, const at::Tensor& lse,
                                                                      double scale, double dropout_p,
-                                                                     bool bottom_right, int64_t seed, int64_t offset) {
+                                                                     bool bottom_right, int64_t seed, int64_t offset,
+                                                                     const std::optional<at::Tensor>& rng) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("attnext::_causal_attention_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const at::Tensor&, double, double,
-                                                                bool, c10::SymInt, c10::SymInt)>();
-  return op.call(grad_out, q, k, v, out, lse, scale, dropout_p, bottom_right, seed, offset);
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, double, double, bool, c10::SymInt, c10::SymInt, const std::optional<at::Tensor>&)>();
+  return op.call(grad_out, q, k, v, out, lse, scale, dropout_p, bottom_right, seed, offset, rng);
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cuda(const at::Tensor& qkv, double scale,
                                                                    double dropout_p, bool bottom_right, int64_t seed,
-                                                                   int64_t offset) {
+                                                                   int64_t offset, const std::optional<at::Tensor>& rng) {
   check_qkvpacked(qkv, "qkv");
   const auto [q, k, v] = unpack_qkv(qkv);  // 3 x (..., nh, T, hs) views
-  auto [out_rows, lse] = attention_op(q, k, v, scale, dropout_p, bottom_right, seed, offset);
+  auto [out_rows, lse] = attention_op(q, k, v, scale, dropout_p, bottom_right, seed, offset, rng);
   return {out_rows.transpose(-3, -2).contiguous(), lse};  // (..., T, nh, hs), (..., nh, T)
 }
 
 at::Tensor causal_attention_qkvpacked_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv,
                                                     const at::Tensor& out, const at::Tensor& lse, double scale,
-                                                    double dropout_p, bool bottom_right, int64_t seed,
-                                                    int64_t offset) {
+                                                    double dropout_p, bool bottom_right, int64_t seed, int64_t offset,
+                                                    const std::optional<at::Tensor>& rng) {
   check_qkvpacked(qkv, "qkv");
   check_min_dim(grad_out, 3, "grad_out", "(..., T, nh, hs)");
   check_min_dim(out, 3, "out", "(..., T, nh, hs)");
   const auto [q, k, v] = unpack_qkv(qkv);
   auto [dq, dk, dv] = attention_backward_op(grad_out.transpose(-3, -2), q, k, v, out.transpose(-3, -2), lse, scale,
-                                            dropout_p, bottom_right, seed, offset);
+                                            dropout_p, bottom_right, seed, offset, rng);
   return at::stack({dq.transpose(-3, -2), dk.transpose(-3, -2), dv.transpose(-3, -2)}, -3);  // (..., T, 3, nh, hs)
 }
 

@@ -14,8 +14,10 @@ namespace attnext {
 namespace {
 
 template <typename T, typename A>
-__global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, uint32_t stream,
-                               uint32_t threshold, A scale) {
+__global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, uint32_t stream_host,
+                               const int64_t* rng, uint32_t threshold, A scale) {
+  // rng: [seed, offset] drawn on the device (CUDA-graph safe); else the host's key
+  const uint32_t stream = rng ? dropout_stream_key(rng[0], rng[1]) : stream_host;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const bool keep = dropout_keep(dropout_block_key(stream, i), static_cast<uint32_t>(i), threshold);
@@ -25,7 +27,8 @@ __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64
 
 }  // namespace
 
-at::Tensor dropout_cuda(const at::Tensor& x_in, double p, int64_t seed, int64_t offset) {
+at::Tensor dropout_cuda(const at::Tensor& x_in, double p, int64_t seed, int64_t offset,
+                        const std::optional<at::Tensor>& rng) {
   check_strided(x_in, "x");
   TORCH_CHECK(x_in.is_cuda(), "attnext: x must be a CUDA tensor for the CUDA kernel, got ", x_in.device());
   check_floating(x_in, "x");
@@ -37,7 +40,8 @@ at::Tensor dropout_cuda(const at::Tensor& x_in, double p, int64_t seed, int64_t 
   if (n == 0) {
     return y;
   }
-  const uint32_t stream = dropout_stream_key(seed, offset);
+  const DropoutSeed ds = device_dropout_seed(seed, offset, rng, x_in);
+  const uint32_t stream = dropout_stream_key(ds.seed, ds.offset);
   const uint32_t threshold = dropout_threshold(p);
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads,
@@ -47,7 +51,7 @@ at::Tensor dropout_cuda(const at::Tensor& x_in, double p, int64_t seed, int64_t 
     using A = typename cuda::AccOf<T>::type;
     dropout_kernel<T, A><<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const T*>(x.const_data_ptr()), reinterpret_cast<T*>(y.mutable_data_ptr()), n, stream,
-        threshold, static_cast<A>(1.0 / (1.0 - p)));
+        ds.device, threshold, static_cast<A>(1.0 / (1.0 - p)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
