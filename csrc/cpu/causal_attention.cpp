@@ -304,6 +304,73 @@ void tile_mm_nt(F32Gemm own, int64_t M, int64_t N, int64_t K, T alpha, const T* 
   mm_nt<T>(M, N, K, alpha, a, lda, b, ldb, accumulate ? T(1) : T(0), c, ldc);
 }
 
+// ---- tile products that skip what the causal mask hides (own kernel only)
+//
+// vis[r], nondecreasing in r, is how many of the tile's keys query row r sees; on
+// the diagonal tiles the upper triangle is zero in P and dS, about half of those
+// tiles' work. The own kernel runs block by block of 6 rows (its register block)
+// and stops each block at its last visible column (scores) or depth (products with
+// P or dS); the BLAS path computes whole tiles.
+constexpr int64_t kOwnRows = 6;
+
+// C (nr, nc) = alpha A B^T, A (nr, K) rows, B^T packed (bt, ldbt) for the own kernel
+// (b, ldb: B's rows for the BLAS). With the own kernel the columns past a row block's
+// last visible one are left as they were, or zeroed up to nc when zero_hidden; the
+// callers' tile kernels read only the visible columns otherwise.
+template <typename T>
+void scores_mm(F32Gemm own, int64_t nr, int64_t nc, int64_t K, T alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, const T* bt, int64_t ldbt, T* c, int64_t ldc, const int64_t* vis, bool zero_hidden) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (own != nullptr) {
+      for (int64_t r0 = 0; r0 < nr; r0 += kOwnRows) {
+        const int64_t rb = std::min(kOwnRows, nr - r0), n = vis[r0 + rb - 1];
+        if (n > 0) own(rb, n, K, a + r0 * lda, lda, 1, bt, ldbt, c + r0 * ldc, ldc, alpha, false);
+      }
+      if (zero_hidden) {
+        for (int64_t r = 0; r < nr; ++r) std::fill(c + r * ldc + vis[r], c + r * ldc + nc, 0.0f);
+      }
+      return;
+    }
+  }
+  tile_mm_nt(own, nr, nc, K, alpha, a, lda, b, ldb, bt, ldbt, c, ldc, false);
+}
+
+// C (nr, N) += P B, P (nr, nc) zero past vis[r], B (nc, N) rows.
+template <typename T>
+void rows_mm(F32Gemm own, int64_t nr, int64_t N, int64_t nc, const T* p, int64_t ldp, const T* b, int64_t ldb, T* c,
+             int64_t ldc, const int64_t* vis) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (own != nullptr) {
+      for (int64_t r0 = 0; r0 < nr; r0 += kOwnRows) {
+        const int64_t rb = std::min(kOwnRows, nr - r0), depth = vis[r0 + rb - 1];
+        if (depth > 0) own(rb, N, depth, p + r0 * ldp, ldp, 1, b, ldb, c + r0 * ldc, ldc, 1.0f, true);
+      }
+      return;
+    }
+  }
+  tile_mm(own, nr, N, nc, T(1), p, ldp, 1, b, ldb, c, ldc, true);
+}
+
+// C (nc, N) += P^T B, P (nr, nc) zero past vis[r], B (nr, N) rows: the key block
+// [c0, c0 + 6) starts its depth at the first query row that sees key c0.
+template <typename T>
+void cols_mm(F32Gemm own, int64_t nr, int64_t nc, int64_t N, const T* p, int64_t ldp, const T* b, int64_t ldb, T* c,
+             int64_t ldc, const int64_t* vis) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (own != nullptr) {
+      int64_t first = 0;
+      for (int64_t c0 = 0; c0 < nc; c0 += kOwnRows) {
+        const int64_t cb = std::min(kOwnRows, nc - c0);
+        while (first < nr && vis[first] <= c0) ++first;
+        if (first == nr) break;  // no row sees key c0, nor any later key
+        own(cb, N, nr - first, p + first * ldp + c0, 1, ldp, b + first * ldb, ldb, c + c0 * ldc, ldc, 1.0f, true);
+      }
+      return;
+    }
+  }
+  tile_mm(own, nc, N, nr, T(1), p, 1, ldp, b, ldb, c, ldc, true);
+}
+
 // dst (C, R) row-major (ldd) = src (R, C)^T as T, src rows at stride lds.
 template <typename T, typename in_t>
 void transpose_block(const in_t* src, int64_t lds, int64_t R, int64_t C, T* dst, int64_t ldd) {
@@ -610,6 +677,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
       const int64_t nc = std::min(kBkF, kv_end - k0);
       const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
+      for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
       if (own != nullptr) {  // S = Q K^T from K^T columns [k0, k0 + nc)
         const T* kt = sc.kt.data();
         if (cache_kt) {
@@ -621,19 +689,19 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         } else {
           transpose_block(K.at(b, k0), K.ld, nc, g.hs, sc.kt.data(), ldkt);
         }
-        tile_mm(own, nr, nc, g.hs, scale, qb.p, qb.ld, 1, kt, ldkt, s, kBkF, false);  // S: (nr, nc)
+        scores_mm(own, nr, nc, g.hs, scale, qb.p, qb.ld, static_cast<const T*>(nullptr), 0, kt, ldkt, s, kBkF,
+                  sc.vis.data(), false);  // S: (nr, nc)
       } else {
         const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
         mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBkF);  // S: (nr, nc)
       }
-      for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
       fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       if (drop.on) {
         dropout_tile(s, static_cast<T*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
                      drop.threshold, inv_keep);
       }
       if (k0 > 0) rescale_rows(o, nr, g.hsv, ldo, sc.alpha.data());
-      tile_mm(own, nr, g.hsv, nc, T(1), s, kBkF, 1, vb.p, vb.ld, o, ldo, true);  // O += P V
+      rows_mm(own, nr, g.hsv, nc, s, kBkF, vb.p, vb.ld, o, ldo, sc.vis.data());  // O += P V
     }
     finish_rows(o, nr, g.hsv, ldo, sc.m.data(), sc.l.data(), lp + b * g.T + t0, blind_rows(g, t0, nr));
     if constexpr (!direct) {
@@ -720,17 +788,19 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         const int64_t nr = std::min(kBq, g.T - t0);
         const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
         const Block<T> dob = load_block(dO.at(b, t0), dO.ld, nr, g.hsv, sc.dobuf.data());
-        tile_mm_nt(own, nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, sc.kt.data(), kBk, s, kBk,
-                   false);  // S: (nr, nc)
+        const int64_t* vis = sc.vis.data();  // set here for the products, again in backward_probs
+        for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+        scores_mm(own, nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, sc.kt.data(), kBk, s, kBk, vis,
+                  false);  // S: (nr, nc)
         T* z = drop.on ? sc.z.data() : nullptr;
         const T* pdrop = backward_probs(s, nr, nc, g, b, t0, k0, lp + b * g.T + t0, drop, sc.vis.data(),
                                          sc.row_keys.data(), z, sc.pd.data());  // P, dropped
-        tile_mm(own, nc, g.hsv, nr, T(1), pdrop, 1, kBk, dob.p, dob.ld, dvt, ldv, true);  // dV += P^T dO
-        tile_mm_nt(own, nr, nc, g.hsv, T(1), dob.p, dob.ld, vb.p, vb.ld, sc.vt.data(), kBk, dp, kBk,
-                   false);  // dP: (nr, nc)
+        cols_mm(own, nr, nc, g.hsv, pdrop, kBk, dob.p, dob.ld, dvt, ldv, vis);  // dV += P^T dO
+        scores_mm(own, nr, nc, g.hsv, T(1), dob.p, dob.ld, vb.p, vb.ld, sc.vt.data(), kBk, dp, kBk, vis,
+                  true);  // dP: (nr, nc)
         bwd_ds_tile(s, dp, z, nr, nc, kBk, D.data() + b * g.T + t0, scale);  // dS, scaled
-        tile_mm(own, nr, g.hs, nc, T(1), dp, kBk, 1, kb.p, kb.ld, dqb + t0 * dQ.ld, dQ.ld, true);  // dQ += dS K
-        tile_mm(own, nc, g.hs, nr, T(1), dp, 1, kBk, qb.p, qb.ld, dkt, ldk, true);  // dK += dS^T Q
+        rows_mm(own, nr, g.hs, nc, dp, kBk, kb.p, kb.ld, dqb + t0 * dQ.ld, dQ.ld, vis);  // dQ += dS K
+        cols_mm(own, nr, nc, g.hs, dp, kBk, qb.p, qb.ld, dkt, ldk, vis);  // dK += dS^T Q
       }
       if constexpr (!direct) {
         store_block(dkt, ldk, nc, g.hs, dk_out, dK.ld);
