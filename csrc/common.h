@@ -108,10 +108,11 @@ inline void check_rng(const at::Tensor& rng) {
 }
 
 // For host code (the CPU kernels, or a CPU rng given to a CUDA kernel): the values.
+// (A GPU rng makes the dispatcher pick the CUDA kernel, so rng is a CPU tensor here.)
 inline DropoutSeed host_dropout_seed(int64_t seed, int64_t offset, const std::optional<at::Tensor>& rng) {
   if (!rng.has_value()) return {seed, offset, nullptr};
   check_rng(*rng);
-  const at::Tensor r = rng->to(at::kCPU).contiguous();  // a GPU rng given to a CPU kernel: one sync
+  const at::Tensor r = rng->contiguous();  // a CPU tensor here (a GPU rng sends the call to the CUDA kernel)
   return {r.const_data_ptr<int64_t>()[0], r.const_data_ptr<int64_t>()[1], nullptr};
 }
 
