@@ -7,11 +7,13 @@
 
 #include <array>
 #include <climits>
-#include <optional>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+
+#include "batch_offset.h"
 
 namespace attnext {
 
@@ -174,15 +176,7 @@ struct RowIndexer {
   }
 
   // Element offset of batch b (a linear index over the batch dims).
-  int64_t batch_offset(int64_t b) const {
-    int64_t off = 0;
-    for (int64_t d = nbatch_dims - 1; d >= 0; --d) {
-      const int64_t i = b % sizes[d];
-      b /= sizes[d];
-      off += i * strides[d];
-    }
-    return off;
-  }
+  int64_t batch_offset(int64_t b) const { return ::attnext::batch_offset(sizes, strides, nbatch_dims, b); }
 
   int64_t offset(int64_t b, int64_t t) const { return batch_offset(b) + t * stride_t; }
 };

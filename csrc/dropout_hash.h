@@ -10,10 +10,12 @@
 
 #include <cstdint>
 
+#ifndef ATTNEXT_HD  // also defined by batch_offset.h
 #if defined(__CUDACC__)
 #define ATTNEXT_HD __host__ __device__ __forceinline__
 #else
 #define ATTNEXT_HD inline __attribute__((always_inline))
+#endif
 #endif
 
 namespace attnext {

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "batch_offset.h"
 #include "dropout_hash.h"
 
 #if defined(__CUDACC__)
@@ -117,15 +118,7 @@ struct Rows {
   int64_t strides[kMaxBatchDims];
   int nbatch;
   int64_t stride_t;
-  ATTNEXT_HD int64_t batch_offset(int64_t b) const {
-    int64_t off = 0;
-    for (int d = nbatch - 1; d >= 0; --d) {
-      const int64_t i = b % sizes[d];
-      b /= sizes[d];
-      off += i * strides[d];
-    }
-    return off;
-  }
+  ATTNEXT_HD int64_t batch_offset(int64_t b) const { return ::attnext::batch_offset(sizes, strides, nbatch, b); }
 };
 
 // Elements are raw 16-bit values (float16 or bfloat16, as kBf16 says). out, dq, dk, dv

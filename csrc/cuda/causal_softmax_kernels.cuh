@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "batch_offset.h"
+
 namespace attnext {
 namespace cuda {
 
@@ -33,13 +35,7 @@ struct RowAddr {
   int64_t stride_t;
 
   __device__ __forceinline__ int64_t offset(int64_t b, int64_t t) const {
-    int64_t off = t * stride_t;
-    for (int d = nbatch - 1; d >= 0; --d) {
-      const int64_t i = b % sizes[d];
-      b /= sizes[d];
-      off += i * strides[d];
-    }
-    return off;
+    return t * stride_t + batch_offset(sizes, strides, nbatch, b);
   }
 };
 
