@@ -535,8 +535,14 @@ def causal_attention(
     Args:
         q: ``(..., T, hs)`` queries, any number of batch dims (the lecture's
             ``(B, T, hs)``, nanoGPT's ``(B, nh, T, hs)``), float32/float64/bfloat16
-            natively (other floating dtypes run the eager fallback), any strides
-            (views such as ``x.view(B, T, nh, hs).transpose(1, 2)`` are read in place).
+            natively, and float16 on CUDA (other floating dtypes run the eager
+            fallback), any strides (views such as
+            ``x.view(B, T, nh, hs).transpose(1, 2)`` are read in place). On CUDA
+            (sm_80+) float16/bfloat16 run on tensor cores, and so does float32, as TF32,
+            when torch allows TF32 for CUDA matmuls
+            (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``allow_tf32``
+            or ``torch.set_float32_matmul_precision("high")``); otherwise float32 is
+            exact, as are the CPU kernels.
         k: ``(..., S, hs)`` keys: same batch dims, dtype and device as ``q``, same ``hs``.
         v: ``(..., S, hs_v)`` values; ``hs_v`` may differ from ``hs``.
         scale: multiplies ``q @ k^T``; ``None`` (default) means ``hs ** -0.5``.

@@ -3,6 +3,8 @@
 4-D (B, nh, T, hs) inputs, where SDPA runs its flash backend, in bfloat16 and float16 at
 hs 64 and 128, T 1024 to 8192, with B * nh filling the GPU; and the lecture's 3-D
 (B, T, hs) inputs, where SDPA's fused kernels refuse the input and it runs its math path.
+Also float32 with TF32 allowed for CUDA matmuls (dtype "float32-tf32", hs 64: attnext's
+TF32 tensor-core kernels against SDPA under the same switch).
 Forward and forward+backward, TFLOP/s with causal counting half, and peak memory of one
 forward+backward. Ratios (peer time / attnext time) come from the same run.
 
@@ -67,6 +69,34 @@ class provider_env:
             os.environ["ATTNEXT_CUDA_MMA"] = self.old
 
 
+class tf32_matmuls:
+    """TF32 allowed for CUDA matmuls (torch's switch, new API where it exists) inside the block."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        if not self.on:
+            return
+        m = torch.backends.cuda.matmul
+        self.new_api = hasattr(m, "fp32_precision")
+        if self.new_api:
+            self.old = m.fp32_precision
+            m.fp32_precision = "tf32"
+        else:
+            self.old = m.allow_tf32
+            m.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        if not self.on:
+            return
+        m = torch.backends.cuda.matmul
+        if self.new_api:
+            m.fp32_precision = self.old
+        else:
+            m.allow_tf32 = self.old
+
+
 def peak_mb(fn, q, k, v, g):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -80,10 +110,15 @@ def peak_mb(fn, q, k, v, g):
 def run(quick: bool = False) -> List[Dict]:
     rows: List[Dict] = []
     base = common.base_row("cuda")
-    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
+    # (label, dtype, TF32 on)
+    dtypes = [("bfloat16", torch.bfloat16, False)]
+    if not quick:
+        dtypes += [("float16", torch.float16, False), ("float32-tf32", torch.float32, True)]
     for layout, cases in (("4d", QUICK_4D if quick else CASES_4D), ("3d", QUICK_3D if quick else CASES_3D)):
-        for dtype in dtypes:
+        for label, dtype, tf32 in dtypes:
             for batch, T, hs in cases:
+                if tf32 and (hs != 64 or T > 4096):
+                    continue  # float32 rows: one head size, within the call's time
                 g = torch.Generator(device="cuda").manual_seed(0)
                 q, k, v = (torch.randn(*batch, T, hs, device="cuda", dtype=dtype, generator=g).requires_grad_()
                            for _ in range(3))
@@ -92,7 +127,7 @@ def run(quick: bool = False) -> List[Dict]:
                                                          v.detach().double(), hs**-0.5)[0] if T <= 2048 else None
                 shape = "x".join(map(str, (*batch, T, hs))) + f" ({layout})"
                 for name, fn in providers().items():
-                    with provider_env(name):
+                    with provider_env(name), tf32_matmuls(tf32):
                         if ref is not None:
                             err = (fn(q, k, v).double() - ref).abs().max().item()
                             if not err < 5e-2:
@@ -107,11 +142,11 @@ def run(quick: bool = False) -> List[Dict]:
 
                         for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                             t = common.time_fn(f, "cuda", quick)
-                            rows.append(dict(base, op="causal_attention", shape=shape, dtype=str(dtype).split(".")[-1],
+                            rows.append(dict(base, op="causal_attention", shape=shape, dtype=label,
                                              seq_len=T, mode=mode, provider=name, median_ms=round(t.median_ms, 4),
                                              iqr_ms=round(t.iqr_ms, 4),
                                              gflops_or_gbs=round(causal_flops(batch, T, hs, mode) / (t.median_ms * 1e-3) / 1e9, 1)))
-                        rows.append(dict(base, op="causal_attention", shape=shape, dtype=str(dtype).split(".")[-1],
+                        rows.append(dict(base, op="causal_attention", shape=shape, dtype=label,
                                          seq_len=T, mode="peak-MiB", provider=name,
                                          median_ms=round(peak_mb(fn, q, k, v, grad), 1), iqr_ms=0.0, gflops_or_gbs=0.0))
                 q = k = v = grad = ref = None  # noqa: F841 (free before the next case)

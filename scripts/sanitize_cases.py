@@ -139,7 +139,8 @@ def attention_cases():
 
 
 def attention_mma_cases():
-    # The tensor-core kernels (float16 / bfloat16, sm_80+): ATTNEXT_CUDA_MMA=require makes any
+    # The tensor-core kernels (float16 / bfloat16, and float32 as TF32 with torch's TF32 switch for
+    # CUDA matmuls on; sm_80+): ATTNEXT_CUDA_MMA=require makes any
     # call they cannot take an error, so each case below really runs them. Small shapes that still
     # cover several query and key tiles, both pipelines' prefetch, partial tiles, rows that see no
     # key (bottom-right, T > S), nanoGPT views, a head size that is zero-padded (80 -> 96), dropout.
@@ -150,8 +151,15 @@ def attention_mma_cases():
         return
     old = os.environ.get("ATTNEXT_CUDA_MMA")
     os.environ["ATTNEXT_CUDA_MMA"] = "require"
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    old_tf32 = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
     try:
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
             opts = dict(device="cuda", dtype=dtype)
             for T, S, hs in ((70, 90, 64), (90, 70, 128), (130, 130, 80), (1, 1, 16)):
                 cases = (
@@ -169,6 +177,10 @@ def attention_mma_cases():
             out, lse = torch.ops.attnext.causal_attention(q, k, v, 0.0625, 0.25, True, 1, 2)
             assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     finally:
+        if new_api:
+            matmul.fp32_precision = old_tf32
+        else:
+            matmul.allow_tf32 = old_tf32
         if old is None:
             del os.environ["ATTNEXT_CUDA_MMA"]
         else:

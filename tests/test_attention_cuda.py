@@ -245,8 +245,11 @@ def test_mma_path_refusals(monkeypatch):
     q = base[..., 1:]
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         torch.ops.attnext.causal_attention(q, q, q, 0.125, 0.0, False, 0, 0)
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        torch.ops.attnext.causal_attention(q.float(), q.float(), q.float(), 0.125, 0.0, False, 0, 0)
+    qf = q.float().contiguous()
+    with pytest.raises(RuntimeError, match="float32 without TF32"):  # torch's default: exact float32
+        torch.ops.attnext.causal_attention(qf, qf, qf, 0.125, 0.0, False, 0, 0)
+    with pytest.raises(RuntimeError, match="not float16, bfloat16 or float32"):
+        torch.ops.attnext.causal_attention(qf.double(), qf.double(), qf.double(), 0.125, 0.0, False, 0, 0)
     with pytest.raises(RuntimeError, match="hs != hs_v"):
         v = torch.randn(2, 40, 32, device="cuda", dtype=torch.bfloat16)
         torch.ops.attnext.causal_attention(q.contiguous(), q.contiguous(), v, 0.125, 0.0, False, 0, 0)
@@ -265,6 +268,94 @@ def test_mma_nan_in_a_visible_score_makes_only_the_rows_that_see_it_nan(monkeypa
     out, lse = torch.ops.attnext.causal_attention(q, k, v, 0.125, 0.0, False, 0, 0)
     assert torch.isfinite(out[:, :70]).all() and torch.isfinite(lse[:, :70]).all()
     assert torch.isnan(out[:, 70:]).all() and torch.isnan(lse[:, 70:]).all()
+
+
+# ------------------------------------------------------------------ float32 on TF32 tensor cores
+# float32 takes the tensor-core kernels (mma.m16n8k8 .tf32) only when torch allows TF32 for CUDA
+# matmuls, as torch.matmul does; otherwise the exact CUDA-core kernel (the tests above).
+
+
+def _set_tf32(switch, on):
+    if switch == "fp32_precision":
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+    elif switch == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = on
+    else:
+        torch.set_float32_matmul_precision("high" if on else "highest")
+
+
+@pytest.fixture(params=["fp32_precision"])
+def tf32_on(request):
+    """TF32 allowed for CUDA matmuls during one test, through one of torch's switches."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("TF32 tensor cores need compute capability 8.0+")
+    if request.param == "fp32_precision" and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no torch.backends.cuda.matmul.fp32_precision")
+    _set_tf32(request.param, True)
+    yield request.param
+    _set_tf32(request.param, False)
+
+
+@pytest.mark.parametrize("hs", [16, 64, 80, 128, 256])  # tile classes 32..256; 256: forward only
+@pytest.mark.parametrize("T", [17, 1000])
+def test_tf32_within_twice_eager_tf32_error(monkeypatch, tf32_on, T, hs):
+    # eager float32 under the same switch runs its matmuls on TF32: the flash rule against it
+    use_path(monkeypatch, "mma", hs)
+    q64, k64, v64 = make_qkv((1, 2), T, T, hs, hs, seed=T + hs)
+    g64 = torch.randn(1, 2, T, hs, device="cuda", dtype=torch.float64)
+    assert_within_twice_eager(attnext.causal_attention, q64, k64, v64, g64, torch.float32)
+
+
+@pytest.mark.parametrize("switch", ["fp32_precision", "allow_tf32", "set_float32_matmul_precision"])
+def test_tf32_follows_each_of_torchs_switches(monkeypatch, switch):
+    # require: the call fails unless the tensor cores take it. TF32 rounding (10-bit mantissa)
+    # shows as an error well above the exact kernel's.
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("TF32 tensor cores need compute capability 8.0+")
+    if switch == "fp32_precision" and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no torch.backends.cuda.matmul.fp32_precision")
+    q, k, v = (t.detach() for t in make_qkv((2, 2), 200, 200, 64, 64, torch.float32, seed=4))
+    ref = reference.causal_attention(q.double(), k.double(), v.double(), 0.125)[0]
+    monkeypatch.setenv("ATTNEXT_CUDA_MMA", "1")
+    exact = torch.ops.attnext.causal_attention(q, k, v, 0.125, 0.0, False, 0, 0)[0]
+    monkeypatch.setenv("ATTNEXT_CUDA_MMA", "require")
+    with pytest.raises(RuntimeError, match="float32 without TF32"):
+        torch.ops.attnext.causal_attention(q, k, v, 0.125, 0.0, False, 0, 0)
+    _set_tf32(switch, True)
+    try:
+        tf32 = torch.ops.attnext.causal_attention(q, k, v, 0.125, 0.0, False, 0, 0)[0]
+    finally:
+        _set_tf32(switch, False)
+    exact_err = (exact.double() - ref).abs().max().item()
+    tf32_err = (tf32.double() - ref).abs().max().item()
+    assert exact_err < 1e-5, exact_err
+    assert 1e-5 < tf32_err < 1e-2, tf32_err
+    assert tf32.dtype == torch.float32
+
+
+@pytest.mark.parametrize("T,S,br", [(90, 90, False), (70, 150, True), (20, 20, False)])
+def test_tf32_dropout_mask_is_the_cpu_mask(monkeypatch, tf32_on, T, S, br):
+    # as test_both_paths_dropout_mask_is_the_cpu_mask, for the TF32 kernels (forward and backward)
+    use_path(monkeypatch, "mma")
+    p, seed, offset = 0.3, 99, 5
+    q64, k64, v64 = make_qkv((2, 2), T, S, 64, 64, seed=6)
+    g64 = torch.randn(2, 2, T, 64, device="cuda", dtype=torch.float64)
+
+    def op(q, k, v):
+        return torch.ops.attnext.causal_attention(q, k, v, 0.125, p, br, seed, offset)[0]
+
+    def eager(q, k, v):
+        return reference.causal_attention(q, k, v, 0.125, p, br, seed, offset)[0]
+
+    qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q64, k64, v64))
+    cpu = fwd_bwd(op, qc, kc, vc, g64.cpu())  # CPU kernel, float64
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    got = fwd_bwd(op, qf, kf, vf, g64.float())
+    eag = fwd_bwd(eager, qf, kf, vf, g64.float())
+    for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eag, cpu):
+        err = (a.double().cpu() - o).abs().max().item()
+        eager_err = (e.double().cpu() - o).abs().max().item()
+        assert err <= 2 * eager_err + 1e-4, (name, err, eager_err)
 
 
 def test_matches_sdpa_4d_and_reads_transposed_views():

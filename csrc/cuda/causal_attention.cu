@@ -1,8 +1,11 @@
 // Fused causal attention on CUDA: host side (checks, path and tile choice, launches).
 // Two kernel families:
-//  * tensor cores (causal_attention_mma.cuh / .h): float16 and bfloat16 on sm_80+,
-//    mma.sync m16n8k16 with fp32 accumulation, head sizes up to 256 forward and 128
-//    backward (rounded up to a compiled class), rows 16-byte aligned;
+//  * tensor cores (causal_attention_mma.cuh / .h) on sm_80+: float16 and bfloat16
+//    (mma.sync m16n8k16), and float32 as TF32 (m16n8k8, operands rounded to TF32) when
+//    torch allows TF32 for CUDA matmuls (torch.backends.cuda.matmul.allow_tf32, or
+//    fp32_precision / set_float32_matmul_precision saying so); fp32 accumulation,
+//    head sizes up to 256 forward and 128 backward (rounded up to a compiled class),
+//    rows 16-byte aligned;
 //  * CUDA cores (causal_attention_kernels.cuh): everything else, exact in float32 and
 //    float64, and the fallback of the first.
 // The choice (mma_forward / mma_backward) is made per call, forward and backward
@@ -15,6 +18,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -211,14 +215,48 @@ MmaMode mma_mode() {
 }
 
 // cp.async copies 16 bytes: every row must start on a 16-byte boundary (data pointer,
-// and every stride of a dim of size > 1 but the last a multiple of 8 elements).
+// and every stride of a dim of size > 1 but the last a multiple of 16 bytes).
 bool rows_aligned16(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
   if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
+  const int64_t item = static_cast<int64_t>(t.element_size());
   for (int64_t d = 0; d < t.dim() - 1; ++d) {
-    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+    if (t.size(d) > 1 && (t.stride(d) * item) % 16 != 0) return false;
   }
   return true;
+}
+
+// Whether float32 may run on TF32 tensor cores: torch's precision for CUDA matmuls, the
+// one torch.matmul and SDPA's math path follow. Read through the per-backend setting
+// (torch.backends.cuda.matmul.fp32_precision), which the legacy switches
+// (allow_tf32, set_float32_matmul_precision) also set; allowTF32CuBLAS() would raise
+// when only the new API was used. Older torch has only the legacy reader: a call it
+// refuses counts as "not allowed" (the exact kernel), never as an error.
+bool tf32_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  try {
+    return at::globalContext().allowTF32CuBLAS();
+  } catch (const c10::Error&) {
+    return false;
+  }
+#endif
+}
+
+// Calls f(mma::F16{}), f(mma::Bf16{}) or f(mma::Tf32{}) for the tensor-core element type
+// of st (float16, bfloat16, float32).
+template <typename F>
+void mma_elem_switch(at::ScalarType st, F&& f) {
+  if (st == at::kBFloat16) {
+    f(mma::Bf16{});
+  } else if (st == at::kHalf) {
+    f(mma::F16{});
+  } else {
+    TORCH_INTERNAL_ASSERT(st == at::kFloat, "mma_elem_switch: ", st);
+    f(mma::Tf32{});
+  }
 }
 
 mma::Rows mma_rows(const at::Tensor& t) {
@@ -237,9 +275,9 @@ mma::Rows mma_rows(const at::Tensor& t) {
 mma::Params mma_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g,
                        double scale, double dropout_p, const DropoutSeed& ds) {
   mma::Params p{};
-  p.q = reinterpret_cast<const uint16_t*>(q.const_data_ptr());
-  p.k = reinterpret_cast<const uint16_t*>(k.const_data_ptr());
-  p.v = reinterpret_cast<const uint16_t*>(v.const_data_ptr());
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
   p.qa = mma_rows(q);
   p.ka = mma_rows(k);
   p.va = mma_rows(v);
@@ -263,7 +301,11 @@ mma::Params mma_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 std::string mma_unsupported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* dout,
                             const Geometry& g, bool backward) {
   const at::ScalarType st = q.scalar_type();
-  if (st != at::kHalf && st != at::kBFloat16) return "the dtype is not float16 or bfloat16";
+  if (st == at::kFloat) {
+    if (!tf32_allowed()) return "float32 without TF32 (torch.backends.cuda.matmul.allow_tf32 is off): exact kernel";
+  } else if (st != at::kHalf && st != at::kBFloat16) {
+    return "the dtype is not float16, bfloat16 or float32";
+  }
   if (g.hs != g.hsv) return "hs != hs_v";
   if (g.hs == 0) return "head size 0";
   const int64_t max_hs = backward ? kMmaMaxHsBwd : kMmaMaxHsFwd;
@@ -314,14 +356,14 @@ bool mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   bool done = false;
   if (why.empty()) {
     mma::Params p = mma_params(q, k, v, g, scale, dropout_p, ds);
-    p.out = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+    p.out = out.mutable_data_ptr();
     p.lse_out = lse.mutable_data_ptr<float>();
     mma_head_switch<false>(g.hs, [&](auto hd) {
       constexpr int kHd = decltype(hd)::value;
-      bool_switch(q.scalar_type() == at::kBFloat16, [&](auto bf) {
-        constexpr bool kBf16 = decltype(bf)::value;
-        const auto kernel = mma::causal_attention_fwd_mma_kernel<kBf16, kHd>;
-        const int64_t smem = mma::Tiles<kHd>::fwd_smem();
+      mma_elem_switch(q.scalar_type(), [&](auto elem) {
+        using E = decltype(elem);
+        const auto kernel = mma::causal_attention_fwd_mma_kernel<E, kHd>;
+        const int64_t smem = mma::Tiles<kHd, E>::fwd_smem();
         why = mma_kernel_unfit(kernel, smem);
         if (!why.empty()) return;
         launch_tiles(kernel, g.BH * mma_query_tiles(g.T), smem, p);
@@ -344,20 +386,20 @@ bool mma_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
   bool done = false;
   if (why.empty()) {
     mma::Params p = mma_params(q, k, v, g, scale, dropout_p, ds);
-    p.dout = reinterpret_cast<const uint16_t*>(dout.const_data_ptr());
+    p.dout = dout.const_data_ptr();
     p.da = mma_rows(dout);
     p.lse = lse.const_data_ptr<float>();
     p.D = D.const_data_ptr<float>();
-    p.dq = reinterpret_cast<uint16_t*>(dq.mutable_data_ptr());
-    p.dk = reinterpret_cast<uint16_t*>(dk.mutable_data_ptr());
-    p.dv = reinterpret_cast<uint16_t*>(dv.mutable_data_ptr());
+    p.dq = dq.mutable_data_ptr();
+    p.dk = dk.mutable_data_ptr();
+    p.dv = dv.mutable_data_ptr();
     mma_head_switch<true>(g.hs, [&](auto hd) {
       constexpr int kHd = decltype(hd)::value;
-      using L = mma::Tiles<kHd>;
-      bool_switch(q.scalar_type() == at::kBFloat16, [&](auto bf) {
-        constexpr bool kBf16 = decltype(bf)::value;
-        const auto dq_kernel = mma::causal_attention_dq_mma_kernel<kBf16, kHd>;
-        const auto kv_kernel = mma::causal_attention_dkdv_mma_kernel<kBf16, kHd>;
+      mma_elem_switch(q.scalar_type(), [&](auto elem) {
+        using E = decltype(elem);
+        using L = mma::Tiles<kHd, E>;
+        const auto dq_kernel = mma::causal_attention_dq_mma_kernel<E, kHd>;
+        const auto kv_kernel = mma::causal_attention_dkdv_mma_kernel<E, kHd>;
         why = mma_kernel_unfit(dq_kernel, L::dq_smem(1));
         if (why.empty()) why = mma_kernel_unfit(kv_kernel, L::dkdv_smem(1));
         if (!why.empty()) return;

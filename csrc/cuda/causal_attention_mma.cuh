@@ -1,4 +1,4 @@
-// Tensor-core causal attention (float16 / bfloat16, sm_80+): the GPU primitives and the
+// Tensor-core causal attention (float16 / bfloat16, float32 as TF32; sm_80+): the GPU primitives and the
 // kernels. The algorithms are in causal_attention_mma.h (shared with the host emulation
 // test); here each warp primitive is one PTX instruction. No ATen includes.
 //
@@ -27,24 +27,30 @@ struct PtxOps {
   static __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
   }
-  static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t* p) {
+  static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
 #ifdef ATTNEXT_MMA_SM80
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
 #endif
   }
-  static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const uint16_t* p) {
+  static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
 #ifdef ATTNEXT_MMA_SM80
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
 #endif
   }
-  template <bool kBf16>
+  template <class E>
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #ifdef ATTNEXT_MMA_SM80
-    if constexpr (kBf16) {
+    if constexpr (E::kTf32) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else if constexpr (E::kBf16) {
       asm volatile(
           "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
           "{%0, %1, %2, %3};\n"
@@ -62,7 +68,7 @@ struct PtxOps {
   static __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
   static __device__ __forceinline__ void sync() { __syncthreads(); }
   // 16 bytes to shared memory: `bytes` (0..16) from global src, zeros for the rest.
-  static __device__ __forceinline__ void cp_async16(uint16_t* dst, const uint16_t* src, int bytes) {
+  static __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
 #ifdef ATTNEXT_MMA_SM80
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
                  : "memory");
@@ -86,10 +92,16 @@ struct PtxOps {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
   }
-  template <bool kBf16>
+  // x rounded to TF32 (nearest, ties away from zero), as the bits of a float
+  static __device__ __forceinline__ uint32_t tf32(float x) {
+    uint32_t u;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(x));
+    return u;
+  }
+  template <class E>
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     uint32_t u;
-    if constexpr (kBf16) {
+    if constexpr (E::kBf16) {
       const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
       memcpy(&u, &h, 4);
     } else {
@@ -98,48 +110,50 @@ struct PtxOps {
     }
     return u;
   }
-  template <bool kBf16>
-  static __device__ __forceinline__ uint16_t cvt(float x) {
-    if constexpr (kBf16) {
+  template <class E>
+  static __device__ __forceinline__ typename E::T cvt(float x) {
+    if constexpr (E::kTf32) {
+      return x;  // float storage: the accumulator as it is
+    } else if constexpr (E::kBf16) {
       return __bfloat16_as_ushort(__float2bfloat16_rn(x));
     } else {
       return __half_as_ushort(__float2half_rn(x));
     }
   }
-  static __device__ __forceinline__ void store_u32(uint16_t* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
+  static __device__ __forceinline__ void store_u32(void* p, uint32_t v) { *static_cast<uint32_t*>(p) = v; }
 };
 
 // Grids: forward and dQ BH * ceil(T / 64) blocks, dK/dV BH * ceil(S / 64); kThreads each.
-template <bool kBf16, int kHd>
+template <class E, int kHd>
 __global__ void __launch_bounds__(kThreads) causal_attention_fwd_mma_kernel(const Params p) {
 #if defined(__CUDA_ARCH__)
 #ifdef ATTNEXT_MMA_SM80
   extern __shared__ __align__(16) unsigned char mma_smem[];
-  fwd_block<PtxOps, kBf16, kHd>(p, blockIdx.x, threadIdx.x, reinterpret_cast<uint16_t*>(mma_smem));
+  fwd_block<PtxOps, E, kHd>(p, blockIdx.x, threadIdx.x, reinterpret_cast<typename E::T*>(mma_smem));
 #else
   __trap();
 #endif
 #endif
 }
 
-template <bool kBf16, int kHd>
+template <class E, int kHd>
 __global__ void __launch_bounds__(kThreads) causal_attention_dq_mma_kernel(const Params p, int stages) {
 #if defined(__CUDA_ARCH__)
 #ifdef ATTNEXT_MMA_SM80
   extern __shared__ __align__(16) unsigned char mma_smem[];
-  dq_block<PtxOps, kBf16, kHd>(p, blockIdx.x, threadIdx.x, reinterpret_cast<uint16_t*>(mma_smem), stages);
+  dq_block<PtxOps, E, kHd>(p, blockIdx.x, threadIdx.x, reinterpret_cast<typename E::T*>(mma_smem), stages);
 #else
   __trap();
 #endif
 #endif
 }
 
-template <bool kBf16, int kHd>
+template <class E, int kHd>
 __global__ void __launch_bounds__(kThreads) causal_attention_dkdv_mma_kernel(const Params p, int stages) {
 #if defined(__CUDA_ARCH__)
 #ifdef ATTNEXT_MMA_SM80
   extern __shared__ __align__(16) unsigned char mma_smem[];
-  dkdv_block<PtxOps, kBf16, kHd>(p, blockIdx.x, threadIdx.x, reinterpret_cast<uint16_t*>(mma_smem), stages);
+  dkdv_block<PtxOps, E, kHd>(p, blockIdx.x, threadIdx.x, reinterpret_cast<typename E::T*>(mma_smem), stages);
 #else
   __trap();
 #endif

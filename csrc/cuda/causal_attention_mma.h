@@ -1,17 +1,27 @@
-// Tensor-core causal attention for float16 / bfloat16 (sm_80+): the tile algorithms.
+// Tensor-core causal attention (sm_80+) for float16 / bfloat16, and for float32 as TF32
+// where torch allows it: the tile algorithms.
 //
 // Plain C++ (no CUDA, no torch includes): every function here is written over a small
 // set of warp primitives, the `Ops` template argument, so the same code runs
-//   * on the GPU with PtxOps (causal_attention_mma.cuh): ldmatrix, mma.sync.m16n8k16
-//     with fp32 accumulation, cp.async, warp shuffles, __syncthreads;
+//   * on the GPU with PtxOps (causal_attention_mma.cuh): ldmatrix, mma.sync (m16n8k16
+//     for 16-bit inputs, m16n8k8 .tf32 for float32) with fp32 accumulation, cp.async,
+//     warp shuffles, __syncthreads;
 //   * on the host in tests/cpp/test_mma_layout.cpp, where 128 threads emulate a block and
 //     the primitives implement the PTX ISA's documented fragment layouts independently:
 //     the index math below is checked by running it, not by reading it.
-// Ops provides: ldsm_x4 / ldsm_x4_t (ldmatrix .x4 [.trans]; p = this lane's row
-// address), mma<kBf16>(d, a, b0, b1) (d += A B), shfl_xor, sync, cp_async16(dst, src,
-// bytes: the first `bytes` of 16 from src, zeros after), cp_commit, cp_wait<N>, exp2,
-// pack2<kBf16>(lo, hi) (two floats rounded to one 32-bit pair, lo in the low half),
-// cvt<kBf16>(x) (one float rounded), store_u32.
+// Ops provides: ldsm_x4 / ldsm_x4_t (ldmatrix .x4 [.trans] of b16 elements; p = this
+// lane's row address), mma<E>(d, a, b0, b1) (d += A B, one instruction of element type
+// E), shfl_xor, sync, cp_async16(dst, src, bytes: the first `bytes` of 16 from src, zeros
+// after), cp_commit, cp_wait<N>, exp2, pack2<E>(lo, hi) (two floats rounded to one
+// 32-bit pair of 16-bit E, lo in the low half), cvt<E>(x) (one float to E's storage
+// type), tf32(x) (a float rounded to TF32, cvt.rna: the bits of a float with the low 13
+// mantissa bits 0), store_u32.
+//
+// Element types (E): F16, Bf16 (2-byte storage, mma.m16n8k16) and Tf32 (float storage,
+// mma.m16n8k8 on operands rounded to TF32). One mma "k step" is 32 bytes of a row in
+// every case (16 halves or 8 floats), A is 4 and B 2 registers, C the same 16x8 f32
+// fragment, and the ldmatrix patterns below read 16-byte rows (8 halves or 4 floats), so
+// the tile code is written once in bytes; only pack_a and gemm_pb's B operand differ.
 //
 // FlashAttention-2 blocking, 4 warps (128 threads) per block, one m16 row block per warp:
 //  forward  one block per (batch, 64 query rows); K/V tiles of kFwdBn keys stream through
@@ -28,9 +38,9 @@
 //  dQ       one block per (batch, 64 query rows): S, dP, dS as above by rows, dQ += dS K.
 // No atomics: every output element is written by exactly one thread. Z is dropout's
 // factor (1/(1-p) or 0) from dropout_hash.h, so the mask is the CPU kernel's bit for bit.
-// Shared tiles are [rows][hs rounded up to kHd, + 8] 16-bit elements: the 16-byte pad
-// puts the 8 rows of every ldmatrix 8x8 matrix in distinct banks; columns hs..kHd and
-// rows past the end are zero-filled by cp.async (src-size < 16), so padding adds zeros.
+// Shared tiles are [rows][hs rounded up to kHd, + 16 bytes]: the 16-byte pad puts the 8
+// rows of every ldmatrix 8x8 matrix in distinct banks; columns hs..kHd and rows past the
+// end are zero-filled by cp.async (src-size < 16), so padding adds zeros.
 // Inputs are read through row strides (any batch / T strides, unit-stride rows whose
 // start addresses are 16-byte aligned: the host side checks and otherwise falls back).
 #pragma once
@@ -58,28 +68,54 @@ namespace mma {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBm = 16 * kWarps;  // query rows per forward / dQ block: one m16 block per warp
-constexpr int kPad = 8;           // elements (16 bytes) of padding per shared row
 constexpr int kMaxBatchDims = 16;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Tile sizes for a head size rounded up to kHd (a multiple of 16, <= 256). Register
-// budget (fp32 accumulators per thread): forward O kHd/2 + S kFwdBn/2; dQ dQ kHd/2 +
-// S, dP kDqBn/2 each; dK/dV kHd + S^T, dP^T kKvBm/2 each (hence kHd <= 128 there).
-template <int kHd>
+// Element types. T: the storage type (raw 16-bit values for the half types); kK: the k
+// extent of one mma instruction (32 bytes of T); kEpc: elements per 16-byte chunk.
+struct F16 {
+  using T = uint16_t;
+  static constexpr bool kBf16 = false, kTf32 = false;
+  static constexpr int kBytes = 2;
+};
+struct Bf16 {
+  using T = uint16_t;
+  static constexpr bool kBf16 = true, kTf32 = false;
+  static constexpr int kBytes = 2;
+};
+struct Tf32 {
+  using T = float;
+  static constexpr bool kBf16 = false, kTf32 = true;
+  static constexpr int kBytes = 4;
+};
+template <class E>
+constexpr int kK = 32 / E::kBytes;
+template <class E>
+constexpr int kEpc = 16 / E::kBytes;
+
+// Tile sizes for a head size rounded up to kHd (a multiple of 32, <= 256) and element
+// type E. Register budget (fp32 accumulators per thread): forward O kHd/2 + S kFwdBn/2;
+// dQ dQ kHd/2 + S, dP kDqBn/2 each; dK/dV kHd + S^T, dP^T kKvBm/2 each (hence kHd <= 128
+// there). Tiles shrink with the row's bytes, so float32 (twice a 16-bit row) gets half
+// the keys / queries: shared memory for two blocks per SM, and the forward's registers
+// (O is 16 x kHd per warp either way) without spills up to kHd 128.
+template <int kHd, class E>
 struct Tiles {
-  static_assert(kHd % 16 == 0 && kHd >= 16 && kHd <= 256, "kHd: a multiple of 16 in [16, 256]");
-  static constexpr int kLd = kHd + kPad;            // shared row stride, elements
-  static constexpr int kFwdBn = kHd <= 128 ? 64 : 32;  // keys per forward K/V tile
-  static constexpr int kDqBn = 64;                  // keys per dQ K/V tile
-  static constexpr int kKvBn = 16 * kWarps;         // keys per dK/dV block
-  static constexpr int kKvBm = kHd <= 64 ? 64 : 32;  // query rows per dK/dV Q/dO tile
+  static_assert(kHd % 32 == 0 && kHd >= 32 && kHd <= 256, "kHd: a multiple of 32 in [32, 256]");
+  static constexpr int kRowBytes = kHd * E::kBytes;
+  static constexpr int kLd = kHd + kEpc<E>;                // shared row stride, elements (+16 bytes)
+  static constexpr int kFwdBn = kRowBytes <= 256 ? 64 : kRowBytes <= 512 ? 32 : 16;  // keys per forward K/V tile
+  static constexpr int kDqBn = kRowBytes <= 256 ? 64 : 32;   // keys per dQ K/V tile
+  static constexpr int kKvBn = 16 * kWarps;                  // keys per dK/dV block
+  static constexpr int kKvBm = kRowBytes <= 128 ? 64 : 32;   // query rows per dK/dV Q/dO tile
+  static constexpr int64_t kRow = int64_t(kLd) * E::kBytes;  // bytes per shared row
   // Dynamic shared memory, bytes. stages: 2 = the next K/V (or Q/dO) tile is prefetched
   // into a second buffer while this one is used, 1 = loaded after it (less memory).
-  static constexpr int64_t fwd_smem() { return int64_t(kBm + 2 * kFwdBn) * kLd * 2; }
-  static constexpr int64_t dq_smem(int stages) { return (int64_t(2 * kBm) + 2 * stages * kDqBn) * kLd * 2; }
+  static constexpr int64_t fwd_smem() { return int64_t(kBm + 2 * kFwdBn) * kRow; }
+  static constexpr int64_t dq_smem(int stages) { return (int64_t(2 * kBm) + 2 * stages * kDqBn) * kRow; }
   static constexpr int64_t dkdv_smem(int stages) {
-    return (int64_t(2 * kKvBn) + 2 * stages * kKvBm) * kLd * 2 + int64_t(stages) * kKvBm * 3 * 4;
+    return (int64_t(2 * kKvBn) + 2 * stages * kKvBm) * kRow + int64_t(stages) * kKvBm * 3 * 4;
   }
 };
 
@@ -94,21 +130,30 @@ struct Tiles {
 // So the C fragments of two adjacent n8 tiles (columns 16 kk .. 16 kk + 15) rounded to
 // 16 bits are exactly the A fragment of k-step kk of the next product: the P V, dS K,
 // P^T dO and dS^T Q products take their A operand from registers (pack_a below).
+// mma.m16n8k8 .tf32 ("... m16n8k8 with .tf32 type"): C as above;
+//   A 16x8, four registers of one element: reg r holds row group + 8 (r & 1), col tig + 4 (r >> 1)
+//   B 8x8, two registers: reg r holds k = tig + 4 r, n = group
+// Here a C fragment's column pair (2 tig, 2 tig + 1) is not an A fragment's (tig,
+// tig + 4), but a product sums over k in any order: pack_a maps logical k tig to column
+// 2 tig and tig + 4 to 2 tig + 1, and gemm_pb reads B's rows in the same order.
 ATTNEXT_MMA_HD int c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
 ATTNEXT_MMA_HD int c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
 
-// ldmatrix .x4: lane supplies the address of row (lane & 7) of 8x8 matrix (lane >> 3),
+// ldmatrix .x4: lane supplies the address of row (lane & 7) of 8x8 b16 matrix (lane >> 3),
 // and receives in register q the pair (row lane / 4, cols 2 (lane % 4) + {0, 1}) of
-// matrix q, or with .trans the pair (rows 2 (lane % 4) + {0, 1}, col lane / 4).
-// Pattern A: matrix q at (row 8 (q & 1), col 8 (q >> 1)) of a 16x16 block. Without
-//   .trans on a row-major [m][k] block: registers = the A fragment. With .trans on a
-//   [k][n] block: registers = B fragments {b0, b1} of n tile 0, then of n tile 1.
-// Pattern B: matrix q at (row 8 (q >> 1), col 8 (q & 1)). Without .trans on an [n][k]
+// matrix q, or with .trans the pair (rows 2 (lane % 4) + {0, 1}, col lane / 4). On float
+// rows a matrix is 8 x 4 floats and a register the float (row lane / 4, col lane % 4).
+// Pattern A: matrix q at (row 8 (q & 1), 16-byte chunk (q >> 1)) of a 16-row block.
+//   Without .trans on a row-major [m][k] block: registers = the A fragment (either
+//   element type). With .trans on a [k][n] block of halves: registers = B fragments
+//   {b0, b1} of n tile 0, then of n tile 1.
+// Pattern B: matrix q at (row 8 (q >> 1), chunk (q & 1)). Without .trans on an [n][k]
 //   block (B^T stored by rows, e.g. K for Q K^T): B fragments of n tiles 0 and 1.
+// Column offsets are in elements: chunk c starts at element c * epc (kEpc<E>).
 ATTNEXT_MMA_HD int ldsm_a_row(int lane) { return (lane & 7) + 8 * ((lane >> 3) & 1); }
-ATTNEXT_MMA_HD int ldsm_a_col(int lane) { return 8 * (lane >> 4); }
+ATTNEXT_MMA_HD int ldsm_a_col(int lane, int epc) { return epc * (lane >> 4); }
 ATTNEXT_MMA_HD int ldsm_b_row(int lane) { return (lane & 7) + 8 * (lane >> 4); }
-ATTNEXT_MMA_HD int ldsm_b_col(int lane) { return 8 * ((lane >> 3) & 1); }
+ATTNEXT_MMA_HD int ldsm_b_col(int lane, int epc) { return epc * ((lane >> 3) & 1); }
 
 // --------------------------------------------------------------------------- params
 
@@ -121,21 +166,21 @@ struct Rows {
   ATTNEXT_HD int64_t batch_offset(int64_t b) const { return ::attnext::batch_offset(sizes, strides, nbatch, b); }
 };
 
-// Elements are raw 16-bit values (float16 or bfloat16, as kBf16 says). out, dq, dk, dv
-// are contiguous (BH, T or S, hs); lse, D contiguous (BH, T) floats.
+// Tensors hold E::T elements (the kernels cast). out, dq, dk, dv are contiguous
+// (BH, T or S, hs); lse, D contiguous (BH, T) floats.
 struct Params {
-  const uint16_t* q;
-  const uint16_t* k;
-  const uint16_t* v;
-  const uint16_t* dout;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout;
   Rows qa, ka, va, da;
-  uint16_t* out;   // forward
-  float* lse_out;  // forward
+  void* out;         // forward
+  float* lse_out;    // forward
   const float* lse;  // backward
   const float* D;    // backward: rowsum(dO * O)
-  uint16_t* dq;
-  uint16_t* dk;
-  uint16_t* dv;
+  void* dq;
+  void* dk;
+  void* dv;
   int64_t BH, T, S;
   int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
   int hs;         // head size (q, k, v alike)
@@ -159,77 +204,117 @@ struct Params {
 // Rows [0, n) of x + base + r * stride (row r of the tile) into sm[r][kLd] for r < kRows,
 // columns [0, hs); zeros in rows >= n and columns >= hs up to kHd. All threads take part;
 // the copies land at the caller's next cp_wait.
-template <class Ops, int kRows, int kHd>
-ATTNEXT_MMA_FN void load_rows(uint16_t* sm, const uint16_t* x, int64_t base, int64_t stride, int64_t n, int hs,
+template <class Ops, class E, int kRows, int kHd>
+ATTNEXT_MMA_FN void load_rows(typename E::T* sm, const void* x_, int64_t base, int64_t stride, int64_t n, int hs,
                               int tid) {
-  constexpr int kChunks = kHd / 8, kLd = kHd + kPad, kTotal = kRows * kChunks;
+  using T = typename E::T;
+  constexpr int kE = kEpc<E>, kChunks = kHd / kE, kLd = kHd + kE, kTotal = kRows * kChunks;
+  const T* x = static_cast<const T*>(x_);
   ATTNEXT_UNROLL
   for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
     const int i = it * kThreads + tid;
     if (kTotal % kThreads != 0 && i >= kTotal) break;
-    const int r = i / kChunks, c = (i % kChunks) * 8;
+    const int r = i / kChunks, c = (i % kChunks) * kE;
     const bool ok = r < n && c < hs;
-    const int bytes = ok ? 2 * (hs - c < 8 ? hs - c : 8) : 0;
+    const int bytes = ok ? E::kBytes * (hs - c < kE ? hs - c : kE) : 0;
     Ops::cp_async16(sm + r * kLd + c, ok ? x + base + r * stride + c : x, bytes);
   }
 }
 
-// acc (16 x kN, C fragments of kN / 8 n tiles) += A B^T over 16 kK columns: A = 16 rows
-// at As, B = kN rows at Bs, both row-major with stride kLd.
-template <class Ops, bool kBf16, int kLd, int kN, int kK>
-ATTNEXT_MMA_FN void gemm_abt(float (&acc)[kN / 8][4], const uint16_t* As, const uint16_t* Bs, int lane) {
-  static_assert(kN % 16 == 0, "pairs of n tiles");
-  ATTNEXT_UNROLL
-  for (int kk = 0; kk < kK; ++kk) {
-    uint32_t a[4];
-    Ops::ldsm_x4(a, As + ldsm_a_row(lane) * kLd + kk * 16 + ldsm_a_col(lane));
+// Registers read from shared memory as mma operands: TF32 operands are rounded (cvt.rna);
+// 16-bit ones are used as they are.
+template <class Ops, class E, int N>
+ATTNEXT_MMA_FN void to_operand(uint32_t (&r)[N]) {
+  if constexpr (E::kTf32) {
     ATTNEXT_UNROLL
-    for (int np = 0; np < kN / 16; ++np) {
-      uint32_t b[4];
-      Ops::ldsm_x4(b, Bs + (np * 16 + ldsm_b_row(lane)) * kLd + kk * 16 + ldsm_b_col(lane));
-      Ops::template mma<kBf16>(acc[2 * np], a, b[0], b[1]);
-      Ops::template mma<kBf16>(acc[2 * np + 1], a, b[2], b[3]);
+    for (int i = 0; i < N; ++i) {
+      float x;
+      std::memcpy(&x, &r[i], 4);
+      r[i] = Ops::tf32(x);
     }
   }
 }
 
-// The A fragment of k-step kk from C fragments c (columns 16 kk .. 16 kk + 15).
-template <class Ops, bool kBf16, int kNt>
-ATTNEXT_MMA_FN void pack_a(uint32_t (&a)[4], const float (&c)[kNt][4], int kk) {
-  a[0] = Ops::template pack2<kBf16>(c[2 * kk][0], c[2 * kk][1]);          // row g,     cols 2t, 2t+1
-  a[1] = Ops::template pack2<kBf16>(c[2 * kk][2], c[2 * kk][3]);          // row g + 8, cols 2t, 2t+1
-  a[2] = Ops::template pack2<kBf16>(c[2 * kk + 1][0], c[2 * kk + 1][1]);  // row g,     cols 8 + 2t, ..
-  a[3] = Ops::template pack2<kBf16>(c[2 * kk + 1][2], c[2 * kk + 1][3]);  // row g + 8, cols 8 + 2t, ..
-}
-
-// acc (16 x kN) += P B: P = 16 x 16 kK from this warp's C fragments p (rounded to 16
-// bits), B = 16 kK rows at Bs ([k][n], row-major, stride kLd), read with ldmatrix.trans.
-template <class Ops, bool kBf16, int kLd, int kN, int kK>
-ATTNEXT_MMA_FN void gemm_pb(float (&acc)[kN / 8][4], const float (&p)[2 * kK][4], const uint16_t* Bs, int lane) {
+// acc (16 x kN, C fragments of kN / 8 n tiles) += A B^T over kSteps k steps (kK<E>
+// columns each): A = 16 rows at As, B = kN rows at Bs, both row-major with stride kLd.
+template <class Ops, class E, int kLd, int kN, int kSteps>
+ATTNEXT_MMA_FN void gemm_abt(float (&acc)[kN / 8][4], const typename E::T* As, const typename E::T* Bs, int lane) {
   static_assert(kN % 16 == 0, "pairs of n tiles");
   ATTNEXT_UNROLL
-  for (int kk = 0; kk < kK; ++kk) {
+  for (int kk = 0; kk < kSteps; ++kk) {
     uint32_t a[4];
-    pack_a<Ops, kBf16, 2 * kK>(a, p, kk);
+    Ops::ldsm_x4(a, As + ldsm_a_row(lane) * kLd + kk * kK<E> + ldsm_a_col(lane, kEpc<E>));
+    to_operand<Ops, E>(a);
     ATTNEXT_UNROLL
     for (int np = 0; np < kN / 16; ++np) {
       uint32_t b[4];
-      Ops::ldsm_x4_t(b, Bs + (kk * 16 + ldsm_a_row(lane)) * kLd + np * 16 + ldsm_a_col(lane));
-      Ops::template mma<kBf16>(acc[2 * np], a, b[0], b[1]);
-      Ops::template mma<kBf16>(acc[2 * np + 1], a, b[2], b[3]);
+      Ops::ldsm_x4(b, Bs + (np * 16 + ldsm_b_row(lane)) * kLd + kk * kK<E> + ldsm_b_col(lane, kEpc<E>));
+      to_operand<Ops, E>(b);
+      Ops::template mma<E>(acc[2 * np], a, b[0], b[1]);
+      Ops::template mma<E>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The A fragment of k-step kk from C fragments c: 16-bit types take columns 16 kk ..
+// 16 kk + 15 (two n tiles) in the m16n8k16 A layout; TF32 takes the n tile kk, its
+// column pair (2 tig, 2 tig + 1) as logical k (tig, tig + 4).
+template <class Ops, class E, int kNt>
+ATTNEXT_MMA_FN void pack_a(uint32_t (&a)[4], const float (&c)[kNt][4], int kk) {
+  if constexpr (E::kTf32) {
+    a[0] = Ops::tf32(c[kk][0]);  // row g,     col 2t     (logical k t)
+    a[1] = Ops::tf32(c[kk][2]);  // row g + 8, col 2t
+    a[2] = Ops::tf32(c[kk][1]);  // row g,     col 2t + 1 (logical k t + 4)
+    a[3] = Ops::tf32(c[kk][3]);  // row g + 8, col 2t + 1
+  } else {
+    a[0] = Ops::template pack2<E>(c[2 * kk][0], c[2 * kk][1]);          // row g,     cols 2t, 2t+1
+    a[1] = Ops::template pack2<E>(c[2 * kk][2], c[2 * kk][3]);          // row g + 8, cols 2t, 2t+1
+    a[2] = Ops::template pack2<E>(c[2 * kk + 1][0], c[2 * kk + 1][1]);  // row g,     cols 8 + 2t, ..
+    a[3] = Ops::template pack2<E>(c[2 * kk + 1][2], c[2 * kk + 1][3]);  // row g + 8, cols 8 + 2t, ..
+  }
+}
+
+// acc (16 x kN) += P B: P = 16 x (kSteps kK<E>) from this warp's C fragments p (rounded
+// to E), B = those rows at Bs ([k][n], row-major, stride kLd). 16-bit B comes by
+// ldmatrix.trans; TF32 B by 32-bit shared loads in pack_a's k order (row k0 + 2 tig for
+// b0, + 1 for b1, column n0 + group: with kLd = 4 mod 32 the 32 lanes hit 32 banks).
+template <class Ops, class E, int kLd, int kN, int kSteps>
+ATTNEXT_MMA_FN void gemm_pb(float (&acc)[kN / 8][4], const float (&p)[kSteps * kK<E> / 8][4],
+                            const typename E::T* Bs, int lane) {
+  static_assert(kN % 16 == 0, "pairs of n tiles");
+  ATTNEXT_UNROLL
+  for (int kk = 0; kk < kSteps; ++kk) {
+    uint32_t a[4];
+    pack_a<Ops, E, kSteps * kK<E> / 8>(a, p, kk);
+    if constexpr (E::kTf32) {
+      const float* b_row = Bs + (kk * 8 + 2 * (lane & 3)) * kLd + (lane >> 2);
+      ATTNEXT_UNROLL
+      for (int nt = 0; nt < kN / 8; ++nt) {
+        Ops::template mma<E>(acc[nt], a, Ops::tf32(b_row[8 * nt]), Ops::tf32(b_row[kLd + 8 * nt]));
+      }
+    } else {
+      ATTNEXT_UNROLL
+      for (int np = 0; np < kN / 16; ++np) {
+        uint32_t b[4];
+        Ops::ldsm_x4_t(b, Bs + (kk * 16 + ldsm_a_row(lane)) * kLd + np * 16 + ldsm_a_col(lane, kEpc<E>));
+        Ops::template mma<E>(acc[2 * np], a, b[0], b[1]);
+        Ops::template mma<E>(acc[2 * np + 1], a, b[2], b[3]);
+      }
     }
   }
 }
 
 // Writes the pair (x0, x1) to row[c], row[c + 1] where c, c + 1 < n (n = row length).
-template <class Ops, bool kBf16>
-ATTNEXT_MMA_FN void store_pair(uint16_t* row, int c, int n, float x0, float x1) {
-  if ((n & 1) == 0) {
-    if (c < n) Ops::store_u32(row + c, Ops::template pack2<kBf16>(x0, x1));  // 4-byte aligned: n, c even
-  } else {
-    if (c < n) row[c] = Ops::template cvt<kBf16>(x0);
-    if (c + 1 < n) row[c + 1] = Ops::template cvt<kBf16>(x1);
+template <class Ops, class E>
+ATTNEXT_MMA_FN void store_pair(typename E::T* row, int c, int n, float x0, float x1) {
+  if constexpr (!E::kTf32) {
+    if ((n & 1) == 0) {
+      if (c < n) Ops::store_u32(row + c, Ops::template pack2<E>(x0, x1));  // 4-byte aligned: n, c even
+      return;
+    }
   }
+  if (c < n) row[c] = Ops::template cvt<E>(x0);
+  if (c + 1 < n) row[c + 1] = Ops::template cvt<E>(x1);
 }
 
 // Columns [k0, k0 + n) of the tile that row limit `vis` lets through: the index of the
@@ -297,13 +382,14 @@ ATTNEXT_MMA_FN void softmax_step(float (&s)[kNt][4], float (&o)[kDt][4], float (
 }
 
 // One block: query rows [t0, t0 + 64) of batch b, item = blockIdx.x (longest tiles first).
-template <class Ops, bool kBf16, int kHd>
-ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, uint16_t* smem) {
-  using L = Tiles<kHd>;
+template <class Ops, class E, int kHd>
+ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, typename E::T* smem) {
+  using L = Tiles<kHd, E>;
+  using T = typename E::T;
   constexpr int kLd = L::kLd, kBn = L::kFwdBn, kNt = kBn / 8, kDt = kHd / 8;
-  uint16_t* Qs = smem;             // [kBm][kLd]
-  uint16_t* Ks = Qs + kBm * kLd;   // [kBn][kLd]
-  uint16_t* Vs = Ks + kBn * kLd;   // [kBn][kLd]
+  T* Qs = smem;             // [kBm][kLd]
+  T* Ks = Qs + kBm * kLd;   // [kBn][kLd]
+  T* Vs = Ks + kBn * kLd;   // [kBn][kLd]
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t nqt = (p.T + kBm - 1) / kBm;
   const int64_t b = item % p.BH;
@@ -329,8 +415,8 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, uint16_t* 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   if (nkt > 0) {
-    load_rows<Ops, kBm, kHd>(Qs, p.q, p.qa.batch_offset(b) + t0 * p.qa.stride_t, p.qa.stride_t, nr, p.hs, tid);
-    load_rows<Ops, kBn, kHd>(Ks, p.k, kb, p.ka.stride_t, kv_end < kBn ? kv_end : kBn, p.hs, tid);
+    load_rows<Ops, E, kBm, kHd>(Qs, p.q, p.qa.batch_offset(b) + t0 * p.qa.stride_t, p.qa.stride_t, nr, p.hs, tid);
+    load_rows<Ops, E, kBn, kHd>(Ks, p.k, kb, p.ka.stride_t, kv_end < kBn ? kv_end : kBn, p.hs, tid);
     Ops::cp_commit();
   }
   for (int64_t j = 0; j < nkt; ++j) {
@@ -338,12 +424,12 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, uint16_t* 
     Ops::template cp_wait<0>();
     Ops::sync();  // K(j) (and Q) landed; every warp is done with V(j - 1)
     const int64_t nv = kv_end - k0 < kBn ? kv_end - k0 : kBn;
-    load_rows<Ops, kBn, kHd>(Vs, p.v, vb + k0 * p.va.stride_t, p.va.stride_t, nv, p.hs, tid);
+    load_rows<Ops, E, kBn, kHd>(Vs, p.v, vb + k0 * p.va.stride_t, p.va.stride_t, nv, p.hs, tid);
     Ops::cp_commit();
     float s[kNt][4];
     ATTNEXT_UNROLL
     for (int nt = 0; nt < kNt; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    gemm_abt<Ops, kBf16, kLd, kBn, kHd / 16>(s, Qs + 16 * warp * kLd, Ks, lane);
+    gemm_abt<Ops, E, kLd, kBn, kHd / kK<E>>(s, Qs + 16 * warp * kLd, Ks, lane);
     if (k0 + kBn > warp_vis) {
       softmax_step<Ops, true>(s, o, m, l, p, k0, vis, rkey, lane);
     } else {
@@ -353,11 +439,11 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, uint16_t* 
     Ops::sync();  // V(j) landed; every warp is done with K(j)
     if (j + 1 < nkt) {
       const int64_t k1 = k0 + kBn;
-      load_rows<Ops, kBn, kHd>(Ks, p.k, kb + k1 * p.ka.stride_t, p.ka.stride_t,
+      load_rows<Ops, E, kBn, kHd>(Ks, p.k, kb + k1 * p.ka.stride_t, p.ka.stride_t,
                                kv_end - k1 < kBn ? kv_end - k1 : kBn, p.hs, tid);
       Ops::cp_commit();
     }
-    gemm_pb<Ops, kBf16, kLd, kHd, kBn / 16>(o, s, Vs, lane);
+    gemm_pb<Ops, E, kLd, kHd, kBn / kK<E>>(o, s, Vs, lane);
   }
 
   float lsum[2];
@@ -371,14 +457,16 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, uint16_t* 
   for (int h = 0; h < 2; ++h) {
     if (row[h] >= p.T) continue;
     const bool any = lsum[h] != 0.f;  // NaN != 0: a NaN row stays NaN
-    // l == 0: a row that sees no key is 0 (lse -inf); one whose scores were all -inf is
+    // l == 0: a row that sees no key is 0 (lse -inf), whatever the tile's P V products
+    // made of its zero weights (0 * inf in v is NaN); one whose scores were all -inf is
     // NaN, as torch.softmax of it
     const bool blind = p.visible(row[h]) == 0;
-    const float inv = any ? p.inv_keep / lsum[h] : (blind ? 0.f : NAN);
-    uint16_t* orow = p.out + (b * p.T + row[h]) * p.hs;
+    const float inv = any ? p.inv_keep / lsum[h] : NAN;
+    T* orow = static_cast<T*>(p.out) + (b * p.T + row[h]) * p.hs;
     ATTNEXT_UNROLL
     for (int dt = 0; dt < kDt; ++dt) {
-      store_pair<Ops, kBf16>(orow, 8 * dt + c0, p.hs, o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+      const float x0 = blind ? 0.f : o[dt][2 * h] * inv, x1 = blind ? 0.f : o[dt][2 * h + 1] * inv;
+      store_pair<Ops, E>(orow, 8 * dt + c0, p.hs, x0, x1);
     }
     if ((lane & 3) == 0) {
       p.lse_out[b * p.T + row[h]] = any ? m[h] * kLn2 + logf(lsum[h]) : (blind ? -INFINITY : NAN);
@@ -415,13 +503,14 @@ ATTNEXT_MMA_FN void ds_rows(float (&s)[kNt][4], const float (&dp)[kNt][4], const
   }
 }
 
-template <class Ops, bool kBf16, int kHd>
-ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, uint16_t* smem, int stages) {
-  using L = Tiles<kHd>;
+template <class Ops, class E, int kHd>
+ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, typename E::T* smem, int stages) {
+  using L = Tiles<kHd, E>;
+  using T = typename E::T;
   constexpr int kLd = L::kLd, kBn = L::kDqBn, kNt = kBn / 8, kDt = kHd / 8;
-  uint16_t* Qs = smem;              // [kBm][kLd]
-  uint16_t* dOs = Qs + kBm * kLd;   // [kBm][kLd]
-  uint16_t* KV = dOs + kBm * kLd;   // per stage: K [kBn][kLd], V [kBn][kLd]
+  T* Qs = smem;              // [kBm][kLd]
+  T* dOs = Qs + kBm * kLd;   // [kBm][kLd]
+  T* KV = dOs + kBm * kLd;   // per stage: K [kBn][kLd], V [kBn][kLd]
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t nqt = (p.T + kBm - 1) / kBm;
   const int64_t b = item % p.BH;
@@ -449,13 +538,13 @@ ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, uint16_t* s
 
   const auto load_kv = [&](int64_t j, int buf) {
     const int64_t k0 = j * kBn, n = kv_end - k0 < kBn ? kv_end - k0 : kBn;
-    uint16_t* Ks = KV + buf * 2 * kBn * kLd;
-    load_rows<Ops, kBn, kHd>(Ks, p.k, kb + k0 * p.ka.stride_t, p.ka.stride_t, n, p.hs, tid);
-    load_rows<Ops, kBn, kHd>(Ks + kBn * kLd, p.v, vb + k0 * p.va.stride_t, p.va.stride_t, n, p.hs, tid);
+    T* Ks = KV + buf * 2 * kBn * kLd;
+    load_rows<Ops, E, kBn, kHd>(Ks, p.k, kb + k0 * p.ka.stride_t, p.ka.stride_t, n, p.hs, tid);
+    load_rows<Ops, E, kBn, kHd>(Ks + kBn * kLd, p.v, vb + k0 * p.va.stride_t, p.va.stride_t, n, p.hs, tid);
   };
   if (nkt > 0) {
-    load_rows<Ops, kBm, kHd>(Qs, p.q, p.qa.batch_offset(b) + t0 * p.qa.stride_t, p.qa.stride_t, nr, p.hs, tid);
-    load_rows<Ops, kBm, kHd>(dOs, p.dout, p.da.batch_offset(b) + t0 * p.da.stride_t, p.da.stride_t, nr, p.hs,
+    load_rows<Ops, E, kBm, kHd>(Qs, p.q, p.qa.batch_offset(b) + t0 * p.qa.stride_t, p.qa.stride_t, nr, p.hs, tid);
+    load_rows<Ops, E, kBm, kHd>(dOs, p.dout, p.da.batch_offset(b) + t0 * p.da.stride_t, p.da.stride_t, nr, p.hs,
                              tid);
     load_kv(0, 0);
     Ops::cp_commit();
@@ -471,22 +560,22 @@ ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, uint16_t* s
       Ops::template cp_wait<0>();
     }
     Ops::sync();  // tile j landed for every thread
-    const uint16_t* Ks = KV + buf * 2 * kBn * kLd;
-    const uint16_t* Vs = Ks + kBn * kLd;
+    const T* Ks = KV + buf * 2 * kBn * kLd;
+    const T* Vs = Ks + kBn * kLd;
     float s[kNt][4], dp[kNt][4];
     ATTNEXT_UNROLL
     for (int nt = 0; nt < kNt; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
       dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
     }
-    gemm_abt<Ops, kBf16, kLd, kBn, kHd / 16>(s, Qs + 16 * warp * kLd, Ks, lane);
-    gemm_abt<Ops, kBf16, kLd, kBn, kHd / 16>(dp, dOs + 16 * warp * kLd, Vs, lane);
+    gemm_abt<Ops, E, kLd, kBn, kHd / kK<E>>(s, Qs + 16 * warp * kLd, Ks, lane);
+    gemm_abt<Ops, E, kLd, kBn, kHd / kK<E>>(dp, dOs + 16 * warp * kLd, Vs, lane);
     if (k0 + kBn > warp_vis) {
       ds_rows<Ops, true>(s, dp, p, k0, vis, rkey, lse2, Dr, lane);
     } else {
       ds_rows<Ops, false>(s, dp, p, k0, vis, rkey, lse2, Dr, lane);
     }
-    gemm_pb<Ops, kBf16, kLd, kHd, kBn / 16>(dq, s, Ks, lane);  // dQ += dS K
+    gemm_pb<Ops, E, kLd, kHd, kBn / kK<E>>(dq, s, Ks, lane);  // dQ += dS K
     Ops::sync();  // every warp is done with tile j's buffer
     if (stages == 1 && j + 1 < nkt) {
       load_kv(j + 1, 0);
@@ -498,10 +587,10 @@ ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, uint16_t* s
   ATTNEXT_UNROLL
   for (int h = 0; h < 2; ++h) {
     if (row[h] >= p.T) continue;
-    uint16_t* drow = p.dq + (b * p.T + row[h]) * p.hs;
+    T* drow = static_cast<T*>(p.dq) + (b * p.T + row[h]) * p.hs;
     ATTNEXT_UNROLL
     for (int dt = 0; dt < kDt; ++dt) {
-      store_pair<Ops, kBf16>(drow, 8 * dt + c0, p.hs, dq[dt][2 * h] * p.scale, dq[dt][2 * h + 1] * p.scale);
+      store_pair<Ops, E>(drow, 8 * dt + c0, p.hs, dq[dt][2 * h] * p.scale, dq[dt][2 * h + 1] * p.scale);
     }
   }
 }
@@ -532,14 +621,15 @@ ATTNEXT_MMA_FN void ds_cols(float (&st)[kNt][4], float (&dpt)[kNt][4], const Par
   }
 }
 
-template <class Ops, bool kBf16, int kHd>
-ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t* smem, int stages) {
-  using L = Tiles<kHd>;
+template <class Ops, class E, int kHd>
+ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, typename E::T* smem, int stages) {
+  using L = Tiles<kHd, E>;
+  using T = typename E::T;
   constexpr int kLd = L::kLd, kBn = L::kKvBn, kBq = L::kKvBm, kNt = kBq / 8, kDt = kHd / 8;
   static_assert(kBn == 16 * kWarps, "one m16 block of keys per warp");
-  uint16_t* Ks = smem;             // [kBn][kLd]
-  uint16_t* Vs = Ks + kBn * kLd;   // [kBn][kLd]
-  uint16_t* QD = Vs + kBn * kLd;   // per stage: Q [kBq][kLd], dO [kBq][kLd]
+  T* Ks = smem;             // [kBn][kLd]
+  T* Vs = Ks + kBn * kLd;   // [kBn][kLd]
+  T* QD = Vs + kBn * kLd;   // per stage: Q [kBq][kLd], dO [kBq][kLd]
   float* stats = reinterpret_cast<float*>(QD + 2 * stages * kBq * kLd);  // per stage: lse2, D, row key [kBq]
   const int lane = tid & 31, warp = tid >> 5;
   const int64_t b = item % p.BH;
@@ -565,9 +655,9 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t*
   // stores, visible to the block after the next sync).
   const auto load_q = [&](int64_t j, int buf) {
     const int64_t t0 = t_first + j * kBq, n = p.T - t0 < kBq ? p.T - t0 : kBq;
-    uint16_t* Qs = QD + buf * 2 * kBq * kLd;
-    load_rows<Ops, kBq, kHd>(Qs, p.q, qb + t0 * p.qa.stride_t, p.qa.stride_t, n, p.hs, tid);
-    load_rows<Ops, kBq, kHd>(Qs + kBq * kLd, p.dout, db + t0 * p.da.stride_t, p.da.stride_t, n, p.hs, tid);
+    T* Qs = QD + buf * 2 * kBq * kLd;
+    load_rows<Ops, E, kBq, kHd>(Qs, p.q, qb + t0 * p.qa.stride_t, p.qa.stride_t, n, p.hs, tid);
+    load_rows<Ops, E, kBq, kHd>(Qs + kBq * kLd, p.dout, db + t0 * p.da.stride_t, p.da.stride_t, n, p.hs, tid);
     float* st = stats + buf * 3 * kBq;
     if (tid < kBq) {
       const int64_t t = t0 + tid;
@@ -577,8 +667,8 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t*
     }
   };
   if (nqt > 0) {
-    load_rows<Ops, kBn, kHd>(Ks, p.k, p.ka.batch_offset(b) + n0 * p.ka.stride_t, p.ka.stride_t, nc, p.hs, tid);
-    load_rows<Ops, kBn, kHd>(Vs, p.v, p.va.batch_offset(b) + n0 * p.va.stride_t, p.va.stride_t, nc, p.hs, tid);
+    load_rows<Ops, E, kBn, kHd>(Ks, p.k, p.ka.batch_offset(b) + n0 * p.ka.stride_t, p.ka.stride_t, nc, p.hs, tid);
+    load_rows<Ops, E, kBn, kHd>(Vs, p.v, p.va.batch_offset(b) + n0 * p.va.stride_t, p.va.stride_t, nc, p.hs, tid);
     load_q(0, 0);
     Ops::cp_commit();
   }
@@ -593,8 +683,8 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t*
       Ops::template cp_wait<0>();
     }
     Ops::sync();  // tile j (and K, V) landed for every thread
-    const uint16_t* Qs = QD + buf * 2 * kBq * kLd;
-    const uint16_t* dOs = Qs + kBq * kLd;
+    const T* Qs = QD + buf * 2 * kBq * kLd;
+    const T* dOs = Qs + kBq * kLd;
     const float* st_lse = stats + buf * 3 * kBq;
     float st[kNt][4], dpt[kNt][4];
     ATTNEXT_UNROLL
@@ -602,8 +692,8 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t*
       st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
       dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
     }
-    gemm_abt<Ops, kBf16, kLd, kBq, kHd / 16>(st, Ks + 16 * warp * kLd, Qs, lane);    // S^T = K Q^T
-    gemm_abt<Ops, kBf16, kLd, kBq, kHd / 16>(dpt, Vs + 16 * warp * kLd, dOs, lane);  // dP^T = V dO^T
+    gemm_abt<Ops, E, kLd, kBq, kHd / kK<E>>(st, Ks + 16 * warp * kLd, Qs, lane);    // S^T = K Q^T
+    gemm_abt<Ops, E, kLd, kBq, kHd / kK<E>>(dpt, Vs + 16 * warp * kLd, dOs, lane);  // dP^T = V dO^T
     // every (query, key) of the tile is visible when the tile's first query sees the warp's last key
     if (p.visible(t0) <= warp_last_key) {
       ds_cols<Ops, true>(st, dpt, p, t0, key, st_lse, st_lse + kBq,
@@ -612,8 +702,8 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t*
       ds_cols<Ops, false>(st, dpt, p, t0, key, st_lse, st_lse + kBq,
                           reinterpret_cast<const uint32_t*>(st_lse + 2 * kBq), lane);
     }
-    gemm_pb<Ops, kBf16, kLd, kHd, kBq / 16>(dv, st, dOs, lane);  // dV += (P Z)^T dO
-    gemm_pb<Ops, kBf16, kLd, kHd, kBq / 16>(dk, dpt, Qs, lane);  // dK += dS^T Q
+    gemm_pb<Ops, E, kLd, kHd, kBq / kK<E>>(dv, st, dOs, lane);  // dV += (P Z)^T dO
+    gemm_pb<Ops, E, kLd, kHd, kBq / kK<E>>(dk, dpt, Qs, lane);  // dK += dS^T Q
     Ops::sync();  // every warp is done with tile j's buffer
     if (stages == 1 && j + 1 < nqt) {
       load_q(j + 1, 0);
@@ -625,12 +715,12 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, uint16_t*
   ATTNEXT_UNROLL
   for (int h = 0; h < 2; ++h) {
     if (key[h] >= p.S) continue;
-    uint16_t* krow = p.dk + (b * p.S + key[h]) * p.hs;
-    uint16_t* vrow = p.dv + (b * p.S + key[h]) * p.hs;
+    T* krow = static_cast<T*>(p.dk) + (b * p.S + key[h]) * p.hs;
+    T* vrow = static_cast<T*>(p.dv) + (b * p.S + key[h]) * p.hs;
     ATTNEXT_UNROLL
     for (int dt = 0; dt < kDt; ++dt) {
-      store_pair<Ops, kBf16>(krow, 8 * dt + c0, p.hs, dk[dt][2 * h] * p.scale, dk[dt][2 * h + 1] * p.scale);
-      store_pair<Ops, kBf16>(vrow, 8 * dt + c0, p.hs, dv[dt][2 * h], dv[dt][2 * h + 1]);
+      store_pair<Ops, E>(krow, 8 * dt + c0, p.hs, dk[dt][2 * h] * p.scale, dk[dt][2 * h + 1] * p.scale);
+      store_pair<Ops, E>(vrow, 8 * dt + c0, p.hs, dv[dt][2 * h], dv[dt][2 * h + 1]);
     }
   }
 }

@@ -11,10 +11,15 @@
 //                          else +8, col 2 tig + (i & 1) (+8 for i >= 4); B: row 2 tig +
 //                          (i & 1) (+8 for i >= 2), col groupID; C: row groupID (c0, c1)
 //                          else +8, col 2 tig + (i & 1));
+//   mma.m16n8k8 .tf32      A: row groupID for a0, a2 else +8, col tig for a0, a1 else
+//                          tig + 4; B: row tig for b0, tig + 4 for b1, col groupID; C as
+//                          above; every operand must already be a TF32 value (low 13
+//                          mantissa bits 0), as cvt.rna.tf32 leaves it;
 //   cp.async               deferred until the issuing thread's cp.async.wait_group lets
 //                          its group land (so a missing wait reads stale shared memory),
 //                          16-byte alignment and global bounds checked;
 //   shared memory          starts as 0xFF bytes (NaN as float16 / bfloat16 / float).
+// Every check runs for float16, bfloat16 and float32 on TF32 tensor cores.
 // Checks: the warp products alone against plain matrix products; the C-fragment
 // (row, col) mapping of the causal mask and of dropout in the softmax / dS steps against
 // the definition; whole forward and backward passes (both tile pipelines, every compiled
@@ -43,8 +48,11 @@
 
 namespace {
 
+using attnext::mma::Bf16;
+using attnext::mma::F16;
 using attnext::mma::kThreads;
 using attnext::mma::Params;
+using attnext::mma::Tf32;
 using attnext::mma::Tiles;
 
 int g_failures = 0;
@@ -97,6 +105,49 @@ float h2f(uint16_t u) {
 float to_f(bool bf16, uint16_t u) { return bf16 ? bf2f(u) : h2f(u); }
 uint16_t from_f(bool bf16, float x) { return bf16 ? f2bf(x) : f2h(x); }
 
+// TF32 as cvt.rna.tf32.f32 defines it: the nearest value with 10 mantissa bits, ties
+// away from zero (add half a unit of the kept last bit to the magnitude, truncate);
+// inf stays inf, NaN stays NaN.
+float tf32_rna(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) {
+    if (u & 0x007fffffu) u |= 0x00400000u;  // NaN: quiet, payload kept in the top bits
+    u &= 0xffffe000u;
+  } else {
+    u = (u + 0x1000u) & 0xffffe000u;
+  }
+  float y;
+  std::memcpy(&y, &u, 4);
+  return y;
+}
+
+// Element type E: storage value <-> float, and its name.
+template <class E>
+float val(typename E::T u) {
+  if constexpr (E::kTf32) {
+    return u;
+  } else {
+    return to_f(E::kBf16, u);
+  }
+}
+template <class E>
+typename E::T make(float x) {
+  if constexpr (E::kTf32) {
+    return x;
+  } else {
+    return from_f(E::kBf16, x);
+  }
+}
+template <class E>
+int kind() {
+  return E::kTf32 ? 2 : E::kBf16 ? 1 : 0;
+}
+template <class E>
+const char* ename() {
+  return E::kTf32 ? "tf32" : E::kBf16 ? "bf16" : "fp16";
+}
+
 // --------------------------------------------------------------------- emulated block
 
 class Barrier {
@@ -135,8 +186,8 @@ struct Warp {
 };
 
 struct Copy {
-  uint16_t* dst;
-  const uint16_t* src;
+  void* dst;
+  const void* src;
   int bytes;
 };
 
@@ -159,7 +210,7 @@ struct Lane {
 thread_local Lane* me = nullptr;
 std::vector<std::pair<const unsigned char*, const unsigned char*>> g_readable;  // global ranges cp.async may read
 std::atomic<int> g_emu_errors{0};
-bool g_bf16 = true;  // element type of the problem being run (for the mma emulation)
+int g_kind = 1;  // element type of the problem being run (kind<E>(), for the mma emulation)
 
 void emu_error(const char* what) {
   if (g_emu_errors.fetch_add(1) < 10) std::fprintf(stderr, "emulation error (thread %d): %s\n", me ? me->tid : -1, what);
@@ -179,7 +230,8 @@ struct EmuOps {
     return ph;
   }
 
-  static void ldsm(uint32_t (&r)[4], const uint16_t* p, bool trans) {
+  static void ldsm(uint32_t (&r)[4], const void* pv, bool trans) {
+    const auto* p = static_cast<const uint16_t*>(pv);
     if (!in_smem(p, 16) || reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_error("ldmatrix row address");
     Warp& w = warp();
     const int ph = next_phase(), L = lane();
@@ -199,18 +251,23 @@ struct EmuOps {
       r[q] = reg;
     }
   }
-  static void ldsm_x4(uint32_t (&r)[4], const uint16_t* p) { ldsm(r, p, false); }
-  static void ldsm_x4_t(uint32_t (&r)[4], const uint16_t* p) { ldsm(r, p, true); }
+  static void ldsm_x4(uint32_t (&r)[4], const void* p) { ldsm(r, p, false); }
+  static void ldsm_x4_t(uint32_t (&r)[4], const void* p) { ldsm(r, p, true); }
 
-  template <bool kBf16>
+  template <class E>
   static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if (kBf16 != g_bf16) emu_error("mma element type");
+    if (kind<E>() != g_kind) emu_error("mma element type");
     Warp& w = warp();
     const int ph = next_phase(), L = lane();
     for (int i = 0; i < 4; ++i) w.a[ph][L][i] = a[i];
     w.b[ph][L][0] = b0;
     w.b[ph][L][1] = b1;
     w.bar.wait();
+    if constexpr (E::kTf32) {
+      mma_tf32(d, w, ph, L);
+      return;
+    }
+    constexpr bool kBf16 = E::kBf16;
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; ++l) {
       const int group = l >> 2, tig = l % 4;
@@ -234,6 +291,35 @@ struct EmuOps {
     }
   }
 
+  // m16n8k8 .tf32: one 32-bit element per register
+  static void mma_tf32(float (&d)[4], Warp& w, int ph, int L) {
+    auto op = [](uint32_t u) {
+      if (u & 0x1fffu) emu_error("tf32 operand not rounded to TF32 (low 13 mantissa bits set)");
+      float x;
+      std::memcpy(&x, &u, 4);
+      return x;
+    };
+    float A[16][8], B[8][8];
+    for (int l = 0; l < 32; ++l) {
+      const int group = l >> 2, tig = l % 4;
+      for (int i = 0; i < 4; ++i) {  // a0..a3
+        const int row = (i == 0 || i == 2) ? group : group + 8;
+        const int col = (i < 2) ? tig : tig + 4;
+        A[row][col] = op(w.a[ph][l][i]);
+      }
+      B[tig][group] = op(w.b[ph][l][0]);
+      B[tig + 4][group] = op(w.b[ph][l][1]);
+    }
+    const int group = L >> 2, tig = L % 4;
+    for (int i = 0; i < 4; ++i) {  // c0..c3
+      const int row = i < 2 ? group : group + 8;
+      const int col = tig * 2 + (i & 1);
+      double acc = 0;
+      for (int k = 0; k < 8; ++k) acc += double(A[row][k]) * B[k][col];
+      d[i] = static_cast<float>(d[i] + acc);
+    }
+  }
+
   static float shfl_xor(float v, int mask) {
     Warp& w = warp();
     const int ph = next_phase(), L = lane();
@@ -243,7 +329,7 @@ struct EmuOps {
   }
   static void sync() { me->blk->bar.wait(); }
 
-  static void cp_async16(uint16_t* dst, const uint16_t* src, int bytes) {
+  static void cp_async16(void* dst, const void* src, int bytes) {
     if (!in_smem(dst, 16) || reinterpret_cast<uintptr_t>(dst) % 16 != 0) emu_error("cp.async destination");
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu_error("cp.async source not 16-byte aligned");
     if (bytes < 0 || bytes > 16 || bytes % 2 != 0) emu_error("cp.async src-size");
@@ -271,22 +357,29 @@ struct EmuOps {
     }
   }
   static float exp2(float x) { return std::exp2(x); }
-  template <bool kBf16>
+  template <class E>
   static uint32_t pack2(float lo, float hi) {
-    return static_cast<uint32_t>(from_f(kBf16, lo)) | (static_cast<uint32_t>(from_f(kBf16, hi)) << 16);
+    static_assert(!E::kTf32, "pack2: 16-bit types only");
+    return static_cast<uint32_t>(make<E>(lo)) | (static_cast<uint32_t>(make<E>(hi)) << 16);
   }
-  template <bool kBf16>
-  static uint16_t cvt(float x) {
-    return from_f(kBf16, x);
+  template <class E>
+  static typename E::T cvt(float x) {
+    return make<E>(x);
   }
-  static void store_u32(uint16_t* p, uint32_t v) {
+  static uint32_t tf32(float x) {
+    const float y = tf32_rna(x);
+    uint32_t u;
+    std::memcpy(&u, &y, 4);
+    return u;
+  }
+  static void store_u32(void* p, uint32_t v) {
     if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu_error("misaligned 32-bit store");
     std::memcpy(p, &v, 4);
   }
 };
 
 // Runs fn(tid, smem) on `threads` threads as one block with `bytes` of shared memory.
-void run_block(int threads, size_t bytes, const std::function<void(int, uint16_t*)>& fn) {
+void run_block(int threads, size_t bytes, const std::function<void(int, void*)>& fn) {
   std::vector<unsigned char> raw(bytes + 32, 0xFF);
   auto* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw.data()) + 15) & ~uintptr_t(15));
   Block blk(threads);
@@ -298,7 +391,7 @@ void run_block(int threads, size_t bytes, const std::function<void(int, uint16_t
     th.emplace_back([&, t] {
       Lane lane{&blk, t, 0, {}, {}};
       me = &lane;
-      fn(t, reinterpret_cast<uint16_t*>(base));
+      fn(t, base);
       if (!lane.open.empty() || !lane.groups.empty()) emu_error("cp.async copies still pending at exit");
       me = nullptr;
     });
@@ -308,15 +401,18 @@ void run_block(int threads, size_t bytes, const std::function<void(int, uint16_t
 
 // ------------------------------------------------------------------ warp products
 
-// 16-bit matrix in shared-memory layout [rows][ld] (NaN padding), values from rng.
-std::vector<uint16_t> random_tile(std::mt19937& rng, bool bf16, int rows, int cols, int ld, std::vector<double>& val) {
+// Matrix of element type E in shared-memory layout [rows][ld] (NaN padding), values from
+// rng; vals gets the values as the tensor cores see them (TF32-rounded for Tf32).
+template <class E>
+std::vector<typename E::T> random_tile(std::mt19937& rng, int rows, int cols, int ld, std::vector<double>& vals) {
   std::normal_distribution<float> nd;
-  std::vector<uint16_t> t(rows * ld, 0xFFFF);
-  val.assign(rows * cols, 0.0);
+  std::vector<typename E::T> t(rows * ld, make<E>(NAN));
+  vals.assign(rows * cols, 0.0);
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < cols; ++c) {
-      t[r * ld + c] = from_f(bf16, nd(rng));
-      val[r * cols + c] = to_f(bf16, t[r * ld + c]);
+      t[r * ld + c] = make<E>(nd(rng));
+      const float x = val<E>(t[r * ld + c]);
+      vals[r * cols + c] = E::kTf32 ? tf32_rna(x) : x;
     }
   }
   return t;
@@ -327,34 +423,48 @@ std::vector<uint16_t> random_tile(std::mt19937& rng, bool bf16, int rows, int co
 int c_row_doc(int lane, int i) { return (i < 2) ? (lane >> 2) : (lane >> 2) + 8; }
 int c_col_doc(int lane, int i, int nt) { return 8 * nt + (lane % 4) * 2 + (i & 1); }
 
-template <bool kBf16>
+template <class E>
 void test_warp_products() {
-  g_bf16 = kBf16;
+  using T = typename E::T;
+  g_kind = kind<E>();
   std::mt19937 rng(1);
-  constexpr int kLd = 64 + 8, kN = 32, kK = 4;  // A 16 x 64, B 32 x 64: S = A B^T (16 x 32)
-  std::vector<double> av, bv, pv, vv;
-  auto At = random_tile(rng, kBf16, 16, 64, kLd, av);
-  auto Bt = random_tile(rng, kBf16, kN, 64, kLd, bv);
-  // P (16 x 64, given as values rounded to 16 bits) times V (64 x 32, [k][n] rows)
-  auto Vt = random_tile(rng, kBf16, 64, 32, kLd, vv);
-  auto Pt = random_tile(rng, kBf16, 16, 64, 64, pv);
-  std::vector<uint16_t> smem_img;
+  // A 16 x 64, B 32 x 64: S = A B^T (16 x 32), 64 / kK k steps
+  constexpr int kLd = 64 + attnext::mma::kEpc<E>, kN = 32, kSteps = 64 / attnext::mma::kK<E>;
+  std::vector<double> av, bv, vv;
+  auto At = random_tile<E>(rng, 16, 64, kLd, av);
+  auto Bt = random_tile<E>(rng, kN, 64, kLd, bv);
+  // P (16 x 64 floats from registers) times V (64 x 32, [k][n] rows). The 16-bit types
+  // get P already rounded (pack2 is exact then); TF32 gets raw floats, so the product
+  // only matches if the kernel rounds P (an unrounded operand is an emulation error).
+  auto Vt = random_tile<E>(rng, 64, 32, kLd, vv);
+  std::vector<float> praw(16 * 64);
+  std::vector<double> pv(16 * 64);
+  {
+    std::normal_distribution<float> nd;
+    for (int i = 0; i < 16 * 64; ++i) {
+      const float x = nd(rng);
+      praw[i] = E::kTf32 ? x : val<E>(make<E>(x));
+      pv[i] = E::kTf32 ? tf32_rna(x) : praw[i];
+    }
+  }
+  std::vector<T> smem_img;
   smem_img.insert(smem_img.end(), At.begin(), At.end());
   smem_img.insert(smem_img.end(), Bt.begin(), Bt.end());
   smem_img.insert(smem_img.end(), Vt.begin(), Vt.end());
   const size_t off_b = At.size(), off_v = At.size() + Bt.size();
   std::vector<float> got_s(16 * kN, NAN), got_o(16 * 32, NAN);
-  run_block(32, smem_img.size() * 2, [&](int tid, uint16_t* sm) {
-    if (tid == 0) std::memcpy(sm, smem_img.data(), smem_img.size() * 2);
+  run_block(32, smem_img.size() * sizeof(T), [&](int tid, void* raw) {
+    T* sm = static_cast<T*>(raw);
+    if (tid == 0) std::memcpy(sm, smem_img.data(), smem_img.size() * sizeof(T));
     EmuOps::warp().bar.wait();
     const int lane = tid;
     float s[kN / 8][4] = {};
-    attnext::mma::gemm_abt<EmuOps, kBf16, kLd, kN, kK>(s, sm, sm + off_b, lane);
+    attnext::mma::gemm_abt<EmuOps, E, kLd, kN, kSteps>(s, sm, sm + off_b, lane);
     float p[8][4], o[4][4] = {};
     for (int nt = 0; nt < 8; ++nt) {
-      for (int i = 0; i < 4; ++i) p[nt][i] = float(pv[c_row_doc(lane, i) * 64 + c_col_doc(lane, i, nt)]);
+      for (int i = 0; i < 4; ++i) p[nt][i] = praw[c_row_doc(lane, i) * 64 + c_col_doc(lane, i, nt)];
     }
-    attnext::mma::gemm_pb<EmuOps, kBf16, kLd, 32, 4>(o, p, sm + off_v, lane);
+    attnext::mma::gemm_pb<EmuOps, E, kLd, 32, kSteps>(o, p, sm + off_v, lane);
     for (int nt = 0; nt < kN / 8; ++nt) {
       for (int i = 0; i < 4; ++i) got_s[c_row_doc(lane, i) * kN + c_col_doc(lane, i, nt)] = s[nt][i];
     }
@@ -375,17 +485,19 @@ void test_warp_products() {
       err_o = worse(err_o, got_o[r * 32 + c], ref);
     }
   }
-  check(err_s < 1e-3, std::string("gemm_abt (A B^T from ldmatrix) ") + (kBf16 ? "bf16" : "fp16") +
-                          ": max error " + std::to_string(err_s));
-  check(err_o < 1e-3, std::string("gemm_pb (C fragments as A, B by ldmatrix.trans) ") + (kBf16 ? "bf16" : "fp16") +
+  check(err_s < 1e-3, std::string("gemm_abt (A B^T from ldmatrix) ") + ename<E>() + ": max error " +
+                          std::to_string(err_s));
+  check(err_o < 1e-3, std::string("gemm_pb (C fragments as A, B from shared memory) ") + ename<E>() +
                           ": max error " + std::to_string(err_o));
+  check(g_emu_errors.load() == 0, std::string("warp products ") + ename<E>() + ": no emulation errors");
+  g_emu_errors = 0;
 }
 
 // The causal mask and the dropout mask of the softmax step (rows), the dQ step (rows) and
 // the dK/dV step (transposed: keys by rows, queries by columns) at the (row, col) the
 // fragments really hold.
 void test_fragment_masks() {
-  g_bf16 = true;
+  g_kind = kind<Bf16>();
   Params p{};
   p.T = 200;
   p.S = 230;
@@ -411,7 +523,7 @@ void test_fragment_masks() {
     stat_lse[i] = 0.3f + 0.01f * i;
     stat_D[i] = 0.05f * i;
   }
-  run_block(32, 16, [&](int lane, uint16_t*) {
+  run_block(32, 16, [&](int lane, void*) {
     int64_t vis[2], key[2];
     uint32_t rkey[2];
     float s[kNt][4], o[1][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0}, dp[kNt][4], s2[kNt][4];
@@ -506,19 +618,22 @@ struct Problem {
   }
 };
 
-struct Tensor16 {  // a (B, nh, N, hs) tensor in memory of either layout, 16-byte aligned
-  std::vector<uint16_t> mem;
+template <class E>
+struct TensorE {  // a (B, nh, N, hs) tensor of E::T in memory of either layout, 16-byte aligned
+  std::vector<typename E::T> mem;
   size_t off;  // elements to a 16-byte boundary
   attnext::mma::Rows rows;
   std::vector<double> val;  // (BH, N, hs) values
-  const uint16_t* data() const { return mem.data() + off; }
+  const typename E::T* data() const { return mem.data() + off; }
 };
 
-Tensor16 make_input(std::mt19937& rng, const Problem& pb, int N, bool bf16) {
-  Tensor16 x;
+template <class E>
+TensorE<E> make_input(std::mt19937& rng, const Problem& pb, int N) {
+  using T = typename E::T;
+  TensorE<E> x;
   const size_t n = size_t(pb.B) * pb.nh * N * pb.ld;
-  x.mem.assign(n + 8, 0);
-  x.off = (16 - reinterpret_cast<uintptr_t>(x.mem.data()) % 16) % 16 / 2;
+  x.mem.assign(n + 16 / sizeof(T), T(0));
+  x.off = (16 - reinterpret_cast<uintptr_t>(x.mem.data()) % 16) % 16 / sizeof(T);
   std::normal_distribution<float> nd;
   std::memset(&x.rows, 0, sizeof x.rows);
   x.rows.nbatch = 2;
@@ -533,32 +648,36 @@ Tensor16 make_input(std::mt19937& rng, const Problem& pb, int N, bool bf16) {
     x.rows.strides[1] = int64_t(N) * pb.ld;
     x.rows.stride_t = pb.ld;
   }
-  for (auto& e : x.mem) e = from_f(bf16, nd(rng));  // the padding columns hold values that must not be read
+  for (auto& e : x.mem) e = make<E>(nd(rng));  // the padding columns hold values that must not be read
   const int BH = pb.B * pb.nh;
   x.val.resize(size_t(BH) * N * pb.hs);
   for (int b = 0; b < BH; ++b) {
     const int64_t bo = x.rows.batch_offset(b);
     for (int t = 0; t < N; ++t) {
-      for (int c = 0; c < pb.hs; ++c) x.val[(size_t(b) * N + t) * pb.hs + c] = to_f(bf16, x.data()[bo + t * x.rows.stride_t + c]);
+      for (int c = 0; c < pb.hs; ++c) x.val[(size_t(b) * N + t) * pb.hs + c] = val<E>(x.data()[bo + t * x.rows.stride_t + c]);
     }
   }
   return x;
 }
 
-// An output buffer with guard zones before and after.
-struct Out16 {
+// An output buffer of E::T with guard zones (0xAB bytes) before and after.
+template <class E>
+struct OutE {
+  using T = typename E::T;
   static constexpr size_t kGuard = 64;
-  std::vector<uint16_t> mem;
-  explicit Out16(size_t n) : mem(n + 2 * kGuard + 8, 0xABCD) {}
-  uint16_t* data() {
+  std::vector<T> mem;
+  explicit OutE(size_t n) : mem(n + 2 * kGuard + 8) { std::memset(mem.data(), 0xAB, mem.size() * sizeof(T)); }
+  T* data() {
     auto* p = mem.data() + kGuard;
     while (reinterpret_cast<uintptr_t>(p) % 16 != 0) ++p;
     return p;
   }
   bool guards_intact(size_t n) {
-    uint16_t* d = data();
-    for (uint16_t* q = mem.data(); q < d; ++q) if (*q != 0xABCD) return false;
-    for (uint16_t* q = d + n; q < mem.data() + mem.size(); ++q) if (*q != 0xABCD) return false;
+    const auto* lo = reinterpret_cast<const unsigned char*>(mem.data());
+    const auto* d = reinterpret_cast<const unsigned char*>(data());
+    const auto* hi = lo + mem.size() * sizeof(T);
+    for (const auto* q = lo; q < d; ++q) if (*q != 0xAB) return false;
+    for (const auto* q = d + n * sizeof(T); q < hi; ++q) if (*q != 0xAB) return false;
     return true;
   }
 };
@@ -569,13 +688,15 @@ double max_abs(const std::vector<double>& v) {
   return m;
 }
 
-template <bool kBf16, int kHd>
+template <class E, int kHd>
 void run_problem(const Problem& pb, uint32_t seed) {
-  g_bf16 = kBf16;
+  using Elem = typename E::T;
+  using L = Tiles<kHd, E>;
+  g_kind = kind<E>();
   std::mt19937 rng(seed);
   const int BH = pb.B * pb.nh, T = pb.T, S = pb.S, hs = pb.hs;
-  Tensor16 q = make_input(rng, pb, T, kBf16), k = make_input(rng, pb, S, kBf16), v = make_input(rng, pb, S, kBf16);
-  Tensor16 dout = make_input(rng, pb, T, kBf16);
+  TensorE<E> q = make_input<E>(rng, pb, T), k = make_input<E>(rng, pb, S), v = make_input<E>(rng, pb, S);
+  TensorE<E> dout = make_input<E>(rng, pb, T);
   const double scale = 1.0 / std::sqrt(double(hs));
   const int64_t shift = pb.bottom_right ? S - T : 0;
   const uint32_t stream = attnext::dropout_stream_key(1234, int64_t(seed) * 7);
@@ -638,27 +759,29 @@ void run_problem(const Problem& pb, uint32_t seed) {
   p.threshold = threshold;
   p.inv_keep = float(1.0 / (1.0 - pb.p));
   g_readable.clear();
-  for (const Tensor16* x : {&q, &k, &v, &dout}) {
+  for (const TensorE<E>* x : {&q, &k, &v, &dout}) {
     const auto* lo = reinterpret_cast<const unsigned char*>(x->mem.data());
-    g_readable.push_back({lo, lo + x->mem.size() * 2});
+    g_readable.push_back({lo, lo + x->mem.size() * sizeof(Elem)});
   }
 
   // forward
   const size_t n_out = size_t(BH) * T * hs;
-  Out16 out(n_out);
+  OutE<E> out(n_out);
   std::vector<float> lse(size_t(BH) * T + 2, 12345.f);
   p.out = out.data();
   p.lse_out = lse.data() + 1;
   const int64_t nqt = (T + attnext::mma::kBm - 1) / attnext::mma::kBm;
   for (int64_t item = 0; item < BH * nqt; ++item) {
-    run_block(kThreads, size_t(Tiles<kHd>::fwd_smem()),
-              [&](int tid, uint16_t* sm) { attnext::mma::fwd_block<EmuOps, kBf16, kHd>(p, item, tid, sm); });
+    run_block(kThreads, size_t(L::fwd_smem()), [&](int tid, void* sm) {
+      attnext::mma::fwd_block<EmuOps, E, kHd>(p, item, tid, static_cast<Elem*>(sm));
+    });
   }
-  const std::string name = std::string(kBf16 ? "bf16 " : "fp16 ") + "kHd" + std::to_string(kHd) + " " + pb.name();
-  // observed: max error / max |ref| <= 6e-3 (bf16), 6e-4 (fp16); one wrong weight of a short row costs ~0.05
-  const double tol = kBf16 ? 1.2e-2 : 2e-3, atol = kBf16 ? 1e-3 : 2e-4;
+  const std::string name = std::string(ename<E>()) + " kHd" + std::to_string(kHd) + " " + pb.name();
+  // observed: max error / max |ref| <= 6e-3 (bf16), 6e-4 (fp16); one wrong weight of a short row costs ~0.05.
+  // TF32 rounds the inputs too (fp16 rounds them in the test's inputs already), with the same 10-bit mantissa.
+  const double tol = E::kBf16 ? 1.2e-2 : 2e-3, atol = E::kBf16 ? 1e-3 : 2e-4;
   std::vector<double> got_out(n_out);
-  for (size_t i = 0; i < n_out; ++i) got_out[i] = to_f(kBf16, out.data()[i]);
+  for (size_t i = 0; i < n_out; ++i) got_out[i] = val<E>(out.data()[i]);
   double err = 0, err_lse = 0;
   bool lse_inf_ok = true, zero_rows_ok = true;
   for (size_t i = 0; i < n_out; ++i) err = worse(err, got_out[i], ref_out[i]);
@@ -710,26 +833,26 @@ void run_problem(const Problem& pb, uint32_t seed) {
   }
   if constexpr (kHd <= 128) {
     const size_t n_dq = size_t(BH) * T * hs, n_kv = size_t(BH) * S * hs;
-    Out16 dq(n_dq), dk(n_kv), dv(n_kv);
+    OutE<E> dq(n_dq), dk(n_kv), dv(n_kv);
     p.lse = lse.data() + 1;
     p.D = D.data();
     p.dq = dq.data();
     p.dk = dk.data();
     p.dv = dv.data();
     for (int64_t item = 0; item < BH * nqt; ++item) {
-      run_block(kThreads, size_t(Tiles<kHd>::dq_smem(pb.stages)), [&](int tid, uint16_t* sm) {
-        attnext::mma::dq_block<EmuOps, kBf16, kHd>(p, item, tid, sm, pb.stages);
+      run_block(kThreads, size_t(L::dq_smem(pb.stages)), [&](int tid, void* sm) {
+        attnext::mma::dq_block<EmuOps, E, kHd>(p, item, tid, static_cast<Elem*>(sm), pb.stages);
       });
     }
-    const int64_t nkt = (S + Tiles<kHd>::kKvBn - 1) / Tiles<kHd>::kKvBn;
+    const int64_t nkt = (S + L::kKvBn - 1) / L::kKvBn;
     for (int64_t item = 0; item < BH * nkt; ++item) {
-      run_block(kThreads, size_t(Tiles<kHd>::dkdv_smem(pb.stages)), [&](int tid, uint16_t* sm) {
-        attnext::mma::dkdv_block<EmuOps, kBf16, kHd>(p, item, tid, sm, pb.stages);
+      run_block(kThreads, size_t(L::dkdv_smem(pb.stages)), [&](int tid, void* sm) {
+        attnext::mma::dkdv_block<EmuOps, E, kHd>(p, item, tid, static_cast<Elem*>(sm), pb.stages);
       });
     }
-    auto cmp = [&](Out16& got, const std::vector<double>& ref, size_t n, const char* what) {
+    auto cmp = [&](OutE<E>& got, const std::vector<double>& ref, size_t n, const char* what) {
       double e = 0;
-      for (size_t i = 0; i < n; ++i) e = worse(e, to_f(kBf16, got.data()[i]), ref[i]);
+      for (size_t i = 0; i < n; ++i) e = worse(e, val<E>(got.data()[i]), ref[i]);
       std::printf("    %s err %.2e (max |ref| %.2f)\n", what, e, max_abs(ref));
       check(e <= tol * max_abs(ref) + atol, name + ": " + what + " max error " + std::to_string(e) +
                                                    " (max |ref| " + std::to_string(max_abs(ref)) + ")");
@@ -746,37 +869,48 @@ void run_problem(const Problem& pb, uint32_t seed) {
 }  // namespace
 
 int main() {
-  test_warp_products<true>();
-  test_warp_products<false>();
+  test_warp_products<Bf16>();
+  test_warp_products<F16>();
+  test_warp_products<Tf32>();
   test_fragment_masks();
   std::printf("warp products and fragment masks checked (%d failures so far)\n", g_failures);
   // Problem: B, nh, T, S, hs, bottom_right, p, nanogpt, ld, stages
   // kHd 64: T = S, top-left, one and several query / key tiles, nanoGPT strides, dropout
-  run_problem<true, 64>({1, 2, 70, 70, 64, false, 0.0, true, 64, 2}, 1);
-  run_problem<false, 64>({2, 1, 130, 130, 64, false, 0.0, false, 64, 1}, 2);
+  run_problem<Bf16, 64>({1, 2, 70, 70, 64, false, 0.0, true, 64, 2}, 1);
+  run_problem<F16, 64>({2, 1, 130, 130, 64, false, 0.0, false, 64, 1}, 2);
   // dropout where single weights are large enough that one wrong mask bit shows
-  run_problem<true, 64>({1, 2, 20, 20, 64, false, 0.3, false, 64, 2}, 3);
-  run_problem<false, 64>({1, 1, 100, 100, 64, true, 0.25, true, 64, 1}, 4);
+  run_problem<Bf16, 64>({1, 2, 20, 20, 64, false, 0.3, false, 64, 2}, 3);
+  run_problem<F16, 64>({1, 1, 100, 100, 64, true, 0.25, true, 64, 1}, 4);
   // T != S, both alignments: bottom-right with T > S has rows that see no key
-  run_problem<true, 64>({1, 2, 90, 40, 64, true, 0.0, false, 64, 2}, 5);
-  run_problem<true, 64>({1, 1, 40, 150, 64, true, 0.2, false, 64, 1}, 6);
-  run_problem<false, 64>({1, 1, 40, 150, 64, false, 0.0, true, 64, 2}, 7);
-  run_problem<true, 64>({1, 1, 150, 40, 64, false, 0.0, false, 64, 2}, 8);
+  run_problem<Bf16, 64>({1, 2, 90, 40, 64, true, 0.0, false, 64, 2}, 5);
+  run_problem<Bf16, 64>({1, 1, 40, 150, 64, true, 0.2, false, 64, 1}, 6);
+  run_problem<F16, 64>({1, 1, 40, 150, 64, false, 0.0, true, 64, 2}, 7);
+  run_problem<Bf16, 64>({1, 1, 150, 40, 64, false, 0.0, false, 64, 2}, 8);
   // bottom-right shift 14: query 0 sees keys 0..14, so the first dK/dV tile's first query
   // misses exactly the last key of warp 0 (the boundary of that kernel's mask test)
-  run_problem<false, 64>({1, 1, 50, 64, 64, true, 0.0, false, 64, 2}, 17);
+  run_problem<F16, 64>({1, 1, 50, 64, 64, true, 0.0, false, 64, 2}, 17);
   // T = 1, S = 1
-  run_problem<true, 64>({2, 1, 1, 1, 64, false, 0.0, false, 64, 2}, 9);
+  run_problem<Bf16, 64>({2, 1, 1, 1, 64, false, 0.0, false, 64, 2}, 9);
   // head sizes rounded up with zero padding: 16 -> 32, 20 (partial 16-byte chunk,
   // sliced rows of 24), 80 -> 96, 100 (ld 104) -> 128
-  run_problem<true, 32>({1, 2, 33, 33, 16, false, 0.0, true, 16, 2}, 10);
-  run_problem<false, 32>({1, 1, 50, 60, 20, true, 0.1, false, 24, 1}, 11);
-  run_problem<true, 96>({1, 1, 77, 77, 80, false, 0.0, true, 80, 2}, 12);
-  run_problem<true, 128>({1, 1, 70, 90, 100, true, 0.2, false, 104, 2}, 13);
-  run_problem<false, 128>({1, 1, 66, 66, 128, false, 0.0, false, 128, 1}, 14);
+  run_problem<Bf16, 32>({1, 2, 33, 33, 16, false, 0.0, true, 16, 2}, 10);
+  run_problem<F16, 32>({1, 1, 50, 60, 20, true, 0.1, false, 24, 1}, 11);
+  run_problem<Bf16, 96>({1, 1, 77, 77, 80, false, 0.0, true, 80, 2}, 12);
+  run_problem<Bf16, 128>({1, 1, 70, 90, 100, true, 0.2, false, 104, 2}, 13);
+  run_problem<F16, 128>({1, 1, 66, 66, 128, false, 0.0, false, 128, 1}, 14);
   // forward only (the backward's head-size limit is 128): 192, 256
-  run_problem<true, 192>({1, 1, 70, 70, 160, false, 0.0, false, 160, 2}, 15);
-  run_problem<true, 256>({1, 1, 70, 90, 256, true, 0.2, true, 256, 2}, 16);
+  run_problem<Bf16, 192>({1, 1, 70, 70, 160, false, 0.0, false, 160, 2}, 15);
+  run_problem<Bf16, 256>({1, 1, 70, 90, 256, true, 0.2, true, 256, 2}, 16);
+  // float32 on TF32 tensor cores: every tile class of Tiles<kHd, Tf32> (32-key forward
+  // and dQ tiles above kHd 64, 32-query dK/dV tiles above kHd 32), several tiles each
+  // way, both pipelines, nanoGPT strides, T != S both ways, rows that see no key, dropout
+  run_problem<Tf32, 32>({1, 2, 70, 70, 18, false, 0.0, true, 20, 2}, 20);  // hs 18: a partial 16-byte chunk
+  run_problem<Tf32, 64>({2, 1, 130, 130, 64, false, 0.2, false, 64, 1}, 21);
+  run_problem<Tf32, 64>({1, 1, 90, 40, 64, true, 0.0, true, 64, 2}, 22);
+  run_problem<Tf32, 96>({1, 1, 77, 100, 80, false, 0.0, true, 80, 2}, 23);
+  run_problem<Tf32, 128>({1, 1, 100, 130, 100, true, 0.25, false, 104, 1}, 24);
+  run_problem<Tf32, 128>({1, 2, 66, 66, 128, false, 0.0, true, 128, 2}, 25);
+  run_problem<Tf32, 256>({1, 1, 70, 90, 256, true, 0.2, false, 256, 2}, 26);
   if (g_failures == 0) {
     std::printf("test_mma_layout: all checks passed\n");
     return 0;
