@@ -51,6 +51,18 @@ def _train(model, steps, idx, tgt):
     return model
 
 
+def _file_barrier(directory, name, rank, world, timeout=120.0):
+    """Waits until every rank has reached `name`, outside torch.distributed (a file per rank)."""
+    import time
+
+    open(os.path.join(directory, f"{name}.{rank}"), "w").close()
+    deadline = time.monotonic() + timeout
+    while not all(os.path.exists(os.path.join(directory, f"{name}.{r}")) for r in range(world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the other ranks did not reach {name}")
+        time.sleep(0.01)
+
+
 def _ddp_worker(rank, world, init_file, out_file, state):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -75,6 +87,9 @@ def _ddp_worker(rank, world, init_file, out_file, state):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # nor exits while the other is still inside destroy_process_group: on a loaded
+    # machine that too aborted a rank ("terminate called without an active exception")
+    _file_barrier(os.path.dirname(init_file), "destroyed", rank, world)
 
 
 @needs_native

@@ -45,9 +45,14 @@
 
 #include "cuda/causal_attention_mma.h"
 #include "dropout_hash.h"
+#include "emu_block.h"
 
 namespace {
 
+using attnext_emu::Barrier;
+using attnext_emu::die;
+using attnext_emu::max_abs;
+using attnext_emu::worse;
 using attnext::mma::Bf16;
 using attnext::mma::F16;
 using attnext::mma::kThreads;
@@ -62,18 +67,6 @@ void check(bool ok, const std::string& what) {
     ++g_failures;
     std::fprintf(stderr, "FAILED: %s\n", what.c_str());
   }
-}
-
-[[noreturn]] void die(const char* msg) {
-  std::fprintf(stderr, "FATAL: %s\n", msg);
-  std::fflush(stderr);
-  std::abort();
-}
-
-// max(e, |got - ref|), with NaN (anywhere but where ref is NaN) as an infinite error
-double worse(double e, double got, double ref) {
-  const double d = std::fabs(got - ref);
-  return std::isnan(d) ? INFINITY : std::max(e, d);
 }
 
 // ------------------------------------------------------------------ 16-bit floats
@@ -149,30 +142,6 @@ const char* ename() {
 }
 
 // --------------------------------------------------------------------- emulated block
-
-class Barrier {
- public:
-  explicit Barrier(int n) : n_(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lk(m_);
-    const uint64_t gen = gen_;
-    if (++count_ == n_) {
-      count_ = 0;
-      ++gen_;
-      cv_.notify_all();
-      return;
-    }
-    if (!cv_.wait_for(lk, std::chrono::seconds(60), [&] { return gen_ != gen; })) {
-      die("barrier timeout: threads of a warp or block took different paths to a collective");
-    }
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  int n_, count_ = 0;
-  uint64_t gen_ = 0;
-};
 
 // Exchange slots of one warp, two phases: a collective writes slot[phase], meets the
 // warp at the barrier, reads; the next collective uses the other phase, so one barrier
@@ -682,12 +651,6 @@ struct OutE {
   }
 };
 
-double max_abs(const std::vector<double>& v) {
-  double m = 0;
-  for (double x : v) m = std::max(m, std::fabs(x));
-  return m;
-}
-
 template <class E, int kHd>
 void run_problem(const Problem& pb, uint32_t seed) {
   using Elem = typename E::T;
@@ -701,7 +664,6 @@ void run_problem(const Problem& pb, uint32_t seed) {
   const int64_t shift = pb.bottom_right ? S - T : 0;
   const uint32_t stream = attnext::dropout_stream_key(1234, int64_t(seed) * 7);
   const uint32_t threshold = attnext::dropout_threshold(pb.p);
-  auto visible = [&](int64_t t) { return std::min<int64_t>(std::max<int64_t>(t + 1 + shift, 0), S); };
   auto zfac = [&](int64_t b, int64_t t, int64_t j) {
     if (pb.p == 0) return 1.0;
     return attnext::dropout_keep(attnext::dropout_row_key(stream, b, t), uint32_t(j), threshold) ? 1.0 / (1.0 - pb.p)
@@ -709,34 +671,10 @@ void run_problem(const Problem& pb, uint32_t seed) {
   };
 
   // float64 reference
-  std::vector<double> ref_out(size_t(BH) * T * hs, 0), ref_lse(size_t(BH) * T), P(size_t(BH) * T * S, 0);
-  for (int b = 0; b < BH; ++b) {
-    for (int t = 0; t < T; ++t) {
-      const int64_t n = visible(t);
-      if (n == 0) {
-        ref_lse[size_t(b) * T + t] = -INFINITY;
-        continue;
-      }
-      std::vector<double> s(n);
-      double mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        double acc = 0;
-        for (int c = 0; c < hs; ++c) acc += q.val[(size_t(b) * T + t) * hs + c] * k.val[(size_t(b) * S + j) * hs + c];
-        s[j] = acc * scale;
-        mx = std::max(mx, s[j]);
-      }
-      double sum = 0;
-      for (int64_t j = 0; j < n; ++j) sum += std::exp(s[j] - mx);
-      const double lse = mx + std::log(sum);
-      ref_lse[size_t(b) * T + t] = lse;
-      for (int64_t j = 0; j < n; ++j) {
-        const double pr = std::exp(s[j] - lse);
-        P[(size_t(b) * T + t) * S + j] = pr;
-        const double pd = pr * zfac(b, t, j);
-        for (int c = 0; c < hs; ++c) ref_out[(size_t(b) * T + t) * hs + c] += pd * v.val[(size_t(b) * S + j) * hs + c];
-      }
-    }
-  }
+  const attnext_emu::AttnRef ref =
+      attnext_emu::attention_reference(q.val, k.val, v.val, dout.val, BH, T, S, hs, hs, scale, shift, zfac);
+  const std::vector<double>& ref_out = ref.out;
+  const std::vector<double>& ref_lse = ref.lse;
 
   Params p{};
   p.q = q.data();
@@ -795,7 +733,9 @@ void run_problem(const Problem& pb, uint32_t seed) {
     }
   }
   check(err <= tol * max_abs(ref_out) + atol, name + ": forward out max error " + std::to_string(err));
-  check(err_lse <= 2e-4 * (1 + max_abs(ref_lse)), name + ": forward lse max error " + std::to_string(err_lse));
+  double max_lse = 0;  // over rows that see keys (the others are -inf, checked above)
+  for (double x : ref_lse) max_lse = std::isinf(x) ? max_lse : std::max(max_lse, std::fabs(x));
+  check(err_lse <= 2e-4 * (1 + max_lse), name + ": forward lse max error " + std::to_string(err_lse));
   check(lse_inf_ok && zero_rows_ok, name + ": rows that see no key give lse -inf and zeros");
   check(out.guards_intact(n_out) && lse[0] == 12345.f && lse[size_t(BH) * T + 1] == 12345.f,
         name + ": forward writes stay inside out and lse");
@@ -811,26 +751,7 @@ void run_problem(const Problem& pb, uint32_t seed) {
     for (int c = 0; c < hs; ++c) acc += dout.val[i * hs + c] * got_out[i * hs + c];
     D[i] = float(acc);
   }
-  std::vector<double> ref_dq(size_t(BH) * T * hs, 0), ref_dk(size_t(BH) * S * hs, 0), ref_dv(size_t(BH) * S * hs, 0);
-  for (int b = 0; b < BH; ++b) {
-    for (int t = 0; t < T; ++t) {
-      const size_t bt = size_t(b) * T + t;
-      double Dt = 0;
-      for (int c = 0; c < hs; ++c) Dt += dout.val[bt * hs + c] * ref_out[bt * hs + c];
-      for (int64_t j = 0; j < visible(t); ++j) {
-        const size_t bj = size_t(b) * S + j;
-        const double pr = P[bt * S + j], z = zfac(b, t, j);
-        double dp = 0;
-        for (int c = 0; c < hs; ++c) dp += dout.val[bt * hs + c] * v.val[bj * hs + c];
-        const double ds = pr * (dp * z - Dt);
-        for (int c = 0; c < hs; ++c) {
-          ref_dq[bt * hs + c] += scale * ds * k.val[bj * hs + c];
-          ref_dk[bj * hs + c] += scale * ds * q.val[bt * hs + c];
-          ref_dv[bj * hs + c] += pr * z * dout.val[bt * hs + c];
-        }
-      }
-    }
-  }
+  const std::vector<double>&ref_dq = ref.dq, &ref_dk = ref.dk, &ref_dv = ref.dv;
   if constexpr (kHd <= 128) {
     const size_t n_dq = size_t(BH) * T * hs, n_kv = size_t(BH) * S * hs;
     OutE<E> dq(n_dq), dk(n_kv), dv(n_kv);

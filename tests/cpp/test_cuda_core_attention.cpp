@@ -1,0 +1,302 @@
+// The CUDA-core attention kernels (csrc/cuda/causal_attention_kernels.cuh: the exact
+// float32 / float64 path on CUDA, and the fallback of the tensor-core one) run on the
+// host, unchanged: the kernel header is compiled by the host compiler against
+// tests/cpp/cuda_shim (threadIdx & co. per emulated thread, __syncthreads / __syncwarp
+// as barriers, __shfl_xor_sync through exchange slots, shared memory filled with NaN
+// before every block). Each block runs as 128 std::threads that do not run in lockstep,
+// so a missing barrier shows as a wrong or run-to-run different result.
+// Checked against the float64 reference (tests/cpp/emu_block.h): forward out and lse,
+// backward dq, dk, dv from the kernel's own lse, for float, double and bfloat16, every
+// tile height the host may pick (kRows 1, 2, 4, 8), T = S and T != S with both
+// alignments (rows that see no key), hs != hs_v, head sizes that are not multiples of
+// 32, nanoGPT-strided inputs, dropout (the mask of dropout_hash.h); outputs in guard
+// zones; every forward and backward run twice and compared bit for bit.
+#include <cuda_runtime.h>  // tests/cpp/cuda_shim
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda/causal_attention_kernels.cuh"
+#include "dropout_hash.h"
+#include "emu_block.h"
+
+namespace attnext {
+namespace cuda {
+// the kernels' `extern __shared__ unsigned char smem_raw[]`: blocks run one at a time
+constexpr size_t kSmemBytes = size_t(1) << 20;
+alignas(16) unsigned char smem_raw[kSmemBytes];
+}  // namespace cuda
+}  // namespace attnext
+
+namespace {
+
+using attnext::cuda::AttnParams;
+using attnext::cuda::RowAddr;
+using attnext_emu::max_abs;
+using attnext_emu::worse;
+
+int g_failures = 0;
+
+void check(bool ok, const std::string& what) {
+  if (!ok) {
+    ++g_failures;
+    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
+  }
+}
+
+// Runs call() as `blocks` blocks of `threads` emulated threads, one block at a time.
+template <class F>
+void launch(int64_t blocks, int threads, size_t smem, F&& call) {
+  if (smem > attnext::cuda::kSmemBytes) attnext_emu::die("launch: shared memory above the emulation's buffer");
+  for (int64_t bx = 0; bx < blocks; ++bx) {
+    std::memset(attnext::cuda::smem_raw, 0xFF, smem);
+    cuda_shim::Block blk(threads);
+    std::vector<std::thread> th;
+    th.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      th.emplace_back([&, t] {
+        threadIdx = dim3{unsigned(t), 0, 0};
+        blockIdx = dim3{unsigned(bx), 0, 0};
+        blockDim = dim3{unsigned(threads), 1, 1};
+        gridDim = dim3{unsigned(blocks), 1, 1};
+        cuda_shim::me = cuda_shim::Thread{&blk, 0};
+        call();
+      });
+    }
+    for (auto& x : th) x.join();
+  }
+}
+
+// Element types: storage <-> double
+double val(float x) { return x; }
+double val(double x) { return x; }
+double val(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T>
+T make(double x) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(float(x));
+  } else {
+    return static_cast<T>(x);
+  }
+}
+template <class T>
+const char* ename() {
+  return std::is_same<T, double>::value ? "float64" : std::is_same<T, float>::value ? "float32" : "bfloat16";
+}
+
+struct Problem {
+  int B, nh, T, S, hs, hsv;
+  bool bottom_right;
+  double p;      // dropout
+  bool nanogpt;  // q, k, v, dout as (B, N, nh, C) memory viewed as (B, nh, N, C)
+  std::string name() const {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "B%d nh%d T%d S%d hs%d hsv%d %s p%.2f %s", B, nh, T, S, hs, hsv,
+                  bottom_right ? "bottom_right" : "top_left", p, nanogpt ? "nanogpt" : "contiguous");
+    return buf;
+  }
+};
+
+// A (B, nh, N, C) input in either layout: memory, its RowAddr, its values (BH, N, C).
+template <class T>
+struct Input {
+  std::vector<T> mem;
+  RowAddr rows{};
+  std::vector<double> vals;
+};
+
+template <class T>
+Input<T> make_input(std::mt19937& rng, const Problem& pb, int N, int C) {
+  Input<T> x;
+  std::normal_distribution<double> nd;
+  x.mem.resize(size_t(pb.B) * pb.nh * N * C);
+  for (auto& e : x.mem) e = make<T>(nd(rng));
+  x.rows.nbatch = 2;
+  x.rows.sizes[0] = pb.B;
+  x.rows.sizes[1] = pb.nh;
+  if (pb.nanogpt) {
+    x.rows.strides[0] = int64_t(N) * pb.nh * C;
+    x.rows.strides[1] = C;
+    x.rows.stride_t = int64_t(pb.nh) * C;
+  } else {
+    x.rows.strides[0] = int64_t(pb.nh) * N * C;
+    x.rows.strides[1] = int64_t(N) * C;
+    x.rows.stride_t = C;
+  }
+  const int BH = pb.B * pb.nh;
+  x.vals.resize(size_t(BH) * N * C);
+  for (int b = 0; b < BH; ++b) {
+    for (int t = 0; t < N; ++t) {
+      for (int c = 0; c < C; ++c) x.vals[(size_t(b) * N + t) * C + c] = val(x.mem[x.rows.offset(b, t) + c]);
+    }
+  }
+  return x;
+}
+
+// An output with guard zones (a sentinel bit pattern) before and after.
+template <class T>
+struct Out {
+  static constexpr size_t kGuard = 40;
+  std::vector<T> mem;
+  size_t n;
+  explicit Out(size_t n_) : mem(n_ + 2 * kGuard), n(n_) { std::memset(mem.data(), 0x5A, mem.size() * sizeof(T)); }
+  T* data() { return mem.data() + kGuard; }
+  bool guards_intact() const {
+    const auto* b = reinterpret_cast<const unsigned char*>(mem.data());
+    for (size_t i = 0; i < kGuard * sizeof(T); ++i) {
+      if (b[i] != 0x5A || b[(kGuard + n) * sizeof(T) + i] != 0x5A) return false;
+    }
+    return true;
+  }
+  bool same_bits(const Out& o) const { return std::memcmp(mem.data(), o.mem.data(), mem.size() * sizeof(T)) == 0; }
+};
+
+template <class T, int kRows>
+void run_problem(const Problem& pb, uint32_t seed) {
+  using A = typename attnext::cuda::AccOf<T>::type;
+  std::mt19937 rng(seed);
+  const int BH = pb.B * pb.nh, T_ = pb.T, S = pb.S, hs = pb.hs, hsv = pb.hsv;
+  Input<T> q = make_input<T>(rng, pb, T_, hs), k = make_input<T>(rng, pb, S, hs), v = make_input<T>(rng, pb, S, hsv);
+  Input<T> dout = make_input<T>(rng, pb, T_, hsv);
+  const double scale = 1.0 / std::sqrt(double(hs));
+  const int64_t shift = pb.bottom_right ? S - T_ : 0;
+  const uint32_t stream = attnext::dropout_stream_key(4321, int64_t(seed) * 3);
+  const uint32_t threshold = attnext::dropout_threshold(pb.p);
+  auto zfac = [&](int64_t b, int64_t t, int64_t j) {
+    if (pb.p == 0) return 1.0;
+    return attnext::dropout_keep(attnext::dropout_row_key(stream, b, t), uint32_t(j), threshold) ? 1.0 / (1.0 - pb.p)
+                                                                                                 : 0.0;
+  };
+  const attnext_emu::AttnRef ref =
+      attnext_emu::attention_reference(q.vals, k.vals, v.vals, dout.vals, BH, T_, S, hs, hsv, scale, shift, zfac);
+
+  AttnParams<T, A> p{};
+  p.q = q.mem.data();
+  p.k = k.mem.data();
+  p.v = v.mem.data();
+  p.qa = q.rows;
+  p.ka = k.rows;
+  p.va = v.rows;
+  p.BH = BH;
+  p.T = T_;
+  p.S = S;
+  p.hs = hs;
+  p.hsv = hsv;
+  p.shift = shift;
+  p.scale = A(scale);
+  p.drop = pb.p > 0;
+  p.stream_key = stream;
+  p.threshold = threshold;
+  p.inv_keep = A(1.0 / (1.0 - pb.p));
+  p.rng = nullptr;
+
+  const std::string name = std::string(ename<T>()) + " kRows" + std::to_string(kRows) + " " + pb.name();
+  // float64: rounding only; float32: float accumulation; bfloat16: outputs rounded to 8 bits
+  const double tol = std::is_same<T, double>::value ? 1e-12 : std::is_same<T, float>::value ? 2e-5 : 1e-2;
+  constexpr int kBq = attnext::cuda::kAttnWarps * kRows;
+  const int64_t nqt = (T_ + kBq - 1) / kBq;
+
+  // forward, twice
+  const size_t n_out = size_t(BH) * T_ * hsv;
+  Out<T> out(n_out), out2(n_out);
+  Out<A> lse(size_t(BH) * T_), lse2(size_t(BH) * T_);
+  const size_t fwd_smem = attnext::cuda::FwdSmem(kRows, hs, hsv).total * sizeof(A);
+  for (int run = 0; run < 2; ++run) {
+    T* o = (run ? out2 : out).data();
+    A* l = (run ? lse2 : lse).data();
+    launch(BH * nqt, attnext::cuda::kAttnThreads, fwd_smem,
+           [&] { attnext::cuda::causal_attention_fwd_kernel<T, kRows>(p, o, l); });
+  }
+  double err = 0, err_lse = 0, max_lse = 0;
+  bool blind_ok = true;
+  for (size_t i = 0; i < n_out; ++i) err = worse(err, val(out.data()[i]), ref.out[i]);
+  for (size_t i = 0; i < size_t(BH) * T_; ++i) {
+    const double r = ref.lse[i], g = lse.data()[i];
+    if (std::isinf(r)) {
+      blind_ok = blind_ok && std::isinf(g) && g < 0;
+      for (int c = 0; c < hsv; ++c) blind_ok = blind_ok && val(out.data()[i * hsv + c]) == 0.0;
+    } else {
+      err_lse = worse(err_lse, g, r);
+      max_lse = std::max(max_lse, std::fabs(r));
+    }
+  }
+  check(err <= tol * (1 + max_abs(ref.out)), name + ": forward out max error " + std::to_string(err));
+  check(err_lse <= (std::is_same<A, double>::value ? 1e-12 : 2e-5) * (1 + max_lse),
+        name + ": forward lse max error " + std::to_string(err_lse));
+  check(blind_ok, name + ": rows that see no key give zeros and lse -inf");
+  check(out.guards_intact() && lse.guards_intact(), name + ": forward writes stay inside out and lse");
+  check(out.same_bits(out2) && lse.same_bits(lse2), name + ": forward is the same bit for bit on a second run");
+
+  // backward from the kernel's lse, D = rowsum(dO * out) as the host side computes it
+  Out<A> D(size_t(BH) * T_);
+  for (size_t i = 0; i < size_t(BH) * T_; ++i) {
+    A acc = 0;
+    for (int c = 0; c < hsv; ++c) acc += A(dout.vals[i * hsv + c]) * A(val(out.data()[i * hsv + c]));
+    D.data()[i] = acc;
+  }
+  const size_t n_dq = size_t(BH) * T_ * hs, n_dk = size_t(BH) * S * hs, n_dv = size_t(BH) * S * hsv;
+  Out<T> dq(n_dq), dk(n_dk), dv(n_dv), dq2(n_dq), dk2(n_dk), dv2(n_dv);
+  const int64_t nkt = (S + attnext::cuda::kBk - 1) / attnext::cuda::kBk;
+  const size_t kv_smem = attnext::cuda::DkdvSmem(kRows, hs, hsv).total * sizeof(A);
+  const size_t q_smem = attnext::cuda::DqSmem(kRows, hs, hsv).total * sizeof(A);
+  for (int run = 0; run < 2; ++run) {
+    T* gq = (run ? dq2 : dq).data();
+    T* gk = (run ? dk2 : dk).data();
+    T* gv = (run ? dv2 : dv).data();
+    launch(BH * nkt, attnext::cuda::kAttnThreads, kv_smem, [&] {
+      attnext::cuda::causal_attention_dkdv_kernel<T, kRows>(p, dout.mem.data(), dout.rows, lse.data(), D.data(), gk,
+                                                            gv);
+    });
+    launch(BH * nqt, attnext::cuda::kAttnThreads, q_smem, [&] {
+      attnext::cuda::causal_attention_dq_kernel<T, kRows>(p, dout.mem.data(), dout.rows, lse.data(), D.data(), gq);
+    });
+  }
+  auto cmp = [&](const Out<T>& got, const Out<T>& again, const std::vector<double>& r, const char* what) {
+    double e = 0;
+    for (size_t i = 0; i < got.n; ++i) e = worse(e, val(got.mem[Out<T>::kGuard + i]), r[i]);
+    check(e <= tol * (1 + max_abs(r)), name + ": " + what + " max error " + std::to_string(e));
+    check(got.guards_intact(), name + ": " + what + " writes stay inside the tensor");
+    check(got.same_bits(again), name + ": " + what + " is the same bit for bit on a second run");
+    return e;
+  };
+  const double edq = cmp(dq, dq2, ref.dq, "dq"), edk = cmp(dk, dk2, ref.dk, "dk"), edv = cmp(dv, dv2, ref.dv, "dv");
+  std::printf("  %s: out %.1e lse %.1e dq %.1e dk %.1e dv %.1e\n", name.c_str(), err, err_lse, edq, edk, edv);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main() {
+  // Problem: B, nh, T, S, hs, hs_v, bottom_right, p, nanogpt
+  // float32 at every tile height: several query tiles, key tiles of 32 with a partial last
+  run_problem<float, 1>({1, 2, 37, 37, 16, 16, false, 0.0, false}, 1);
+  run_problem<float, 2>({2, 1, 70, 70, 64, 64, false, 0.0, true}, 2);
+  run_problem<float, 4>({1, 2, 70, 70, 40, 24, false, 0.2, false}, 3);
+  run_problem<float, 8>({1, 1, 100, 100, 64, 64, false, 0.0, false}, 4);
+  // T != S, both alignments: bottom-right with T > S has rows that see no key
+  run_problem<float, 4>({1, 2, 90, 40, 32, 32, true, 0.0, true}, 5);
+  run_problem<float, 2>({1, 1, 40, 90, 20, 36, true, 0.3, false}, 6);
+  run_problem<float, 4>({1, 1, 40, 90, 64, 64, false, 0.0, false}, 7);
+  run_problem<float, 1>({1, 1, 90, 40, 33, 33, false, 0.1, true}, 8);
+  // T = S = 1; head size above one lane stride (hs 100 > 32 columns per lane pass)
+  run_problem<float, 1>({2, 1, 1, 1, 8, 8, false, 0.0, false}, 9);
+  run_problem<float, 2>({1, 1, 50, 50, 100, 100, false, 0.25, true}, 10);
+  // float64 (gradcheck's dtype): near-exact
+  run_problem<double, 1>({1, 2, 45, 45, 16, 8, false, 0.0, false}, 11);
+  run_problem<double, 2>({1, 1, 70, 50, 24, 24, true, 0.2, true}, 12);
+  // bfloat16 on CUDA cores (the tensor-core path's fallback): float accumulation
+  run_problem<__nv_bfloat16, 4>({1, 2, 70, 70, 64, 64, false, 0.2, true}, 13);
+  run_problem<__nv_bfloat16, 8>({1, 1, 60, 90, 48, 48, true, 0.0, false}, 14);
+  if (g_failures == 0) {
+    std::printf("test_cuda_core_attention: all checks passed\n");
+    return 0;
+  }
+  std::printf("test_cuda_core_attention: %d checks failed\n", g_failures);
+  return 1;
+}
