@@ -227,21 +227,21 @@ bool rows_aligned16(const at::Tensor& t) {
 }
 
 // Whether float32 may run on TF32 tensor cores: torch's precision for CUDA matmuls, the
-// one torch.matmul and SDPA's math path follow. Read through the per-backend setting
-// (torch.backends.cuda.matmul.fp32_precision), which the legacy switches
-// (allow_tf32, set_float32_matmul_precision) also set; allowTF32CuBLAS() would raise
-// when only the new API was used. Older torch has only the legacy reader: a call it
-// refuses counts as "not allowed" (the exact kernel), never as an error.
+// one torch.matmul and SDPA's math path follow, and not inside an at::NoTF32Guard (as
+// torch's cuBLAS calls). Read through the per-backend setting where torch has one
+// (torch.backends.cuda.matmul.fp32_precision; the legacy switches allow_tf32 and
+// set_float32_matmul_precision set it too): allowTF32CuBLAS() raises when only the new
+// API was used. torch 2.10+ has it as enums, 2.9 as strings; before 2.9 there is only
+// the legacy switch.
 bool tf32_allowed() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
+  if (at::NoTF32Guard::should_disable_tf32()) return false;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
   return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
          at::Float32Precision::TF32;
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  return at::globalContext().float32Precision("cuda", "matmul") == "tf32";
 #else
-  try {
-    return at::globalContext().allowTF32CuBLAS();
-  } catch (const c10::Error&) {
-    return false;
-  }
+  return at::globalContext().allowTF32CuBLAS();
 #endif
 }
 
@@ -302,7 +302,7 @@ std::string mma_unsupported(const at::Tensor& q, const at::Tensor& k, const at::
                             const Geometry& g, bool backward) {
   const at::ScalarType st = q.scalar_type();
   if (st == at::kFloat) {
-    if (!tf32_allowed()) return "float32 without TF32 (torch.backends.cuda.matmul.allow_tf32 is off): exact kernel";
+    if (!tf32_allowed()) return "float32 without TF32 (torch.backends.cuda.matmul.fp32_precision is not 'tf32'): exact kernel";
   } else if (st != at::kHalf && st != at::kBFloat16) {
     return "the dtype is not float16, bfloat16 or float32";
   }

@@ -50,27 +50,10 @@ void check(bool ok, const std::string& what) {
   }
 }
 
-// Runs call() as `blocks` blocks of `threads` emulated threads, one block at a time.
 template <class F>
 void launch(int64_t blocks, int threads, size_t smem, F&& call) {
   if (smem > attnext::cuda::kSmemBytes) attnext_emu::die("launch: shared memory above the emulation's buffer");
-  for (int64_t bx = 0; bx < blocks; ++bx) {
-    std::memset(attnext::cuda::smem_raw, 0xFF, smem);
-    cuda_shim::Block blk(threads);
-    std::vector<std::thread> th;
-    th.reserve(threads);
-    for (int t = 0; t < threads; ++t) {
-      th.emplace_back([&, t] {
-        threadIdx = dim3{unsigned(t), 0, 0};
-        blockIdx = dim3{unsigned(bx), 0, 0};
-        blockDim = dim3{unsigned(threads), 1, 1};
-        gridDim = dim3{unsigned(blocks), 1, 1};
-        cuda_shim::me = cuda_shim::Thread{&blk, 0};
-        call();
-      });
-    }
-    for (auto& x : th) x.join();
-  }
+  cuda_shim::launch(blocks, threads, call, attnext::cuda::smem_raw, smem);
 }
 
 // Element types: storage <-> double

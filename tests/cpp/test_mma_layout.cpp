@@ -831,6 +831,7 @@ int main() {
   run_problem<Tf32, 96>({1, 1, 77, 100, 80, false, 0.0, true, 80, 2}, 23);
   run_problem<Tf32, 128>({1, 1, 100, 130, 100, true, 0.25, false, 104, 1}, 24);
   run_problem<Tf32, 128>({1, 2, 66, 66, 128, false, 0.0, true, 128, 2}, 25);
+  run_problem<Tf32, 192>({1, 1, 70, 70, 160, false, 0.0, true, 160, 2}, 27);
   run_problem<Tf32, 256>({1, 1, 70, 90, 256, true, 0.2, false, 256, 2}, 26);
   if (g_failures == 0) {
     std::printf("test_mma_layout: all checks passed\n");

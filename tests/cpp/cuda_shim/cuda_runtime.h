@@ -20,7 +20,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <type_traits>
+#include <vector>
 
 #include "../emu_block.h"
 
@@ -29,7 +31,14 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#ifdef CUDA_SHIM_STATIC_SHARED
+// per-block arrays declared in a kernel (`__shared__ float sm[32];`): one static array
+// per instantiation, which all threads of the (one running) block share. Not for
+// translation units with `extern __shared__` arrays.
+#define __shared__ static
+#else
 #define __shared__
+#endif
 #define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
@@ -64,6 +73,35 @@ struct Thread {
 inline thread_local Thread me;
 
 inline Warp& my_warp() { return me.blk->warp[threadIdx.x / 32]; }
+
+}  // namespace cuda_shim
+
+namespace cuda_shim {
+
+// Runs call() as `blocks` blocks of `threads` emulated threads, one block at a time;
+// before each block the `smem_bytes` at smem (the kernels' extern shared array) are
+// filled with 0xFF bytes (NaN in every float type).
+template <class F>
+void launch(int64_t blocks, int threads, F&& call, unsigned char* smem = nullptr, size_t smem_bytes = 0) {
+  if (threads > 32 * kMaxWarps || threads % 32 != 0) attnext_emu::die("launch: threads must be a multiple of 32, <= 1024");
+  for (int64_t bx = 0; bx < blocks; ++bx) {
+    if (smem_bytes > 0) std::memset(smem, 0xFF, smem_bytes);
+    Block blk(threads);
+    std::vector<std::thread> th;
+    th.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      th.emplace_back([&, t] {
+        threadIdx = dim3{unsigned(t), 0, 0};
+        blockIdx = dim3{unsigned(bx), 0, 0};
+        blockDim = dim3{unsigned(threads), 1, 1};
+        gridDim = dim3{unsigned(blocks), 1, 1};
+        me = Thread{&blk, 0};
+        call();
+      });
+    }
+    for (auto& x : th) x.join();
+  }
+}
 
 }  // namespace cuda_shim
 
