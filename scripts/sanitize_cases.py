@@ -172,10 +172,12 @@ def attention_mma_cases():
                             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
                             out = attnext.causal_attention(q, k, v, dropout_p=p, align=align)
                             out.backward(torch.randn_like(out))
-            # head size 256: the forward on tensor cores (its backward is the CUDA-core kernel's)
-            q, k, v = (torch.randn(1, 2, 70, 256, **opts) for _ in range(3))
-            out, lse = torch.ops.attnext.causal_attention(q, k, v, 0.0625, 0.25, True, 1, 2)
-            assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+            # head sizes 160 (class 192) and 256: dK / dV columns split over two blocks
+            for hs in (160, 256):
+                q, k, v = (torch.randn(1, 2, 70, hs, **opts).requires_grad_() for _ in range(3))
+                out = attnext.causal_attention(q, k, v, dropout_p=0.25, align="bottom_right")
+                out.backward(torch.randn_like(out))
+                assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
     finally:
         if new_api:
             matmul.fp32_precision = old_tf32

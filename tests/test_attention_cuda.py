@@ -99,27 +99,26 @@ def test_half_types_within_twice_eager_error(dtype, T, hs):
 # float16 / bfloat16 on sm_80+ run the mma.sync kernels (csrc/cuda/causal_attention_mma.cuh);
 # ATTNEXT_CUDA_MMA=0 forces the CUDA-core kernels and =require makes a call the tensor-core
 # kernels cannot take an error, so every case below runs on the path it names (the env var is
-# read per call). The backward's tensor-core limit is hs <= 128: above it the forward alone is
-# required to take that path (MMA_BWD_MAX_HS).
-MMA_BWD_MAX_HS = 128
+# read per call), forward and backward (head sizes up to 256 both ways).
 PATHS = ["mma", "cuda_core"]
 
 
-def use_path(monkeypatch, path, hs=64, backward=True):
+def use_path(monkeypatch, path):
     if path == "cuda_core":
         monkeypatch.setenv("ATTNEXT_CUDA_MMA", "0")
         return
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the tensor-core kernels need compute capability 8.0+")
-    monkeypatch.setenv("ATTNEXT_CUDA_MMA", "require" if hs <= MMA_BWD_MAX_HS or not backward else "1")
+    monkeypatch.setenv("ATTNEXT_CUDA_MMA", "require")
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("hs", [16, 64, 80, 128, 256])  # 16 -> tile 32, 80 -> 96 (zero-padded); 256: forward only
+# 16 -> tile 32, 80 -> 96 (zero-padded); 160 -> 192 and 256: dK/dV columns split over two blocks
+@pytest.mark.parametrize("hs", [16, 64, 80, 128, 160, 256])
 @pytest.mark.parametrize("T", [1, 17, 128, 1000, 4097])  # one row; partial tile; whole tiles; many; 4096 + 1
 def test_both_paths_within_twice_eager_error(monkeypatch, path, dtype, T, hs):
-    use_path(monkeypatch, path, hs)
+    use_path(monkeypatch, path)
     batch = (1, 2) if T <= 1000 else (1, 1)
     q64, k64, v64 = make_qkv(batch, T, T, hs, hs, seed=T + hs)
     g64 = torch.randn(*batch, T, hs, device="cuda", dtype=torch.float64)
@@ -226,7 +225,7 @@ def test_mma_forward_with_cuda_core_backward(monkeypatch, dtype):
 
 
 def test_mma_forward_takes_head_size_256(monkeypatch):
-    use_path(monkeypatch, "mma", 256, backward=False)
+    use_path(monkeypatch, "mma")
     q64, k64, v64 = make_qkv((1, 2), 300, 300, 256, 256)
     qh, kh, vh = (t.detach().bfloat16() for t in (q64, k64, v64))
     out, lse = torch.ops.attnext.causal_attention(qh, kh, vh, 256**-0.5, 0.0, False, 0, 0)
@@ -325,11 +324,11 @@ def tf32_on():
 TF32_FLOOR = 2.0**-10
 
 
-@pytest.mark.parametrize("hs", [16, 64, 80, 128, 256])  # tile classes 32..256; 256: forward only
+@pytest.mark.parametrize("hs", [16, 64, 80, 128, 160, 256])  # tile classes 32..256
 @pytest.mark.parametrize("T", [17, 1000])
 def test_tf32_within_twice_eager_tf32_error(monkeypatch, tf32_on, T, hs):
     # eager float32 under the same switch runs its matmuls on TF32: the flash rule against it
-    use_path(monkeypatch, "mma", hs)
+    use_path(monkeypatch, "mma")
     q64, k64, v64 = make_qkv((1, 2), T, T, hs, hs, seed=T + hs)
     g64 = torch.randn(1, 2, T, hs, device="cuda", dtype=torch.float64)
     assert_within_twice_eager(attnext.causal_attention, q64, k64, v64, g64, torch.float32, floor_rel=TF32_FLOOR)
@@ -488,7 +487,7 @@ def test_first_key_tiles_all_minus_inf(monkeypatch, path, dtype):
     # keys [0, 256) score -inf for every query: rows t < 256 see only -inf (torch: NaN),
     # rows t >= 256 also see finite keys (torch: finite) although their first key tiles
     # are all -inf (the online softmax must not compute -inf - -inf)
-    use_path(monkeypatch, path, backward=False)
+    use_path(monkeypatch, path)
     T, hs = 300, 64
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, T, hs, generator=g, dtype=torch.float64).abs() + 0.1

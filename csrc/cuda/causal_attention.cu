@@ -4,7 +4,7 @@
 //    (mma.sync m16n8k16), and float32 as TF32 (m16n8k8, operands rounded to TF32) when
 //    torch allows TF32 for CUDA matmuls (torch.backends.cuda.matmul.allow_tf32, or
 //    fp32_precision / set_float32_matmul_precision saying so); fp32 accumulation,
-//    head sizes up to 256 forward and 128 backward (rounded up to a compiled class),
+//    head sizes up to 256 (rounded up to a compiled class),
 //    rows 16-byte aligned;
 //  * CUDA cores (causal_attention_kernels.cuh): everything else, exact in float32 and
 //    float64, and the fallback of the first.
@@ -192,17 +192,13 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
 static_assert(mma::kThreads == cuda::kAttnThreads, "launch_tiles launches kAttnThreads per block");
 
 // Head-size classes compiled for the tensor-core kernels (hs rounds up to the next one,
-// zero-padded in shared memory). The dK/dV kernel keeps dK and dV (16 x kHd each per
-// warp) in registers, hence the lower limit of the backward.
-template <bool kBackward, typename F>
+// zero-padded in shared memory), forward and backward alike (above 128 the dK/dV kernel
+// splits dK and dV's columns over two blocks, Tiles::kKvSplit).
+template <typename F>
 bool mma_head_switch(int64_t hs, F&& f) {
-  if constexpr (kBackward) {
-    return ceil_switch<32, 64, 96, 128>(hs, f);
-  } else {
-    return ceil_switch<32, 64, 96, 128, 192, 256>(hs, f);
-  }
+  return ceil_switch<32, 64, 96, 128, 192, 256>(hs, f);
 }
-constexpr int64_t kMmaMaxHsFwd = 256, kMmaMaxHsBwd = 128;
+constexpr int64_t kMmaMaxHs = 256;
 
 enum class MmaMode { kOff, kAuto, kRequire };
 
@@ -299,7 +295,7 @@ mma::Params mma_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // Why the tensor-core kernels cannot take this call; empty when they can (up to the
 // per-kernel checks of mma_kernel_unfit).
 std::string mma_unsupported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* dout,
-                            const Geometry& g, bool backward) {
+                            const Geometry& g) {
   const at::ScalarType st = q.scalar_type();
   if (st == at::kFloat) {
     if (!tf32_allowed()) return "float32 without TF32 (torch.backends.cuda.matmul.fp32_precision is not 'tf32'): exact kernel";
@@ -308,8 +304,7 @@ std::string mma_unsupported(const at::Tensor& q, const at::Tensor& k, const at::
   }
   if (g.hs != g.hsv) return "hs != hs_v";
   if (g.hs == 0) return "head size 0";
-  const int64_t max_hs = backward ? kMmaMaxHsBwd : kMmaMaxHsFwd;
-  if (g.hs > max_hs) return "head size " + std::to_string(g.hs) + " > " + std::to_string(max_hs);
+  if (g.hs > kMmaMaxHs) return "head size " + std::to_string(g.hs) + " > " + std::to_string(kMmaMaxHs);
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (prop->major < 8) return "compute capability " + std::to_string(prop->major) + "." + std::to_string(prop->minor) + " < 8.0";
   if (!rows_aligned16(q)) return "q rows are not 16-byte aligned";
@@ -352,13 +347,13 @@ bool mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   const MmaMode mode = mma_mode();
   if (mode == MmaMode::kOff) return false;
-  std::string why = mma_unsupported(q, k, v, nullptr, g, false);
+  std::string why = mma_unsupported(q, k, v, nullptr, g);
   bool done = false;
   if (why.empty()) {
     mma::Params p = mma_params(q, k, v, g, scale, dropout_p, ds);
     p.out = out.mutable_data_ptr();
     p.lse_out = lse.mutable_data_ptr<float>();
-    mma_head_switch<false>(g.hs, [&](auto hd) {
+    mma_head_switch(g.hs, [&](auto hd) {
       constexpr int kHd = decltype(hd)::value;
       mma_elem_switch(q.scalar_type(), [&](auto elem) {
         using E = decltype(elem);
@@ -382,7 +377,7 @@ bool mma_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   const MmaMode mode = mma_mode();
   if (mode == MmaMode::kOff) return false;
-  std::string why = mma_unsupported(q, k, v, &dout, g, true);
+  std::string why = mma_unsupported(q, k, v, &dout, g);
   bool done = false;
   if (why.empty()) {
     mma::Params p = mma_params(q, k, v, g, scale, dropout_p, ds);
@@ -393,7 +388,7 @@ bool mma_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
     p.dq = dq.mutable_data_ptr();
     p.dk = dk.mutable_data_ptr();
     p.dv = dv.mutable_data_ptr();
-    mma_head_switch<true>(g.hs, [&](auto hd) {
+    mma_head_switch(g.hs, [&](auto hd) {
       constexpr int kHd = decltype(hd)::value;
       mma_elem_switch(q.scalar_type(), [&](auto elem) {
         using E = decltype(elem);
@@ -406,7 +401,8 @@ bool mma_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
         const int optin = smem_optin();
         const int dq_stages = L::dq_smem(2) <= optin ? 2 : 1;
         const int kv_stages = L::dkdv_smem(2) <= optin ? 2 : 1;
-        launch_tiles(kv_kernel, g.BH * ((g.S + L::kKvBn - 1) / L::kKvBn), L::dkdv_smem(kv_stages), p, kv_stages);
+        launch_tiles(kv_kernel, g.BH * ((g.S + L::kKvBn - 1) / L::kKvBn) * L::kKvSplit, L::dkdv_smem(kv_stages), p,
+                     kv_stages);
         launch_tiles(dq_kernel, g.BH * mma_query_tiles(g.T), L::dq_smem(dq_stages), p, dq_stages);
         done = true;
       });

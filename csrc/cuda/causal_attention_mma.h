@@ -31,7 +31,8 @@
 //           fragments; tiles above the diagonal are never visited, diagonal tiles masked.
 //           out = O / l in the input dtype, lse = m + log(l) in float (natural log; -inf
 //           and a zero row for a row that sees no key), as the CUDA-core kernel.
-//  dK/dV    one block per (batch, 64 keys), warp w owns keys 16w..16w+15 and accumulates
+//  dK/dV    one block per (batch, 64 keys) (two above hs 128, each owning half of the
+//           columns), warp w owns keys 16w..16w+15 and accumulates its columns of
 //           dK, dV (16 x hs each) in registers over the query tiles that see its keys:
 //           S^T = K Q^T, P^T = exp2(S^T scale log2e - lse log2e), dP^T = V dO^T,
 //           dV += (P Z)^T dO, dS^T = P^T (dP^T Z - D), dK += dS^T Q (scale at the end).
@@ -96,19 +97,26 @@ constexpr int kEpc = 16 / E::kBytes;
 
 // Tile sizes for a head size rounded up to kHd (a multiple of 32, <= 256) and element
 // type E. Register budget (fp32 accumulators per thread): forward O kHd/2 + S kFwdBn/2;
-// dQ dQ kHd/2 + S, dP kDqBn/2 each; dK/dV kHd + S^T, dP^T kKvBm/2 each (hence kHd <= 128
-// there). Tiles shrink with the row's bytes, so float32 (twice a 16-bit row) gets half
-// the keys / queries: shared memory for two blocks per SM, and the forward's registers
-// (O is 16 x kHd per warp either way) without spills up to kHd 128.
+// dQ dQ kHd/2 + S, dP kDqBn/2 each; dK/dV 2 kKvCols + S^T, dP^T kKvBm/2 each, where
+// kKvCols = kHd up to 128 and kHd / 2 above: a dK/dV block then owns half of the
+// columns of dK and dV (kKvSplit = 2 blocks per key tile; S^T and dP^T, full-width dot
+// products, are computed by both). Tiles shrink with the row's bytes, so float32 (twice a
+// 16-bit row) gets half the keys / queries: shared memory for two blocks per SM, the
+// forward's registers (O is 16 x kHd per warp either way) without spills, and the
+// 16-bit backward up to kHd 256 within the 99 KiB of an sm_86 / sm_89 block.
 template <int kHd, class E>
 struct Tiles {
   static_assert(kHd % 32 == 0 && kHd >= 32 && kHd <= 256, "kHd: a multiple of 32 in [32, 256]");
   static constexpr int kRowBytes = kHd * E::kBytes;
   static constexpr int kLd = kHd + kEpc<E>;                // shared row stride, elements (+16 bytes)
-  static constexpr int kFwdBn = kRowBytes <= 256 ? 64 : kRowBytes <= 512 ? 32 : 16;  // keys per forward K/V tile
-  static constexpr int kDqBn = kRowBytes <= 256 ? 64 : 32;   // keys per dQ K/V tile
+  // keys per forward / dQ K/V tile: 16 where a 32-key tile's S (and dP) fragments made
+  // ptxas spill next to the 16 x kHd accumulator (kHd 256; TF32 above 128 in the dQ kernel)
+  static constexpr int kFwdBn = kRowBytes <= 256 ? 64 : (kHd >= 256 || kRowBytes > 512) ? 16 : 32;
+  static constexpr int kDqBn = kRowBytes <= 256 ? 64 : (kHd >= 256 || (E::kTf32 && kHd > 128)) ? 16 : 32;
   static constexpr int kKvBn = 16 * kWarps;                  // keys per dK/dV block
-  static constexpr int kKvBm = kRowBytes <= 128 ? 64 : 32;   // query rows per dK/dV Q/dO tile
+  static constexpr int kKvBm = kRowBytes <= 128 ? 64 : kRowBytes <= 256 ? 32 : 16;  // queries per dK/dV tile
+  static constexpr int kKvSplit = kHd > 128 ? 2 : 1;         // dK/dV blocks per key tile
+  static constexpr int kKvCols = kHd / kKvSplit;             // dK, dV columns per dK/dV block
   static constexpr int64_t kRow = int64_t(kLd) * E::kBytes;  // bytes per shared row
   // Dynamic shared memory, bytes. stages: 2 = the next K/V (or Q/dO) tile is prefetched
   // into a second buffer while this one is used, 1 = loaded after it (less memory).
@@ -625,15 +633,18 @@ template <class Ops, class E, int kHd>
 ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, typename E::T* smem, int stages) {
   using L = Tiles<kHd, E>;
   using T = typename E::T;
-  constexpr int kLd = L::kLd, kBn = L::kKvBn, kBq = L::kKvBm, kNt = kBq / 8, kDt = kHd / 8;
+  constexpr int kLd = L::kLd, kBn = L::kKvBn, kBq = L::kKvBm, kNt = kBq / 8, kCols = L::kKvCols, kDt = kCols / 8;
   static_assert(kBn == 16 * kWarps, "one m16 block of keys per warp");
+  static_assert(kCols % 16 == 0, "pairs of n tiles");
   T* Ks = smem;             // [kBn][kLd]
   T* Vs = Ks + kBn * kLd;   // [kBn][kLd]
   T* QD = Vs + kBn * kLd;   // per stage: Q [kBq][kLd], dO [kBq][kLd]
   float* stats = reinterpret_cast<float*>(QD + 2 * stages * kBq * kLd);  // per stage: lse2, D, row key [kBq]
   const int lane = tid & 31, warp = tid >> 5;
+  // item = (key tile * kKvSplit + column part) * BH + b: key tile 0 (the most query tiles) first
   const int64_t b = item % p.BH;
-  const int64_t n0 = (item / p.BH) * kBn;  // key tile 0 (the most query tiles) first
+  const int col0 = static_cast<int>((item / p.BH) % L::kKvSplit) * kCols;  // this block's dK, dV columns
+  const int64_t n0 = (item / p.BH / L::kKvSplit) * kBn;
   const int64_t nc = p.S - n0 < kBn ? p.S - n0 : kBn;
   // the first query row that sees key n0: t + 1 + shift > n0
   const int64_t t_first = n0 - p.shift > 0 ? n0 - p.shift : 0;
@@ -702,8 +713,8 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, typename 
       ds_cols<Ops, false>(st, dpt, p, t0, key, st_lse, st_lse + kBq,
                           reinterpret_cast<const uint32_t*>(st_lse + 2 * kBq), lane);
     }
-    gemm_pb<Ops, E, kLd, kHd, kBq / kK<E>>(dv, st, dOs, lane);  // dV += (P Z)^T dO
-    gemm_pb<Ops, E, kLd, kHd, kBq / kK<E>>(dk, dpt, Qs, lane);  // dK += dS^T Q
+    gemm_pb<Ops, E, kLd, kCols, kBq / kK<E>>(dv, st, dOs + col0, lane);  // dV += (P Z)^T dO
+    gemm_pb<Ops, E, kLd, kCols, kBq / kK<E>>(dk, dpt, Qs + col0, lane);  // dK += dS^T Q
     Ops::sync();  // every warp is done with tile j's buffer
     if (stages == 1 && j + 1 < nqt) {
       load_q(j + 1, 0);
@@ -719,8 +730,8 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, typename 
     T* vrow = static_cast<T*>(p.dv) + (b * p.S + key[h]) * p.hs;
     ATTNEXT_UNROLL
     for (int dt = 0; dt < kDt; ++dt) {
-      store_pair<Ops, E>(krow, 8 * dt + c0, p.hs, dk[dt][2 * h] * p.scale, dk[dt][2 * h + 1] * p.scale);
-      store_pair<Ops, E>(vrow, 8 * dt + c0, p.hs, dv[dt][2 * h], dv[dt][2 * h + 1]);
+      store_pair<Ops, E>(krow, col0 + 8 * dt + c0, p.hs, dk[dt][2 * h] * p.scale, dk[dt][2 * h + 1] * p.scale);
+      store_pair<Ops, E>(vrow, col0 + 8 * dt + c0, p.hs, dv[dt][2 * h], dv[dt][2 * h + 1]);
     }
   }
 }
