@@ -4,22 +4,12 @@
 
 #include <ATen/ATen.h>
 
+#include "check_basic.h"
+
 #include <cstdio>
 #include <string>
 
 namespace attnext_test {
-
-inline int& failures() {
-  static int n = 0;
-  return n;
-}
-
-inline void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures();
-    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
-  }
-}
 
 inline void check_close(const at::Tensor& a, const at::Tensor& b, double atol, double rtol, const std::string& what) {
   const bool ok = a.sizes() == b.sizes() && at::allclose(a.to(at::kDouble), b.to(at::kDouble), rtol, atol, true);
@@ -41,15 +31,6 @@ void check_throws(F&& f, const std::string& needle, const std::string& what) {
     return;
   }
   check(false, what + " (no exception)");
-}
-
-inline int finish(const char* name) {
-  if (failures() == 0) {
-    std::printf("%s: all checks passed\n", name);
-    return 0;
-  }
-  std::printf("%s: %d checks failed\n", name, failures());
-  return 1;
 }
 
 }  // namespace attnext_test

@@ -13,6 +13,8 @@
 #include <mutex>
 #include <vector>
 
+#include "dropout_hash.h"
+
 namespace attnext_emu {
 
 [[noreturn]] inline void die(const char* msg) {
@@ -107,6 +109,20 @@ AttnRef attention_reference(const std::vector<double>& q, const std::vector<doub
   }
   return r;
 }
+
+// Dropout's factor for weight (b, t, j) under (stream key, p): 1 / (1 - p) if the mask
+// of dropout_hash.h keeps it, else 0; 1 when p == 0. (The includer provides dropout_hash.h.)
+struct DropoutFactor {
+  uint32_t stream, threshold;
+  double p;
+  DropoutFactor(uint32_t stream_, double p_)
+      : stream(stream_), threshold(::attnext::dropout_threshold(p_)), p(p_) {}
+  double operator()(int64_t b, int64_t t, int64_t j) const {
+    if (p == 0) return 1.0;
+    return ::attnext::dropout_keep(::attnext::dropout_row_key(stream, b, t), uint32_t(j), threshold) ? 1.0 / (1.0 - p)
+                                                                                                   : 0.0;
+  }
+};
 
 inline double max_abs(const std::vector<double>& v) {
   double m = 0;

@@ -25,6 +25,7 @@
 #include "cuda/causal_attention_kernels.cuh"
 #include "dropout_hash.h"
 #include "emu_block.h"
+#include "shim_test.h"
 
 namespace attnext {
 namespace cuda {
@@ -40,37 +41,16 @@ using attnext::cuda::AttnParams;
 using attnext::cuda::RowAddr;
 using attnext_emu::max_abs;
 using attnext_emu::worse;
-
-int g_failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++g_failures;
-    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
-  }
-}
+using shim_test::check;
+using shim_test::ename;
+using shim_test::make;
+using shim_test::Out;
+using shim_test::val;
 
 template <class F>
 void launch(int64_t blocks, int threads, size_t smem, F&& call) {
   if (smem > attnext::cuda::kSmemBytes) attnext_emu::die("launch: shared memory above the emulation's buffer");
   cuda_shim::launch(blocks, threads, call, attnext::cuda::smem_raw, smem);
-}
-
-// Element types: storage <-> double
-double val(float x) { return x; }
-double val(double x) { return x; }
-double val(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T>
-T make(double x) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(float(x));
-  } else {
-    return static_cast<T>(x);
-  }
-}
-template <class T>
-const char* ename() {
-  return std::is_same<T, double>::value ? "float64" : std::is_same<T, float>::value ? "float32" : "bfloat16";
 }
 
 struct Problem {
@@ -122,24 +102,6 @@ Input<T> make_input(std::mt19937& rng, const Problem& pb, int N, int C) {
   return x;
 }
 
-// An output with guard zones (a sentinel bit pattern) before and after.
-template <class T>
-struct Out {
-  static constexpr size_t kGuard = 40;
-  std::vector<T> mem;
-  size_t n;
-  explicit Out(size_t n_) : mem(n_ + 2 * kGuard), n(n_) { std::memset(mem.data(), 0x5A, mem.size() * sizeof(T)); }
-  T* data() { return mem.data() + kGuard; }
-  bool guards_intact() const {
-    const auto* b = reinterpret_cast<const unsigned char*>(mem.data());
-    for (size_t i = 0; i < kGuard * sizeof(T); ++i) {
-      if (b[i] != 0x5A || b[(kGuard + n) * sizeof(T) + i] != 0x5A) return false;
-    }
-    return true;
-  }
-  bool same_bits(const Out& o) const { return std::memcmp(mem.data(), o.mem.data(), mem.size() * sizeof(T)) == 0; }
-};
-
 template <class T, int kRows>
 void run_problem(const Problem& pb, uint32_t seed) {
   using A = typename attnext::cuda::AccOf<T>::type;
@@ -151,11 +113,7 @@ void run_problem(const Problem& pb, uint32_t seed) {
   const int64_t shift = pb.bottom_right ? S - T_ : 0;
   const uint32_t stream = attnext::dropout_stream_key(4321, int64_t(seed) * 3);
   const uint32_t threshold = attnext::dropout_threshold(pb.p);
-  auto zfac = [&](int64_t b, int64_t t, int64_t j) {
-    if (pb.p == 0) return 1.0;
-    return attnext::dropout_keep(attnext::dropout_row_key(stream, b, t), uint32_t(j), threshold) ? 1.0 / (1.0 - pb.p)
-                                                                                                 : 0.0;
-  };
+  const attnext_emu::DropoutFactor zfac(stream, pb.p);
   const attnext_emu::AttnRef ref =
       attnext_emu::attention_reference(q.vals, k.vals, v.vals, dout.vals, BH, T_, S, hs, hsv, scale, shift, zfac);
 
@@ -242,7 +200,7 @@ void run_problem(const Problem& pb, uint32_t seed) {
   }
   auto cmp = [&](const Out<T>& got, const Out<T>& again, const std::vector<double>& r, const char* what) {
     double e = 0;
-    for (size_t i = 0; i < got.n; ++i) e = worse(e, val(got.mem[Out<T>::kGuard + i]), r[i]);
+    for (size_t i = 0; i < got.n; ++i) e = worse(e, val(got[i]), r[i]);
     check(e <= tol * (1 + max_abs(r)), name + ": " + what + " max error " + std::to_string(e));
     check(got.guards_intact(), name + ": " + what + " writes stay inside the tensor");
     check(got.same_bits(again), name + ": " + what + " is the same bit for bit on a second run");
@@ -276,10 +234,5 @@ int main() {
   // bfloat16 on CUDA cores (the tensor-core path's fallback): float accumulation
   run_problem<__nv_bfloat16, 4>({1, 2, 70, 70, 64, 64, false, 0.2, true}, 13);
   run_problem<__nv_bfloat16, 8>({1, 1, 60, 90, 48, 48, true, 0.0, false}, 14);
-  if (g_failures == 0) {
-    std::printf("test_cuda_core_attention: all checks passed\n");
-    return 0;
-  }
-  std::printf("test_cuda_core_attention: %d checks failed\n", g_failures);
-  return 1;
+  return shim_test::finish("test_cuda_core_attention");
 }

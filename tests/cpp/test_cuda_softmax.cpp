@@ -21,40 +21,21 @@
 
 #include "cuda/causal_softmax_kernels.cuh"
 #include "emu_block.h"
+#include "shim_test.h"
 
 namespace {
 
 using attnext::cuda::RowAddr;
 using attnext::cuda::SoftmaxShape;
 using attnext_emu::worse;
-
-int g_failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++g_failures;
-    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
-  }
-}
+using shim_test::check;
+using shim_test::ename;
+using shim_test::make;
+using shim_test::Out;
+using shim_test::val;
 
 constexpr int kWarpsPerBlock = 4;    // as csrc/cuda/causal_softmax.cu
 constexpr int kBlockThreads = 512;   // as csrc/cuda/causal_softmax.cu
-
-double val(float x) { return x; }
-double val(double x) { return x; }
-double val(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T>
-T make(double x) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(float(x));
-  } else {
-    return static_cast<T>(x);
-  }
-}
-template <class T>
-const char* ename() {
-  return std::is_same<T, double>::value ? "float64" : std::is_same<T, float>::value ? "float32" : "bfloat16";
-}
 
 // A (B, T, S) tensor whose rows are `ld` >= S apart (a slice of wider rows).
 template <class T>
@@ -69,24 +50,6 @@ struct Rows3 {
     addr.stride_t = ld;
   }
   T& at(int b, int t, int j) { return mem[(size_t(b) * T_ + t) * ld + j]; }
-};
-
-template <class T>
-struct Out {
-  static constexpr size_t kGuard = 40;
-  std::vector<T> mem;
-  size_t n;
-  explicit Out(size_t n_) : mem(n_ + 2 * kGuard), n(n_) { std::memset(mem.data(), 0x5A, mem.size() * sizeof(T)); }
-  T* data() { return mem.data() + kGuard; }
-  const T& operator[](size_t i) const { return mem[kGuard + i]; }
-  bool guards_intact() const {
-    const auto* b = reinterpret_cast<const unsigned char*>(mem.data());
-    for (size_t i = 0; i < kGuard * sizeof(T); ++i) {
-      if (b[i] != 0x5A || b[(kGuard + n) * sizeof(T) + i] != 0x5A) return false;
-    }
-    return true;
-  }
-  bool same_bits(const Out& o) const { return std::memcmp(mem.data(), o.mem.data(), mem.size() * sizeof(T)) == 0; }
 };
 
 // kPerLane 0: the block path.
@@ -236,10 +199,5 @@ int main() {
   run_case<float, 0>(2, 6, 1100, false, 11, true);
   run_case<double, 0>(1, 2, 2100, true, 12, false);
   run_case<__nv_bfloat16, 0>(1, 6, 1300, true, 13, true);
-  if (g_failures == 0) {
-    std::printf("test_cuda_softmax: all checks passed\n");
-    return 0;
-  }
-  std::printf("test_cuda_softmax: %d checks failed\n", g_failures);
-  return 1;
+  return shim_test::finish("test_cuda_softmax");
 }

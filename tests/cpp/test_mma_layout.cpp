@@ -664,11 +664,7 @@ void run_problem(const Problem& pb, uint32_t seed) {
   const int64_t shift = pb.bottom_right ? S - T : 0;
   const uint32_t stream = attnext::dropout_stream_key(1234, int64_t(seed) * 7);
   const uint32_t threshold = attnext::dropout_threshold(pb.p);
-  auto zfac = [&](int64_t b, int64_t t, int64_t j) {
-    if (pb.p == 0) return 1.0;
-    return attnext::dropout_keep(attnext::dropout_row_key(stream, b, t), uint32_t(j), threshold) ? 1.0 / (1.0 - pb.p)
-                                                                                                 : 0.0;
-  };
+  const attnext_emu::DropoutFactor zfac(stream, pb.p);
 
   // float64 reference
   const attnext_emu::AttnRef ref =
