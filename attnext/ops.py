@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _autograd, reference
+from ._autograd import call as _call
 
 try:
     from . import _C  # noqa: F401  (importing it registers torch.ops.attnext.*)
@@ -200,7 +201,7 @@ def causal_softmax(x: Tensor, scale: float = 1.0, *, align: str = "top_left") ->
     scale = _check_scale(scale)
     if _fallback_reasons("causal_softmax", (x,)):
         return reference.causal_softmax(x, scale, bottom_right)
-    return torch.ops.attnext.causal_softmax(x, scale, bottom_right)
+    return _call("causal_softmax", x, scale, bottom_right)
 
 
 def _causal_softmax_fake(x, scale=1.0, bottom_right=False):
@@ -218,14 +219,26 @@ def _causal_softmax_setup_context(ctx, inputs, output):
     ctx.scale = scale
     ctx.bottom_right = bottom_right
     ctx.save_for_backward(output)
+    ctx.save_for_forward(output)
 
 
 def _causal_softmax_bwd(ctx, grad_y):
     (y,) = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.attnext._causal_softmax_backward(grad_y, y, ctx.scale, ctx.bottom_right)
+        grad_x = _call("_causal_softmax_backward", grad_y, y, ctx.scale, ctx.bottom_right)
     return grad_x, None, None
+
+
+def _causal_softmax_jvp(ctx, tx, *_):
+    """ty = s * y * (tx - <tx, y>) on the visible part: the softmax Jacobian is symmetric,
+    so the tangent is the backward op applied to tx (native, no extra memory)."""
+    (y,) = ctx.saved_tensors
+    return _call("_causal_softmax_backward", tx, y, ctx.scale, ctx.bottom_right)
+
+
+def _causal_softmax_vmap(info, in_dims, x, scale, bottom_right):
+    return _autograd.vmap_fold(info, in_dims, (x, scale, bottom_right), "causal_softmax")
 
 
 def _causal_softmax_backward_setup_context(ctx, inputs, output):
@@ -233,6 +246,21 @@ def _causal_softmax_backward_setup_context(ctx, inputs, output):
     ctx.scale = scale
     ctx.bottom_right = bottom_right
     ctx.save_for_backward(grad_y, y)
+    ctx.save_for_forward(grad_y, y)
+
+
+def _visible(*tensors, bottom_right: bool):
+    """The tensors with everything above the causal diagonal set to 0 (None stays None)."""
+    ref = next(t for t in tensors if t is not None)
+    keep = reference.causal_mask(ref.shape[-2], ref.shape[-1], bottom_right, ref.device)
+    return tuple(None if t is None else t.masked_fill(~keep, 0.0) for t in tensors)
+
+
+def _softmax_bwd_in_y(grad_y, y, t, s, br):
+    """The derivative of dx = s * y * (dy - <dy, y>) in y along t (visible part):
+    s * (t * (dy - <dy, y>) - y * <dy, t>)."""
+    dy, yv, tv = _visible(grad_y, y, t, bottom_right=br)
+    return s * (tv * (dy - (dy * yv).sum(-1, keepdim=True)) - yv * (dy * tv).sum(-1, keepdim=True))
 
 
 def _causal_softmax_backward_bwd(ctx, gg):
@@ -242,17 +270,27 @@ def _causal_softmax_backward_bwd(ctx, gg):
     g_grad_y = g_y = None
     if ctx.needs_input_grad[0]:
         # d/d(dy) is the backward op itself applied to gg.
-        g_grad_y = torch.ops.attnext._causal_softmax_backward(gg, y, s, br)
+        g_grad_y = _call("_causal_softmax_backward", gg, y, s, br)
     if ctx.needs_input_grad[1]:
-        T, S = y.shape[-2], y.shape[-1]
-        keep = reference.causal_mask(T, S, br, y.device)
-        dy = grad_y.masked_fill(~keep, 0.0)
-        yv = y.masked_fill(~keep, 0.0)
-        ggv = gg.masked_fill(~keep, 0.0)
-        dot_dy_y = (dy * yv).sum(-1, keepdim=True)
-        dot_gg_y = (ggv * yv).sum(-1, keepdim=True)
-        g_y = s * (ggv * (dy - dot_dy_y) - dy * dot_gg_y)
+        dy, yv, ggv = _visible(grad_y, y, gg, bottom_right=br)
+        g_y = s * (ggv * (dy - (dy * yv).sum(-1, keepdim=True)) - dy * (ggv * yv).sum(-1, keepdim=True))
     return g_grad_y, g_y, None, None
+
+
+def _causal_softmax_backward_jvp(ctx, t_grad_y, t_y, *_):
+    grad_y, y = ctx.saved_tensors
+    s, br = ctx.scale, ctx.bottom_right
+    out = None
+    if t_grad_y is not None:
+        out = _call("_causal_softmax_backward", t_grad_y, y, s, br)
+    if t_y is not None:
+        term = _softmax_bwd_in_y(grad_y, y, t_y, s, br)
+        out = term if out is None else out + term
+    return torch.zeros_like(y) if out is None else out
+
+
+def _causal_softmax_backward_vmap(info, in_dims, grad_y, y, scale, bottom_right):
+    return _autograd.vmap_fold(info, in_dims, (grad_y, y, scale, bottom_right), "_causal_softmax_backward")
 
 
 # ----------------------------------------------------------------------------- matmul
@@ -296,12 +334,14 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     # Fast path (the tiny lecture case is all overhead): exactly the inputs for which
     # _fallback_reasons would return [] on the CPU.
     if _kernels_enabled and _matmul_cpu_ok and a.is_cpu and b.is_cpu and a.dtype == b.dtype and a.dtype in _CPU_DTYPES:
-        if not (a.requires_grad or b.requires_grad) and not torch.compiler.is_compiling():
-            # Nothing to differentiate: skip register_autograd's Python wrapper (about
+        if torch.compiler.is_compiling():
+            return _matmul_op(a, b)
+        if not (a.requires_grad or b.requires_grad or _autograd.derivative_context()):
+            # Nothing to differentiate: skip the Autograd kernel's Python wrapper (about
             # half the cost of a tiny call), as that wrapper itself would.
             with torch._C._AutoDispatchBelowAutograd():
                 return _matmul_op(a, b)
-        return _matmul_op(a, b)
+        return _call("matmul", a, b)
     if a.dtype != b.dtype:
         raise RuntimeError(f"attnext: matmul: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
@@ -309,7 +349,7 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     if _fallback_reasons("matmul", (a, b)):
         _matmul_shape(a.shape, b.shape)  # our error message on the fallback path too
         return reference.matmul(a, b)
-    return torch.ops.attnext.matmul(a, b)
+    return _call("matmul", a, b)
 
 
 def _matmul_shape(sa, sb) -> List[int]:
@@ -354,19 +394,61 @@ def _matmul_backward_fake(grad, a, b, output_mask):
 def _matmul_setup_context(ctx, inputs, output):
     a, b = inputs
     ctx.save_for_backward(a, b)
+    ctx.save_for_forward(a, b)
 
 
 def _matmul_bwd(ctx, grad):
     a, b = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    grad_a, grad_b = torch.ops.attnext._matmul_backward(grad, a, b, mask)
+    grad_a, grad_b = _call("_matmul_backward", grad, a, b, mask)
     return (grad_a if mask[0] else None), (grad_b if mask[1] else None)
+
+
+def _sum_tangents(*terms):
+    """The sum of the terms that are not None (None when all are)."""
+    out = None
+    for t in terms:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+def _matmul_jvp(ctx, ta, tb):
+    """t(a @ b) = ta @ b + a @ tb, each broadcast exactly as the product was."""
+    a, b = ctx.saved_tensors
+    out = _sum_tangents(
+        None if ta is None else _call("matmul", ta, b),
+        None if tb is None else _call("matmul", a, tb),
+    )
+    return out
+
+
+def _matmul_vmap(info, in_dims, a, b):
+    """Both operands matrices (or batches of them): the vmapped dim goes first and the
+    operand with fewer batch dims gets size-1 dims after it, so torch.matmul's
+    right-aligned broadcasting still pairs the logical batch dims; one call. A vector
+    operand (its meaning depends on its rank) runs once per slice."""
+    da, db = in_dims
+    ra = a.dim() - (da is not None)
+    rb = b.dim() - (db is not None)
+    if ra < 2 or rb < 2:
+        return _autograd.vmap_loop(info, in_dims, (a, b), "matmul")
+    nb = max(ra, rb) - 2  # logical batch dims after broadcasting
+
+    def lift(x, d, r):
+        if d is None:
+            return x  # broadcasts against the vmapped dim as a missing leading dim
+        x = x.movedim(d, 0)
+        return x.reshape(x.shape[0], *([1] * (nb - (r - 2))), *x.shape[1:])
+
+    return _call("matmul", lift(a, da, ra), lift(b, db, rb)), 0
 
 
 def _matmul_backward_setup_context(ctx, inputs, output):
     grad, a, b, output_mask = inputs
     ctx.output_mask = list(output_mask)
     ctx.save_for_backward(grad, a, b)
+    ctx.save_for_forward(grad, a, b)
 
 
 def _matmul_backward_bwd(ctx, gg_a, gg_b):
@@ -377,18 +459,37 @@ def _matmul_backward_bwd(ctx, gg_a, gg_b):
     use_b = ctx.output_mask[1] and gg_b is not None
     d_grad = d_a = d_b = None
     if ctx.needs_input_grad[0]:
-        if use_a:
-            d_grad = torch.ops.attnext.matmul(gg_a, b)
-        if use_b:
-            t = torch.ops.attnext.matmul(a, gg_b)
-            d_grad = t if d_grad is None else d_grad + t
+        d_grad = _sum_tangents(
+            _call("matmul", gg_a, b) if use_a else None,
+            _call("matmul", a, gg_b) if use_b else None,
+        )
         if d_grad is None:
             d_grad = torch.zeros_like(grad)
     if ctx.needs_input_grad[1] and use_b:  # grad_b = A^T G: its derivative in A is G @ gg_b^T
-        d_a = torch.ops.attnext._matmul_backward(grad, a, gg_b, [True, False])[0]
+        d_a = _call("_matmul_backward", grad, a, gg_b, [True, False])[0]
     if ctx.needs_input_grad[2] and use_a:  # grad_a = G B^T: its derivative in B is gg_a^T @ G
-        d_b = torch.ops.attnext._matmul_backward(grad, gg_a, b, [False, True])[1]
+        d_b = _call("_matmul_backward", grad, gg_a, b, [False, True])[1]
     return d_grad, d_a, d_b, None
+
+
+def _matmul_backward_jvp(ctx, t_grad, ta, tb, _mask):
+    """grad_a = G B^T and grad_b = A^T G (each reduced over its broadcast batch) are
+    bilinear: t(grad_a) = tG B^T + G tB^T, t(grad_b) = tA^T G + A^T tG."""
+    grad, a, b = ctx.saved_tensors
+    mask = ctx.output_mask
+    from_g = _call("_matmul_backward", t_grad, a, b, mask) if t_grad is not None else (None, None)
+    t_ga = t_gb = None
+    if mask[0]:
+        t_ga = _sum_tangents(from_g[0], None if tb is None else _call("_matmul_backward", grad, a, tb, [True, False])[0])
+    if mask[1]:
+        t_gb = _sum_tangents(from_g[1], None if ta is None else _call("_matmul_backward", grad, ta, b, [False, True])[1])
+    t_ga = a.new_zeros(a.shape if mask[0] else (0,)) if t_ga is None else t_ga
+    t_gb = b.new_zeros(b.shape if mask[1] else (0,)) if t_gb is None else t_gb
+    return t_ga, t_gb
+
+
+def _matmul_backward_vmap(info, in_dims, grad, a, b, output_mask):
+    return _autograd.vmap_loop(info, in_dims, (grad, a, b, output_mask), "_matmul_backward")
 
 
 # ----------------------------------------------------------------------------- causal_mean
@@ -413,7 +514,7 @@ def causal_mean(x: Tensor) -> Tensor:
     _check_tensor(x, "x", 2, "(..., T, C)")
     if _fallback_reasons("causal_mean", (x,)):
         return reference.causal_mean(x)
-    return torch.ops.attnext.causal_mean(x)
+    return _call("causal_mean", x)
 
 
 def _causal_mean_fake(x):
@@ -431,12 +532,29 @@ def _causal_mean_setup_context(ctx, inputs, output):
 
 
 def _causal_mean_bwd(ctx, grad_y):
-    return torch.ops.attnext._causal_mean_backward(grad_y) if ctx.needs_input_grad[0] else None
+    return _call("_causal_mean_backward", grad_y) if ctx.needs_input_grad[0] else None
 
 
 def _causal_mean_backward_bwd(ctx, gg):
     """The backward is linear in grad_y with the transposed weights: its backward is causal_mean."""
-    return torch.ops.attnext.causal_mean(gg) if ctx.needs_input_grad[0] else None
+    return _call("causal_mean", gg) if ctx.needs_input_grad[0] else None
+
+
+def _causal_mean_jvp(ctx, tx):
+    """Linear: the tangent is the op applied to the tangent."""
+    return _call("causal_mean", tx)
+
+
+def _causal_mean_backward_jvp(ctx, t):
+    return _call("_causal_mean_backward", t)
+
+
+def _causal_mean_vmap(info, in_dims, x):
+    return _autograd.vmap_fold(info, in_dims, (x,), "causal_mean")
+
+
+def _causal_mean_backward_vmap(info, in_dims, grad_y):
+    return _autograd.vmap_fold(info, in_dims, (grad_y,), "_causal_mean_backward")
 
 
 _PUBLIC_OPS = {
@@ -459,20 +577,32 @@ def _check_attention_args(q, k, v, dropout_p) -> float:
             raise RuntimeError(f"attnext: q and {name} must be on the same device, got {q.device} and {t.device}")
         if t.dtype != q.dtype:
             raise RuntimeError(f"attnext: q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
+    err = _attention_shape_error(q, k, v)
+    if err is not None:
+        raise RuntimeError(err)
+    return _check_dropout_p(dropout_p)
+
+
+def _attention_shape_error(q, k, v) -> Optional[str]:
+    """What is wrong with the shapes of q, k, v (None: nothing), worded as the C++ kernels'
+    check_attention_args words it. One source for the public function's error and the fake
+    kernel's, so eager calls, the kernels and torch.compile reject the same inputs with the
+    same message."""
+    for name, t, shape in (("q", q, "(..., T, hs)"), ("k", k, "(..., S, hs)"), ("v", v, "(..., S, hs_v)")):
+        if t.dim() < 2:
+            return f"attnext: {name} must have at least 2 dims {shape}, got shape {list(t.shape)}"
     if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
-        raise RuntimeError(
+        return (
             "attnext: q, k and v must have the same batch dims, got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
         )
     if q.shape[-1] != k.shape[-1]:
-        raise RuntimeError(
-            f"attnext: q and k must have the same head size (last dim), got q {tuple(q.shape)} and k {tuple(k.shape)}"
-        )
+        return f"attnext: q and k must have the same head size (last dim), got q {list(q.shape)} and k {list(k.shape)}"
     if k.shape[-2] != v.shape[-2]:
-        raise RuntimeError(
-            f"attnext: k and v must have the same number of keys (dim -2), got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        return (
+            f"attnext: k and v must have the same number of keys (dim -2), got k {list(k.shape)} and v {list(v.shape)}"
         )
-    return _check_dropout_p(dropout_p)
+    return None
 
 
 def _check_dropout_p(dropout_p) -> float:
@@ -504,13 +634,26 @@ def _draw_dropout(device: torch.device, generator: Optional[torch.Generator]) ->
     if device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
         rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
         return 0, 0, rng
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        # Under torch.func.vmap(randomness="different") the draw is one seed per slice: keep
+        # it a tensor, which the per-slice batching rule of the op hands to each slice.
+        rng = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=generator)
+        return 0, 0, rng
     seed, offset = _draw_dropout_seed(generator)
     return seed, offset, None
 
 
 def _host_seed(seed: int, offset: int, rng: Optional[Tensor]) -> Tuple[int, int]:
     """The (seed, offset) values of a call, for the eager reference (reads rng: a sync)."""
-    return (seed, offset) if rng is None else tuple(rng.tolist())
+    if rng is None:
+        return seed, offset
+    try:
+        return tuple(rng.tolist())
+    except RuntimeError as e:  # a seed per vmap slice reaching code that needs one value
+        raise RuntimeError(
+            "attnext: dropout with a different mask per torch.func.vmap slice (randomness='different') is "
+            "supported by the native kernels' forward and first-order backward only; use randomness='same' here"
+        ) from e
 
 
 def _rng_input(inputs, index: int) -> Optional[Tensor]:
@@ -579,14 +722,13 @@ def causal_attention(
     if _fallback_reasons("causal_attention", (q, k, v)):
         out, _ = reference.causal_attention(q, k, v, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng))
         return out
-    out, _ = torch.ops.attnext.causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset, rng)
+    out, _ = _call("causal_attention", q, k, v, scale, dropout_p, bottom_right, seed, offset, rng)
     return out
 
 
 def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0, rng=None):
-    torch._check(q.dim() >= 2, lambda: f"attnext: q must have at least 2 dims (..., T, hs), got {q.dim()}")
-    torch._check(q.shape[-1] == k.shape[-1], lambda: "attnext: q and k must have the same head size (last dim)")
-    torch._check(k.shape[-2] == v.shape[-2], lambda: "attnext: k and v must have the same number of keys (dim -2)")
+    err = _attention_shape_error(q, k, v)
+    torch._check(err is None, lambda: err)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
@@ -608,17 +750,72 @@ def _causal_attention_setup_context(ctx, inputs, output):
     ctx.args = (scale, dropout_p, bottom_right, seed, offset)
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, _rng_input(inputs, 8))
+    ctx.save_for_forward(q, k, v, _rng_input(inputs, 8))
+
+
+def _attention_grads(ctx, grad_out, q, k, v, out, lse, rng):
+    """(grad_q, grad_k, grad_v): the native backward for a first derivative; when the
+    backward is itself differentiated (create_graph=True, forward-over-reverse, torch.func
+    transforms), the differentiable recompute :func:`reference.causal_attention_grads`
+    (it builds the (T, S) weights: memory as the eager head's backward)."""
+    scale, dropout_p, bottom_right, seed, offset = ctx.args
+    if _autograd.higher_order_requested():
+        return reference.causal_attention_grads(
+            grad_out, q, k, v, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng)
+        )
+    return _call("_causal_attention_backward", grad_out, q, k, v, out, lse, *ctx.args, rng)
 
 
 def _causal_attention_bwd(ctx, grad_out, grad_lse):
     q, k, v, out, lse, rng = ctx.saved_tensors
     gq = gk = gv = None
     if any(ctx.needs_input_grad[:3]):
-        gq, gk, gv = torch.ops.attnext._causal_attention_backward(grad_out, q, k, v, out, lse, *ctx.args, rng)
+        gq, gk, gv = _attention_grads(ctx, grad_out, q, k, v, out, lse, rng)
         gq = gq if ctx.needs_input_grad[0] else None
         gk = gk if ctx.needs_input_grad[1] else None
         gv = gv if ctx.needs_input_grad[2] else None
     return gq, gk, gv, None, None, None, None, None, None
+
+
+def _causal_attention_jvp(ctx, tq, tk, tv, *_):
+    """Forward mode without the (T, S) matrix: :func:`reference.causal_attention_jvp`
+    streams key blocks with the online softmax (memory O(T * block) per batch)."""
+    q, k, v, rng = ctx.saved_tensors
+    scale, dropout_p, bottom_right, seed, offset = ctx.args
+    t_out, _ = reference.causal_attention_jvp(
+        q, k, v, tq, tk, tv, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng)
+    )
+    return t_out, None
+
+
+def _attention_vmap(name: str, dropout_index: int):
+    """Batching rule of an attention op: fold the vmapped dim into the batch dims, except
+    with dropout, whose mask hashes the linear batch index (then once per slice, so every
+    slice keeps the mask it has outside vmap)."""
+
+    def rule(info, in_dims, *args):
+        if args[dropout_index] > 0:
+            return _autograd.vmap_loop(info, in_dims, args, name)
+        return _autograd.vmap_fold(info, in_dims, args, name)
+
+    return rule
+
+
+def _no_derivative(name: str, public: str):
+    """Backward and forward-mode rules of an op that has no derivative of its own: a clear error."""
+
+    def rule(ctx, *_):
+        raise RuntimeError(
+            f"attnext: torch.ops.attnext.{name} is not differentiable on its own; differentiate "
+            f"attnext.{public} instead (its backward switches to a differentiable recompute when a "
+            "higher-order derivative is requested)"
+        )
+
+    return rule
+
+
+def _save_nothing(ctx, inputs, output):
+    pass
 
 
 def causal_attention_qkvpacked(
@@ -668,7 +865,7 @@ def causal_attention_qkvpacked(
         hs = _host_seed(seed, offset, rng)
         out, _ = reference.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, *hs)
         return out
-    out, _ = torch.ops.attnext.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, seed, offset, rng)
+    out, _ = _call("causal_attention_qkvpacked", qkv, scale, dropout_p, bottom_right, seed, offset, rng)
     return out
 
 
@@ -698,14 +895,33 @@ def _causal_attention_qkvpacked_setup_context(ctx, inputs, output):
     ctx.args = (scale, dropout_p, bottom_right, seed, offset)
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, out, lse, _rng_input(inputs, 6))
+    ctx.save_for_forward(qkv, _rng_input(inputs, 6))
 
 
 def _causal_attention_qkvpacked_bwd(ctx, grad_out, grad_lse):
     qkv, out, lse, rng = ctx.saved_tensors
     gqkv = None
     if ctx.needs_input_grad[0]:
-        gqkv = torch.ops.attnext._causal_attention_qkvpacked_backward(grad_out, qkv, out, lse, *ctx.args, rng)
+        if _autograd.higher_order_requested():  # as _attention_grads, on the q, k, v views
+            scale, dropout_p, bottom_right, seed, offset = ctx.args
+            grads = reference.causal_attention_grads(
+                grad_out.transpose(-3, -2), *reference.unpack_qkv(qkv), scale, dropout_p, bottom_right,
+                *_host_seed(seed, offset, rng),
+            )  # 3 x (..., nh, T, hs)
+            gqkv = torch.stack([g.transpose(-3, -2) for g in grads], dim=-3)  # (..., T, 3, nh, hs)
+        else:
+            gqkv = _call("_causal_attention_qkvpacked_backward", grad_out, qkv, out, lse, *ctx.args, rng)
     return gqkv, None, None, None, None, None, None
+
+
+def _causal_attention_qkvpacked_jvp(ctx, tqkv, *_):
+    qkv, rng = ctx.saved_tensors
+    scale, dropout_p, bottom_right, seed, offset = ctx.args
+    t_out, _ = reference.causal_attention_jvp(
+        *reference.unpack_qkv(qkv), *reference.unpack_qkv(tqkv), scale, dropout_p, bottom_right,
+        *_host_seed(seed, offset, rng),
+    )  # (..., nh, T, hs)
+    return t_out.transpose(-3, -2).contiguous(), None
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -745,7 +961,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, generator: Opti
     seed, offset, rng = _draw_dropout(x.device, generator)
     if _fallback_reasons("dropout", (x,)):
         return reference.dropout(x, p, *_host_seed(seed, offset, rng))
-    return torch.ops.attnext.dropout(x, p, seed, offset, rng)
+    return _call("dropout", x, p, seed, offset, rng)
 
 
 def _dropout_fake(x, p, seed, offset, rng=None):
@@ -755,58 +971,94 @@ def _dropout_fake(x, p, seed, offset, rng=None):
 def _dropout_setup_context(ctx, inputs, output):
     _, ctx.p, ctx.seed, ctx.offset = inputs[:4]
     ctx.save_for_backward(_rng_input(inputs, 4))
+    ctx.save_for_forward(_rng_input(inputs, 4))
 
 
 def _dropout_bwd(ctx, grad):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
     (rng,) = ctx.saved_tensors
-    return torch.ops.attnext.dropout(grad, ctx.p, ctx.seed, ctx.offset, rng), None, None, None, None
+    return _call("dropout", grad, ctx.p, ctx.seed, ctx.offset, rng), None, None, None, None
 
 
+def _dropout_jvp(ctx, tx, *_):
+    """Linear in x: the same mask applied to the tangent."""
+    (rng,) = ctx.saved_tensors
+    return _call("dropout", tx, ctx.p, ctx.seed, ctx.offset, rng)
+
+
+def _dropout_vmap(info, in_dims, *args):
+    # The mask hashes each element's row-major index: once per slice keeps every
+    # slice's mask what it is outside vmap.
+    return _autograd.vmap_loop(info, in_dims, args, "dropout")
+
+
+# Every op's fake kernel and derivative rules (reverse, forward, vmap: see attnext/_autograd.py).
 if _has_op("causal_softmax"):
     torch.library.register_fake("attnext::causal_softmax")(_causal_softmax_fake)
     torch.library.register_fake("attnext::_causal_softmax_backward")(_causal_softmax_backward_fake)
-    torch.library.register_autograd(
-        "attnext::causal_softmax", _causal_softmax_bwd, setup_context=_causal_softmax_setup_context
+    _autograd.register(
+        "causal_softmax", setup_context=_causal_softmax_setup_context, backward=_causal_softmax_bwd,
+        jvp=_causal_softmax_jvp, vmap=_causal_softmax_vmap,
     )
-    torch.library.register_autograd(
-        "attnext::_causal_softmax_backward",
-        _causal_softmax_backward_bwd,
-        setup_context=_causal_softmax_backward_setup_context,
+    _autograd.register(
+        "_causal_softmax_backward", setup_context=_causal_softmax_backward_setup_context,
+        backward=_causal_softmax_backward_bwd, jvp=_causal_softmax_backward_jvp, vmap=_causal_softmax_backward_vmap,
     )
 if _has_op("matmul"):
     torch.library.register_fake("attnext::matmul")(_matmul_fake)
     torch.library.register_fake("attnext::_matmul_backward")(_matmul_backward_fake)
-    torch.library.register_autograd("attnext::matmul", _matmul_bwd, setup_context=_matmul_setup_context)
-    torch.library.register_autograd(
-        "attnext::_matmul_backward", _matmul_backward_bwd, setup_context=_matmul_backward_setup_context
+    _autograd.register(
+        "matmul", setup_context=_matmul_setup_context, backward=_matmul_bwd, jvp=_matmul_jvp, vmap=_matmul_vmap
+    )
+    _autograd.register(
+        "_matmul_backward", setup_context=_matmul_backward_setup_context, backward=_matmul_backward_bwd,
+        jvp=_matmul_backward_jvp, vmap=_matmul_backward_vmap,
     )
 if _has_op("causal_mean"):
     torch.library.register_fake("attnext::causal_mean")(_causal_mean_fake)
     torch.library.register_fake("attnext::_causal_mean_backward")(_causal_mean_backward_fake)
-    torch.library.register_autograd("attnext::causal_mean", _causal_mean_bwd, setup_context=_causal_mean_setup_context)
-    torch.library.register_autograd(
-        "attnext::_causal_mean_backward", _causal_mean_backward_bwd, setup_context=_causal_mean_setup_context
+    _autograd.register(
+        "causal_mean", setup_context=_causal_mean_setup_context, backward=_causal_mean_bwd, jvp=_causal_mean_jvp,
+        vmap=_causal_mean_vmap,
+    )
+    _autograd.register(
+        "_causal_mean_backward", setup_context=_causal_mean_setup_context, backward=_causal_mean_backward_bwd,
+        jvp=_causal_mean_backward_jvp, vmap=_causal_mean_backward_vmap,
     )
 if _has_op("dropout"):
     torch.library.register_fake("attnext::dropout")(_dropout_fake)
-    torch.library.register_autograd("attnext::dropout", _dropout_bwd, setup_context=_dropout_setup_context)
+    _autograd.register(
+        "dropout", setup_context=_dropout_setup_context, backward=_dropout_bwd, jvp=_dropout_jvp, vmap=_dropout_vmap
+    )
 if _has_op("causal_attention"):
     torch.library.register_fake("attnext::causal_attention")(_causal_attention_fake)
     torch.library.register_fake("attnext::_causal_attention_backward")(_causal_attention_backward_fake)
-    torch.library.register_autograd(
-        "attnext::causal_attention", _causal_attention_bwd, setup_context=_causal_attention_setup_context
+    _autograd.register(
+        "causal_attention", setup_context=_causal_attention_setup_context, backward=_causal_attention_bwd,
+        jvp=_causal_attention_jvp, vmap=_attention_vmap("causal_attention", 4),
+    )
+    _autograd.register(
+        "_causal_attention_backward", setup_context=_save_nothing,
+        backward=_no_derivative("_causal_attention_backward", "causal_attention"),
+        jvp=_no_derivative("_causal_attention_backward", "causal_attention"),
+        vmap=_attention_vmap("_causal_attention_backward", 7),
     )
 if _has_op("causal_attention_qkvpacked"):
     torch.library.register_fake("attnext::causal_attention_qkvpacked")(_causal_attention_qkvpacked_fake)
     torch.library.register_fake("attnext::_causal_attention_qkvpacked_backward")(
         _causal_attention_qkvpacked_backward_fake
     )
-    torch.library.register_autograd(
-        "attnext::causal_attention_qkvpacked",
-        _causal_attention_qkvpacked_bwd,
-        setup_context=_causal_attention_qkvpacked_setup_context,
+    _autograd.register(
+        "causal_attention_qkvpacked", setup_context=_causal_attention_qkvpacked_setup_context,
+        backward=_causal_attention_qkvpacked_bwd, jvp=_causal_attention_qkvpacked_jvp,
+        vmap=_attention_vmap("causal_attention_qkvpacked", 2),
+    )
+    _autograd.register(
+        "_causal_attention_qkvpacked_backward", setup_context=_save_nothing,
+        backward=_no_derivative("_causal_attention_qkvpacked_backward", "causal_attention_qkvpacked"),
+        jvp=_no_derivative("_causal_attention_qkvpacked_backward", "causal_attention_qkvpacked"),
+        vmap=_attention_vmap("_causal_attention_qkvpacked_backward", 5),
     )
 if _C is not None:
     _DEVICES = {op: _registered_devices(op) for op in _PUBLIC_OPS}

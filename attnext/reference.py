@@ -97,15 +97,18 @@ def dropout_stream_key(seed: int, offset: int) -> int:
     return _fmix32(h ^ (s >> 32))
 
 
-def dropout_keep_mask(batch_shape, T: int, S: int, p: float, seed: int, offset: int, device=None) -> Tensor:
-    """The ``(*batch_shape, T, S)`` boolean keep-mask of attention dropout with probability ``p``."""
+def dropout_keep_mask(
+    batch_shape, T: int, S: int, p: float, seed: int, offset: int, device=None, cols: slice = slice(None)
+) -> Tensor:
+    """The ``(*batch_shape, T, S)`` boolean keep-mask of attention dropout with probability ``p``
+    (only the key columns ``cols`` of it, when given: ``(*batch_shape, T, len(cols))``)."""
     stream = dropout_stream_key(seed, offset)
     nb = 1
     for d in batch_shape:
         nb *= d
     b = torch.arange(nb, dtype=torch.int64, device=device).view(*batch_shape, 1, 1) & _M32
     t = torch.arange(T, dtype=torch.int64, device=device).view(T, 1)
-    j = torch.arange(S, dtype=torch.int64, device=device)
+    j = torch.arange(S, dtype=torch.int64, device=device)[cols]
     hb = _fmix32((stream + _mul32(b, _BATCH_MUL)) & _M32)
     row_key = _fmix32((hb + _mul32(t, _ROW_MUL)) & _M32)
     h = _fmix32((row_key + _mul32(j, _COL_MUL)) & _M32)
@@ -144,6 +147,140 @@ def causal_attention(
     out = wei @ v  # (..., T, hs_v)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out, lse.to(lse_dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where derivatives are computed: float64 stays, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def causal_attention_grads(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    bottom_right: bool = False,
+    seed: int = 0,
+    offset: int = 0,
+):
+    """``(grad_q, grad_k, grad_v)`` of :func:`causal_attention`'s output for ``grad_out``,
+    written with differentiable torch ops: the recompute behind every higher derivative
+    of the fused head (double backward, forward-over-reverse, torch.func transforms).
+
+    The same formulas as the native backward (``P`` the softmax weights, ``Z`` the
+    dropout mask scaled by ``1 / (1 - p)``)::
+
+        grad_v = (P * Z)^T @ grad_out
+        dP     = (grad_out @ v^T) * Z
+        dS     = P * (dP - rowsum(P * dP))
+        grad_q = scale * dS @ k,   grad_k = scale * dS^T @ q
+
+    Memory: it builds the ``(..., T, S)`` weights (several of them, in float32 for
+    reduced precision), as the eager head does. A row that sees no key has zero
+    gradients, and nothing here turns NaN for it (its scores are replaced by zeros
+    before the softmax, and its weights multiplied by zero after it).
+    """
+    dtype = q.dtype
+    wd = _work_dtype(dtype)
+    go, q, k, v = (t.to(wd) for t in (grad_out, q, k, v))
+    T, S = q.shape[-2], k.shape[-2]
+    tril = causal_mask(T, S, bottom_right, q.device)
+    sees = tril.any(dim=-1, keepdim=True)  # (T, 1): rows with at least one key
+    s = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
+    s = s.masked_fill(~tril, float("-inf")).masked_fill(~sees, 0.0)
+    P = torch.softmax(s, dim=-1) * sees.to(wd)
+    if dropout_p > 0:
+        keep = dropout_keep_mask(q.shape[:-2], T, S, dropout_p, seed, offset, q.device)
+        Z = keep.to(wd) / (1.0 - dropout_p)
+    else:
+        Z = None
+    PZ = P if Z is None else P * Z
+    grad_v = PZ.transpose(-2, -1) @ go  # (..., S, hs_v)
+    dP = go @ v.transpose(-2, -1)  # (..., T, S)
+    if Z is not None:
+        dP = dP * Z
+    dS = P * (dP - (P * dP).sum(dim=-1, keepdim=True))
+    grad_q = (dS @ k) * scale
+    grad_k = (dS.transpose(-2, -1) @ q) * scale
+    return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype)
+
+
+def causal_attention_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tq,
+    tk,
+    tv,
+    scale: float,
+    dropout_p: float = 0.0,
+    bottom_right: bool = False,
+    seed: int = 0,
+    offset: int = 0,
+    block: int = 256,
+):
+    """Forward-mode derivative of :func:`causal_attention`: the tangents ``(t_out, t_lse)``
+    of ``(out, lse)`` along tangents ``tq``, ``tk``, ``tv`` (each may be None: zero),
+    without the ``(T, S)`` matrix.
+
+    With ``tS = scale * (tq @ k^T + q @ tk^T)``, the softmax's tangent is
+    ``tP = P * (tS - mu)``, ``mu = rowsum(P * tS)``, so ::
+
+        t_out = sum_j P_j Z_j (tv_j + (tS_j - mu) v_j) = sum_j P_j Z_j (tv_j + tS_j v_j) - mu * out
+        t_lse = mu
+
+    Every row sum is streamed over key blocks of ``block`` columns with the online
+    softmax's running max (as the forward kernels do), so memory is ``O(T * block)``
+    per batch, not ``O(T * S)``. Returns tensors in ``q``'s dtype (``t_lse`` in lse's).
+    """
+    dtype = q.dtype
+    wd = _work_dtype(dtype)
+    T, S = q.shape[-2], k.shape[-2]
+    q, k, v = (t.to(wd) for t in (q, k, v))
+    tq, tk, tv = (None if t is None else t.to(wd) for t in (tq, tk, tv))
+    batch = q.shape[:-2]
+    hs_v = v.shape[-1]
+    m = q.new_full((*batch, T, 1), float("-inf"))  # running max
+    l = q.new_zeros((*batch, T, 1))  # sum_j e_j
+    mu = q.new_zeros((*batch, T, 1))  # sum_j e_j tS_j
+    acc = q.new_zeros((*batch, T, hs_v))  # sum_j e_j Z_j v_j
+    tacc = q.new_zeros((*batch, T, hs_v))  # sum_j e_j Z_j (tv_j + tS_j v_j)
+    rows = torch.arange(T, device=q.device).view(T, 1)
+    shift = (S - T) if bottom_right else 0
+    for j0 in range(0, S, block):
+        j1 = min(S, j0 + block)
+        cols = torch.arange(j0, j1, device=q.device)
+        visible = cols.view(1, -1) <= rows + shift  # (T, Bk)
+        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+        s = ((q @ kb.transpose(-2, -1)) * scale).masked_fill(~visible, float("-inf"))  # (..., T, Bk)
+        ts = q.new_zeros(()) if tq is None else tq @ kb.transpose(-2, -1)
+        if tk is not None:
+            ts = ts + q @ tk[..., j0:j1, :].transpose(-2, -1)
+        ts = (ts * scale).expand_as(s).masked_fill(~visible, 0.0)
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m - m_safe)  # 0 while a row has seen no finite score
+        e = torch.exp(s - m_safe)  # (..., T, Bk), 0 where masked
+        eZ = e
+        if dropout_p > 0:
+            keep = dropout_keep_mask(batch, T, S, dropout_p, seed, offset, q.device, slice(j0, j1))
+            eZ = e * keep.to(wd) / (1.0 - dropout_p)
+        l = l * alpha + e.sum(dim=-1, keepdim=True)
+        mu = mu * alpha + (e * ts).sum(dim=-1, keepdim=True)
+        acc = acc * alpha + eZ @ vb
+        tacc = tacc * alpha + (eZ * ts) @ vb
+        if tv is not None:
+            tacc = tacc + eZ @ tv[..., j0:j1, :]
+        m = m_new
+    seen = l > 0
+    inv_l = torch.where(seen, 1.0 / torch.where(seen, l, torch.ones_like(l)), torch.zeros_like(l))
+    out = acc * inv_l
+    mu = mu * inv_l
+    t_out = tacc * inv_l - mu * out
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return t_out.to(dtype), mu.squeeze(-1).to(lse_dtype)
 
 
 def unpack_qkv(qkv: Tensor):
