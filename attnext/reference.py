@@ -253,11 +253,11 @@ def causal_attention_jvp(
         j1 = min(S, j0 + block)
         cols = torch.arange(j0, j1, device=q.device)
         visible = cols.view(1, -1) <= rows + shift  # (T, Bk)
-        kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+        kb, vb = k.narrow(-2, j0, j1 - j0), v.narrow(-2, j0, j1 - j0)
         s = ((q @ kb.transpose(-2, -1)) * scale).masked_fill(~visible, float("-inf"))  # (..., T, Bk)
         ts = q.new_zeros(()) if tq is None else tq @ kb.transpose(-2, -1)
         if tk is not None:
-            ts = ts + q @ tk[..., j0:j1, :].transpose(-2, -1)
+            ts = ts + q @ tk.narrow(-2, j0, j1 - j0).transpose(-2, -1)
         ts = (ts * scale).expand_as(s).masked_fill(~visible, 0.0)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -272,7 +272,7 @@ def causal_attention_jvp(
         acc = acc * alpha + eZ @ vb
         tacc = tacc * alpha + (eZ * ts) @ vb
         if tv is not None:
-            tacc = tacc + eZ @ tv[..., j0:j1, :]
+            tacc = tacc + eZ @ tv.narrow(-2, j0, j1 - j0)
         m = m_new
     seen = l > 0
     inv_l = torch.where(seen, 1.0 / torch.where(seen, l, torch.ones_like(l)), torch.zeros_like(l))
