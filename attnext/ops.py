@@ -670,6 +670,7 @@ def causal_attention(
     dropout_p: float = 0.0,
     align: str = "top_left",
     generator: Optional[torch.Generator] = None,
+    enable_gqa: bool = False,
 ) -> Tensor:
     """Fused causal attention head: ``dropout(softmax(q @ k^T * scale, causal)) @ v``.
 
@@ -700,6 +701,13 @@ def causal_attention(
             a training step reproducible. On CUDA the draw stays on the GPU (an int64
             ``rng`` tensor the kernels read), so CUDA-graph capture replays fresh
             masks. Unused when ``dropout_p == 0``.
+        enable_gqa: grouped-query (and multi-query) attention, as
+            ``F.scaled_dot_product_attention(..., enable_gqa=True)``: q is
+            ``(..., H, T, hs)``, k and v ``(..., Hkv, S, hs)`` with ``H % Hkv == 0``,
+            and query head ``h`` uses key/value head ``h // (H // Hkv)``. K and V are
+            never repeated: the kernels read them through stride-0 views (decoding
+            streams each key/value head once for its whole group); their gradients
+            are summed over each group. Default False: q, k, v need equal batch dims.
 
     Returns:
         ``(..., T, hs_v)`` contiguous, same dtype as ``q``. A query that sees no key
@@ -714,6 +722,8 @@ def causal_attention(
     ``torch._dynamo.config.capture_scalar_outputs = True`` when ``dropout_p > 0``.
     """
     bottom_right = _bottom_right(align)
+    if enable_gqa:
+        q, k, v = _gqa_views(q, k, v)  # (..., Hkv, g, T, hs), k and v expanded over g
     dropout_p = _check_attention_args(q, k, v, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else _check_scale(scale)
     seed, offset, rng = 0, 0, None
@@ -721,9 +731,32 @@ def causal_attention(
         seed, offset, rng = _draw_dropout(q.device, generator)
     if _fallback_reasons("causal_attention", (q, k, v)):
         out, _ = reference.causal_attention(q, k, v, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng))
-        return out
-    out, _ = _call("causal_attention", q, k, v, scale, dropout_p, bottom_right, seed, offset, rng)
-    return out
+    else:
+        out, _ = _call("causal_attention", q, k, v, scale, dropout_p, bottom_right, seed, offset, rng)
+    return out.flatten(-4, -3) if enable_gqa else out
+
+
+def _gqa_views(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Grouped-query heads as plain batch dims, without copies: q ``(..., H, T, hs)`` seen as
+    ``(..., Hkv, g, T, hs)`` and k, v ``(..., Hkv, S, hs)`` expanded to ``(..., Hkv, g, S, hs)``
+    (stride 0 over g), so query head ``h`` meets key/value head ``h // g``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(t, name, 3, "(..., heads, T or S, head size) with enable_gqa=True")
+    H, Hkv = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != Hkv:
+        raise RuntimeError(
+            f"attnext: k and v must have the same number of heads (dim -3), got k {list(k.shape)} and v {list(v.shape)}"
+        )
+    if Hkv == 0 or H % Hkv != 0:
+        raise RuntimeError(
+            "attnext: with enable_gqa=True the number of query heads (q's dim -3) must be a multiple of the number "
+            f"of key/value heads (k's dim -3), got q {list(q.shape)} and k {list(k.shape)}"
+        )
+    g = H // Hkv
+    q = q.unflatten(-3, (Hkv, g))
+    k = k.unsqueeze(-3).expand(*k.shape[:-2], g, *k.shape[-2:])
+    v = v.unsqueeze(-3).expand(*v.shape[:-2], g, *v.shape[-2:])
+    return q, k, v
 
 
 def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0, rng=None):

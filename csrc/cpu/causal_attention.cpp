@@ -3,7 +3,8 @@
 // out = dropout(softmax(scale * q k^T, causal)) v for q: (..., T, hs),
 // k: (..., S, hs), v: (..., S, hs_v); the (T, S) weight matrix never exists.
 //
-// Forward: one work item per (batch, query tile of kBq = 64 rows). The item
+// Forward with at most 16 query rows and no dropout (decoding with a KV cache):
+// causal_attention_decode.cpp. Otherwise one work item per (batch, query tile of kBq = 64 rows). The item
 // walks key tiles of kBkF = 256 columns left to right up to the causal
 // boundary of its last row (the last tile is cut there; nothing above the
 // diagonal of the query tile is touched), with an online
@@ -69,6 +70,8 @@
 
 #include "common.h"
 #include "cpu/blas.h"
+#include "cpu/attention_rows.h"
+#include "cpu/causal_attention_decode.h"
 #include "cpu/gemm_f32.h"
 #include "dropout_hash.h"
 #include "cpu/vec_math.h"
@@ -398,50 +401,6 @@ constexpr int64_t kBk = 64;  // key columns per tile (backward)
 // fewer, more efficient BLAS calls.
 constexpr int64_t kBkF = ATTNEXT_FWD_KEY_TILE;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Runs body(state, item) for every item in [0, n) on torch's intra-op threads,
-// each thread taking the next item from a shared counter; make_state() builds
-// one thread's scratch buffers once.
-template <typename MakeState, typename Body>
-void parallel_items(int64_t n, MakeState make_state, Body body) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    const SingleThreadedBlas single_threaded_blas;
-    auto state = make_state();
-    for (int64_t item = next.fetch_add(1, std::memory_order_relaxed); item < n;
-         item = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(state, item);
-    }
-  });
-}
-
-// A (.., rows, d) tensor as the kernels read it: per-batch offsets + row stride.
-template <typename T>
-struct Rows2D {
-  const T* base;
-  RowIndexer idx;
-  int64_t ld;
-  explicit Rows2D(const at::Tensor& t)
-      : base(t.const_data_ptr<T>()), idx(t), ld(std::max<int64_t>(t.stride(-2), std::max<int64_t>(t.size(-1), 1))) {}
-  const T* at(int64_t b, int64_t row) const { return base + idx.offset(b, row); }
-};
-
-// An output (.., rows, d) as the kernels write it: a contiguous tensor or a view
-// with unit-stride rows (the packed op's (..., T, nh, hs) outputs seen as
-// (..., nh, T, hs)).
-template <typename T>
-struct OutRows {
-  T* base;
-  RowIndexer idx;
-  int64_t ld;
-  explicit OutRows(at::Tensor& t)
-      : base(t.mutable_data_ptr<T>()), idx(t), ld(std::max<int64_t>(t.stride(-2), std::max<int64_t>(t.size(-1), 1))) {}
-  T* at(int64_t b, int64_t row) const { return base + idx.offset(b, row); }
-};
-
 struct Dropout {
   bool on = false;
   uint32_t stream = 0;
@@ -458,93 +417,6 @@ struct Dropout {
 };
 
 using Geometry = AttnGeometry;
-
-// ---- tiles of the inputs as the compute type T (float for bfloat16)
-
-ATTNEXT_MULTIVERSION void widen_bf16_row(const uint16_t* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = vec::bf16_to_float(src[j]);
-}
-
-ATTNEXT_MULTIVERSION void narrow_bf16_row(const float* src, uint16_t* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = vec::float_to_bf16(src[j]);
-}
-
-// A row-major block as the gemm reads it.
-template <typename T>
-struct Block {
-  const T* p;
-  int64_t ld;
-};
-
-// (rows, cols) of an input at src (row stride ld) as T: the input itself when it
-// already is T, else widened into buf (row stride cols).
-template <typename T, typename in_t>
-Block<T> load_block(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* buf) {
-  if constexpr (std::is_same<T, in_t>::value) {
-    return {src, ld};
-  } else {
-    static_assert(std::is_same<in_t, at::BFloat16>::value && std::is_same<T, float>::value, "bfloat16 -> float only");
-    for (int64_t r = 0; r < rows; ++r) {
-      widen_bf16_row(reinterpret_cast<const uint16_t*>(src + r * ld), buf + r * cols, cols);
-    }
-    return {buf, std::max<int64_t>(cols, 1)};
-  }
-}
-
-// (rows, cols) of T at src (row stride lds) into out_t at dst (row stride ldd), rounded once.
-template <typename T, typename out_t>
-void store_block(const T* src, int64_t lds, int64_t rows, int64_t cols, out_t* dst, int64_t ldd) {
-  if constexpr (std::is_same<T, out_t>::value) {
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, sizeof(T) * cols);
-  } else {
-    for (int64_t r = 0; r < rows; ++r) {
-      narrow_bf16_row(src + r * lds, reinterpret_cast<uint16_t*>(dst + r * ldd), cols);
-    }
-  }
-}
-
-// The end of a forward query tile (O: nr rows of hsv, row stride ldo): O /= l per
-// row and lse = m + log(l). The first `blind` rows saw no key (bottom-right with
-// T > S, or S == 0): O = 0, lse = -inf. A row that saw keys whose scores were all
-// -inf (l = 0) is NaN, as torch.softmax of it is; NaN from the inputs propagates
-// as in torch.softmax.
-template <typename T>
-void finish_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* m, const T* l, T* lse_rows, int64_t blind) {
-  for (int64_t r = 0; r < nr; ++r) {
-    T* orow = o + r * ldo;
-    if (l[r] != T(0)) {
-      const T inv = T(1) / l[r];
-      for (int64_t c = 0; c < hsv; ++c) orow[c] *= inv;
-      lse_rows[r] = m[r] + std::log(l[r]);
-    } else if (r < blind) {
-      lse_rows[r] = -std::numeric_limits<T>::infinity();
-    } else {
-      for (int64_t c = 0; c < hsv; ++c) orow[c] = std::numeric_limits<T>::quiet_NaN();
-      lse_rows[r] = std::numeric_limits<T>::quiet_NaN();
-    }
-  }
-}
-
-// How many rows of the query tile at t0 (nr rows) see no key at all (they come first).
-inline int64_t blind_rows(const AttnGeometry& g, int64_t t0, int64_t nr) {
-  int64_t r = 0;
-  while (r < nr && g.visible(t0 + r) == 0) ++r;
-  return r;
-}
-
-// O row r (row stride ldo) *= alpha[r] (the online softmax's rescale when the row max grew).
-template <typename T>
-void rescale_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* alpha) {
-  for (int64_t r = 0; r < nr; ++r) {
-    const T a = alpha[r];
-    if (a != T(1)) {
-      T* orow = o + r * ldo;
-      for (int64_t c = 0; c < hsv; ++c) orow[c] *= a;
-    }
-  }
-}
 
 // D = rowsum(dO * O): (BH * T) in the compute type.
 template <typename in_t, typename T>
@@ -1087,6 +959,10 @@ void forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
                   at::Tensor& lse, const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   if (lse.numel() == 0) return;
   const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  if (decode_applies(q, g, dropout_p)) {  // a few rows against many keys: causal_attention_decode.cpp
+    decode_forward(q, k, v, out, lse, g, scale);
+    return;
+  }
   const Dropout drop(dropout_p, ds.seed, ds.offset);
 #if ATTNEXT_X86_SIMD
   if (use_bf16dot(q, k, v, g)) {

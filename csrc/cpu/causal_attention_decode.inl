@@ -1,0 +1,77 @@
+// The decode pass's inner loops, written once against VecF and included once per
+// instruction set (see causal_attention_decode.cpp). q: nr query rows (row stride
+// ldq); k, v: nc key/value rows (row strides ldk, ldv); vis[r] in [0, nc]: how many
+// of the block's keys row r sees (non-decreasing in r: the causal mask).
+
+// s[r * lds + j] = scale * <q_r, k_j> for j < vis[r]. Each key row is read once for
+// all query rows (it stays in L1 while they use it): K streams through once.
+inline void decode_scores_f32(const float* q, int64_t ldq, int64_t nr, const float* k, int64_t ldk, int64_t nc,
+                              int64_t hs, float scale, float* s, int64_t lds, const int64_t* vis) {
+  constexpr int64_t N = VecF::N;
+  for (int64_t j = 0; j < nc; ++j) {
+    const float* kj = k + j * ldk;
+    for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {  // the rows that see key j are the last ones
+      const float* qr = q + r * ldq;
+      VecF a0 = VecF::set1(0.0f), a1 = VecF::set1(0.0f);
+      int64_t c = 0;
+      for (; c + 2 * N <= hs; c += 2 * N) {
+        a0 = VecF::fmadd(VecF::load(qr + c), VecF::load(kj + c), a0);
+        a1 = VecF::fmadd(VecF::load(qr + c + N), VecF::load(kj + c + N), a1);
+      }
+      for (; c + N <= hs; c += N) a0 = VecF::fmadd(VecF::load(qr + c), VecF::load(kj + c), a0);
+      if (c < hs) a1 = VecF::fmadd(VecF::load_tail(qr + c, hs - c), VecF::load_tail(kj + c, hs - c), a1);
+      s[r * lds + j] = scale * (a0 + a1).hsum();
+    }
+  }
+}
+
+// o_r += sum_{j < vis[r]} p[r * ldp + j] * v_j, four value rows at a time (one
+// load and store of o per four rows of V), each value row read once for all rows.
+inline void decode_pv_f32(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv, int64_t nc,
+                          int64_t hsv, float* o, int64_t ldo, const int64_t* vis) {
+  constexpr int64_t N = VecF::N;
+  int64_t j = 0;
+  for (; j + 4 <= nc; j += 4) {
+    const float* v0 = v + j * ldv;
+    const float* v1 = v0 + ldv;
+    const float* v2 = v1 + ldv;
+    const float* v3 = v2 + ldv;
+    for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {
+      const float* pr = p + r * ldp + j;
+      // keys past vis[r] have p = 0 (the softmax step cleared them): adding them is exact
+      const VecF p0 = VecF::set1(pr[0]), p1 = VecF::set1(pr[1]), p2 = VecF::set1(pr[2]), p3 = VecF::set1(pr[3]);
+      float* orow = o + r * ldo;
+      int64_t c = 0;
+      for (; c + N <= hsv; c += N) {
+        VecF acc = VecF::load(orow + c);
+        acc = VecF::fmadd(p0, VecF::load(v0 + c), acc);
+        acc = VecF::fmadd(p1, VecF::load(v1 + c), acc);
+        acc = VecF::fmadd(p2, VecF::load(v2 + c), acc);
+        acc = VecF::fmadd(p3, VecF::load(v3 + c), acc);
+        acc.store(orow + c);
+      }
+      if (c < hsv) {
+        const int64_t n = hsv - c;
+        VecF acc = VecF::load_tail(orow + c, n);
+        acc = VecF::fmadd(p0, VecF::load_tail(v0 + c, n), acc);
+        acc = VecF::fmadd(p1, VecF::load_tail(v1 + c, n), acc);
+        acc = VecF::fmadd(p2, VecF::load_tail(v2 + c, n), acc);
+        acc = VecF::fmadd(p3, VecF::load_tail(v3 + c, n), acc);
+        acc.store_tail(orow + c, n);
+      }
+    }
+  }
+  for (; j < nc; ++j) {
+    const float* vj = v + j * ldv;
+    for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {
+      const VecF pj = VecF::set1(p[r * ldp + j]);
+      float* orow = o + r * ldo;
+      int64_t c = 0;
+      for (; c + N <= hsv; c += N) VecF::fmadd(pj, VecF::load(vj + c), VecF::load(orow + c)).store(orow + c);
+      if (c < hsv) {
+        const int64_t n = hsv - c;
+        VecF::fmadd(pj, VecF::load_tail(vj + c, n), VecF::load_tail(orow + c, n)).store_tail(orow + c, n);
+      }
+    }
+  }
+}
