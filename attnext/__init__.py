@@ -32,7 +32,7 @@ from .ops import (
 )
 from . import nn  # noqa: E402  (after .ops: the modules call the public ops)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def native_available() -> bool:
