@@ -17,7 +17,7 @@ median and IQR of all their blocked_autorange samples; FLOP/s count causal atten
 allocator settings (what a user has). Peak memory: each (provider, case) runs once
 in a fresh subprocess that reports the growth of its peak RSS (VmHWM) over the step.
 
-Rows are appended to benchmarks/results/cpu.csv.
+Rows are appended to benchmarks/results/cpu-<model>.csv (common.csv_path: one file per CPU model).
 
   python benchmarks/bench_attention.py            # full
   python benchmarks/bench_attention.py --quick    # small, for a smoke check
@@ -317,7 +317,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, float32 only, no memory runs")
     ap.add_argument("--csv", default=None,
-                    help="where rows are appended (default benchmarks/results/cpu.csv; --quick runs append only here)")
+                    help="where rows are appended (default benchmarks/results/cpu-<model>.csv; --quick runs append only here)")
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)

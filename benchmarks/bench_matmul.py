@@ -19,7 +19,7 @@ provider and mode, peak RSS (VmHWM, reset through /proc/self/clear_refs) minus t
 RSS with the inputs in place, with the default allocator (large blocks are mmap'ed
 and returned on free, so RSS follows the live tensors).
 
-Rows are appended to benchmarks/results/cpu.csv. For the command line
+Rows are appended to benchmarks/results/cpu-<model>.csv (common.csv_path). For the command line
 (`python -m attnext`): `run(quick)` returns the rows as dicts, `smoke()` is a
 sub-second correctness check.
 
@@ -52,7 +52,7 @@ CSV_COLUMNS = [
     "date", "device", "torch", "git_sha", "op", "shape", "dtype", "mode",
     "provider", "median_ms", "iqr_ms", "gflops_or_gbs", "ratio_vs", "peer",
 ]
-DEFAULT_CSV = os.path.join(ROOT, "benchmarks", "results", "cpu.csv")
+DEFAULT_CSV = bench_common.csv_path("cpu")  # benchmarks/results/cpu-<model>.csv
 
 
 # ----------------------------------------------------------------------------- cases
@@ -219,7 +219,7 @@ def _peak_extra_mb(case_name: str, provider: str, mode: str, dtype: str, quick: 
 
 def run(quick: bool = False, memory: bool = True, dtype: torch.dtype = torch.float32, shapes=None,
         dtypes=None) -> List[Dict]:
-    """Check, then time every case/provider/mode; returns one dict per row of cpu.csv
+    """Check, then time every case/provider/mode; returns one dict per row of cpu-<model>.csv
     (plus ``peak_extra_mb`` where measured). Peer rows carry no ratio; attnext rows
     are repeated once per peer with ``ratio_vs`` = peer median / attnext median."""
     rounds, min_run_time = (2, 0.2) if quick else (5, 0.4)
@@ -331,7 +331,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="smaller/fewer cases, shorter timing")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider peak memory subprocesses")
     ap.add_argument("--csv", default=None,
-                    help="append rows here (default benchmarks/results/cpu.csv; --quick runs append only here)")
+                    help="append rows here (default benchmarks/results/cpu-<model>.csv; --quick runs append only here)")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: torch's)")
     args = ap.parse_args(argv)

@@ -10,9 +10,10 @@ import csv
 import datetime
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch.utils.benchmark import Timer
@@ -67,19 +68,73 @@ def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> Timin
     return time_cpu(fn, min_run_time=0.2 if quick else 1.0)
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name().replace(" ", "-")
-    cpu = platform.processor() or "x86_64"
+# vendor_id in /proc/cpuinfo -> the name a model name starts with
+CPU_VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}
+# Words of /proc/cpuinfo's model name that say nothing about the part.
+_MODEL_NOISE = re.compile(r"\((?:R|TM)\)|\bCPU\b|\bProcessor\b|\b\d+-Core\b|@.*$", re.IGNORECASE)
+# Machines whose results predate the ISA tag in device_name keep the name their rows
+# already carry, so their new rows land in the same file: the development VM (2 vCPUs
+# of an AMD EPYC with AVX512-BF16) was "cpu-AMD-EPYC-2cores".
+KNOWN_CPU_NAMES = {"cpu-AMD-EPYC-avx512bf16-2cores": "cpu-AMD-EPYC-2cores"}
+
+
+def _cpuinfo() -> Dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    info: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                if not line.strip():
+                    if info:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"cpu-{cpu.replace(' ', '-')}-{os.cpu_count()}cores"
+    return info
+
+
+def isa_tag(flags: Iterable[str]) -> str:
+    """The widest vector ISA the CPU flags name, the level attnext's kernels and torch's
+    BLAS differ by: 'avx512-amx' (Sapphire Rapids and later), 'avx512bf16' (AMD Zen 4,
+    Cooper Lake), 'avx512' (Skylake-SP to Ice Lake), 'avx2'; on Arm 'sve' or 'neon'."""
+    f = set(flags)
+    for tag, needs in (("avx512-amx", ("avx512f", "amx_bf16")), ("avx512bf16", ("avx512f", "avx512_bf16")),
+                       ("avx512", ("avx512f",)), ("avx2", ("avx2",)), ("sve", ("sve",)), ("neon", ("asimd",))):
+        if all(n in f for n in needs):
+            return tag
+    return ""
+
+
+def cpu_name(info: Optional[Dict[str, str]] = None, ncores: Optional[int] = None) -> str:
+    """A short, filename-safe name of this CPU: cpu-<vendor and model>-<ISA>-<N>cores.
+
+    The model name alone does not tell machines apart (VMs report "Intel(R) Xeon(R)
+    Processor" for Ice Lake and Sapphire Rapids alike), so the widest vector ISA
+    (isa_tag) is part of the name: "Intel(R) Xeon(R) Processor" with AMX on 2 CPUs is
+    cpu-Intel-Xeon-avx512-amx-2cores, without AVX512-BF16 cpu-Intel-Xeon-avx512-2cores.
+    Names in KNOWN_CPU_NAMES are replaced by the older name their results carry.
+    """
+    info = _cpuinfo() if info is None else info
+    vendor = CPU_VENDORS.get(info.get("vendor_id", ""), "")
+    model = _MODEL_NOISE.sub(" ", info.get("model name", "")).split()
+    if vendor and (not model or model[0] != vendor):
+        model.insert(0, vendor)
+    if not model:
+        model = [platform.processor() or platform.machine() or "unknown"]
+    tag = isa_tag((info.get("flags") or info.get("Features") or "").split())
+    ncores = os.cpu_count() if ncores is None else ncores
+    name = "-".join(["cpu"] + model + ([tag] if tag else []) + [f"{ncores}cores"])
+    name = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._-]+", "-", name)).strip("-")
+    return KNOWN_CPU_NAMES.get(name, name)
+
+
+def device_name(device: str) -> str:
+    """The `device` column and results file stem: the GPU's name, or cpu_name()."""
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return cpu_name()
 
 
 def git_sha() -> str:
@@ -100,7 +155,8 @@ def git_sha() -> str:
 
 
 def csv_path(device: str) -> str:
-    return os.path.join(RESULTS_DIR, "cpu.csv" if device == "cpu" else f"{device_name(device)}.csv")
+    """benchmarks/results/<device_name>.csv: one file per CPU model (or GPU)."""
+    return os.path.join(RESULTS_DIR, f"{device_name(device)}.csv")
 
 
 def append_csv(rows: List[Dict], device: str, path: Optional[str] = None) -> str:
