@@ -128,15 +128,50 @@ def _fallback_reasons(op: str, tensors: Sequence[Tensor]) -> List[str]:
     return list(dict.fromkeys(reasons))
 
 
-def explain(op: str, *tensors: Tensor) -> List[str]:
+class Explanation(list):
+    """What :func:`explain` returns: the list of reasons the eager fallback would run
+    (empty: the native kernel runs), and in ``.kernels`` which native kernels run and
+    why, where attnext chose between its own kernel and a library's on this CPU."""
+
+    def __init__(self, reasons: Sequence[str], kernels: Sequence[str] = ()):
+        super().__init__(reasons)
+        self.kernels = list(kernels)
+
+    def __repr__(self) -> str:
+        return f"Explanation(fallback={list(self)!r}, kernels={self.kernels!r})"
+
+
+def _kernel_notes(op: str, tensors: Sequence[Tensor]) -> List[str]:
+    """Which native kernel ``op`` runs on these tensors, where that is a choice."""
+    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+        return []
+    t = tensors[0]
+    notes = []
+    if t.device.type == "cpu" and t.dtype == torch.float32 and _has_op("_f32_gemm_choices"):
+        workload = {"matmul": "matmul", "causal_attention": "attention tiles",
+                    "causal_attention_qkvpacked": "attention tiles"}.get(op)
+        if workload is not None:
+            notes += [c for c in torch.ops.attnext._f32_gemm_choices() if workload in c]
+    if op == "causal_attention" and t.device.type == "cpu" and t.dim() >= 2 and t.shape[-2] <= 16:
+        notes.append(
+            "T <= 16 query rows without dropout: the CPU decode pass (K and V streamed once, keys split "
+            "across threads when batch x heads cannot fill them; ATTNEXT_DECODE=0 turns it off)"
+        )
+    return notes
+
+
+def explain(op: str, *tensors: Tensor) -> Explanation:
     """Why ``attnext.<op>(*tensors)`` would take the eager fallback instead of a native kernel.
 
     Returns a list of human-readable reasons; an empty list means the native kernel runs.
-    Example: ``attnext.explain("causal_softmax", x)``.
+    Its ``.kernels`` attribute says which native kernel runs where attnext chooses
+    (its own float32 GEMM or the BLAS, measured on this CPU at first use; the decode
+    pass). Example: ``attnext.explain("causal_softmax", x)``.
     """
     if op not in _PUBLIC_OPS:
         raise ValueError(f"attnext.explain: unknown op {op!r}; expected one of {sorted(_PUBLIC_OPS)}")
-    return _fallback_reasons(op, tensors)
+    reasons = _fallback_reasons(op, tensors)
+    return Explanation(reasons, [] if reasons else _kernel_notes(op, tensors))
 
 
 def _check_tensor(x, name: str, min_dim: int, shape: str) -> None:

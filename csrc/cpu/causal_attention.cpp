@@ -263,12 +263,13 @@ void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, co
 // the CPU runs AVX-512, else the BLAS. The kernel reads its operands where they
 // are (no packing per call), which on 64 x 64 tiles is what the BLAS spends a
 // fifth of its time on; the one operand it needs transposed (K^T, V^T) is
-// transposed once per key tile and reused. ATTNEXT_F32_GEMM=0 keeps the BLAS.
+// transposed once per key tile and reused. Which of the two runs is measured on
+// the running CPU (f32_gemm_choice); ATTNEXT_F32_GEMM=0/1 forces the BLAS/the kernel.
 // The kernel for the tiles of compute type T: float only.
 template <typename T>
 F32Gemm own_gemm() {
   if constexpr (std::is_same<T, float>::value) {
-    return f32_gemm_kernel();
+    return f32_gemm_for(GemmUse::kAttentionTiles);
   } else {
     return nullptr;
   }

@@ -1,13 +1,16 @@
 // attnext's own float32 GEMM on AVX-512 (cpu/gemm_f32.cpp, kernel in cpu/gemm_f32.inl).
 //
-// Why: on the dev VM (AMD EPYC with full-width AVX-512) the kernel runs at about
-// 260 GFLOP/s on one core, while the MKL that torch ships takes its generic AMD
-// path there (about 205 GFLOP/s on two cores) and repacks its operands on every
-// call, which dominates small tiles. Used by causal_attention's float tiles and by
-// matmul's float32 GEMMs; ATTNEXT_F32_GEMM=0 (read once) turns both back to the BLAS.
+// Why: on an AMD EPYC with full-width AVX-512 the kernel runs at about 260 GFLOP/s
+// on one core, while the MKL that torch ships takes its generic AMD path there and
+// repacks its operands on every call, which dominates small tiles. On Intel CPUs
+// MKL uses AVX-512 itself and can be the faster one. So whether a workload runs
+// the own kernel or the BLAS is measured on the running CPU (f32_gemm_choice), per
+// workload class, once per process: causal_attention's float tiles and matmul's
+// float32 GEMMs. ATTNEXT_F32_GEMM=0 forces the BLAS, =1 the own kernel (read once).
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace attnext {
 
@@ -19,6 +22,28 @@ using F32Gemm = void (*)(int64_t M, int64_t N, int64_t K, const float* a, int64_
 
 // The kernel above where the CPU runs AVX-512 and ATTNEXT_F32_GEMM is not "0"; else nullptr.
 F32Gemm f32_gemm_kernel();
+
+// The float32 workloads whose GEMM is chosen by measurement.
+enum class GemmUse {
+  kAttentionTiles,  // causal_attention's 64 x 256 x hs tile products, one thread each
+  kMatmul,          // matmul's GEMMs (transformer projections), threaded
+  kCount
+};
+
+// Which GEMM a workload runs and why (for attnext.explain).
+struct GemmChoice {
+  bool own = false;       // the own kernel (true) or the BLAS
+  std::string why;        // "measured: own 12.3 us, BLAS 15.1 us" or the override
+};
+
+// Decided on first use, per workload, by timing both on a representative problem
+// (about 1-4 ms, interleaved, best of several rounds); cached for the process.
+// Without AVX-512 or without a BLAS there is nothing to choose.
+const GemmChoice& f32_gemm_choice(GemmUse use);
+
+// The kernel for a workload: f32_gemm_kernel() where its measured choice is the own
+// kernel, else nullptr (the BLAS).
+F32Gemm f32_gemm_for(GemmUse use);
 
 // C (m, n) row-major (ldc) = A B (+ C when accumulate) for operands of any size:
 // A (i, p) at a[i * sa_i + p * sa_p], B (p, j) at b[p * sb_p + j * sb_j] (either of

@@ -157,8 +157,9 @@ bool have_blas() {
 }
 
 // How one GEMM is computed: the loop kernel (tiny, or k == 0); for float32 on
-// AVX-512 CPUs attnext's own GEMM (cpu/gemm_f32.h: about 2x the MKL torch ships on
-// the dev VM's AMD EPYC; ATTNEXT_F32_GEMM=0 turns it off); the exported BLAS; or,
+// AVX-512 CPUs attnext's own GEMM where it measured faster than the BLAS on this
+// CPU (cpu/gemm_f32.h: about 2x the MKL torch ships on an AMD EPYC, slower than it
+// on Intel); the exported BLAS; or,
 // where this torch exports none (or ATTNEXT_MATMUL_BLAS=0, for testing), ATen's
 // mm on views of the same memory (reduced precision: float copies of the two
 // matrices, one GEMM's worth).
@@ -293,7 +294,7 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     *oa = a;
     *ob = b;
   };
-  const bool own_f32 = std::is_same_v<scalar_t, float> && f32_gemm_kernel() != nullptr;
+  const bool own_f32 = std::is_same_v<scalar_t, float> && f32_gemm_for(GemmUse::kMatmul) != nullptr;
   const Backend backend = (k == 0 || m * n * k <= kTinyGemm)                                        ? Backend::kLoop
                           : own_f32                                                                 ? Backend::kOwn
                           : (blas_allowed() && have_blas<scalar_t>() && fits_int(m, n, k, A.layout, B.layout)) ? Backend::kBlas
