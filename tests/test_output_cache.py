@@ -5,6 +5,11 @@ ATTNEXT_STREAM_BYTES (streaming stores, 64 MiB by default, read once per
 process), so the streaming tests run in a subprocess with the threshold at 0.
 """
 
+import copy
+import io
+import pickle
+
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +57,109 @@ def test_cached_output_behaves_like_a_tensor():
     (z * 2).sum().backward()
     assert torch.equal(z.grad, torch.full_like(z, 2.0))
     assert y.is_contiguous() and y.device.type == "cpu"
+
+
+def cached_output():
+    """A fresh 10 MiB output from the cache, and a copy of its values."""
+    y = attnext.causal_softmax(torch.randn(BIG))
+    return y, y.clone()
+
+
+def address(t):
+    """Where t's data lives, without materialising a copy-on-write tensor (data_ptr() would)."""
+    return torch._C._data_address(t)
+
+
+@needs_native
+def test_cached_output_lazy_clone_and_copy_on_write():
+    # torch only makes copy-on-write clones of storages whose DataPtr context is the data
+    # pointer; any other context made _lazy_clone() raise "Expected storage != nullptr".
+    attnext.empty_cpu_cache()
+    y, expected = cached_output()
+    z = y._lazy_clone()
+    assert torch._C._is_cow_tensor(y) and torch._C._is_cow_tensor(z)
+    assert address(z) == address(y)  # shared until written
+    cached = attnext.cpu_cache_info()["cached_bytes"]
+    z.mul_(2)  # a write to one of two references: z gets its own copy, from the cache's allocator
+    assert not torch._C._is_cow_tensor(z) and address(z) != address(y)
+    assert torch.equal(z, expected * 2) and torch.equal(y, expected)
+    ptr = address(y)
+    y.add_(0)  # the last reference: takes the buffer back without a copy
+    assert not torch._C._is_cow_tensor(y) and address(y) == ptr and torch.equal(y, expected)
+    del y, z  # both buffers come back to the cache
+    assert attnext.cpu_cache_info()["cached_bytes"] == cached + 2 * expected.nbytes
+
+
+@needs_native
+def test_cached_output_lazy_clone_outlives_the_original():
+    # the original freed first: the clone keeps the shared buffer, and its first write
+    # takes it over without a copy
+    y, expected = cached_output()
+    z = y._lazy_clone()
+    ptr = address(y)
+    del y
+    z.neg_()
+    assert address(z) == ptr and torch.equal(z, -expected)
+
+
+@needs_native
+def test_cached_output_pickles_saves_and_deepcopies():
+    y, expected = cached_output()
+    assert torch.equal(pickle.loads(pickle.dumps(y)), expected)
+    d = copy.deepcopy(y)
+    assert d.data_ptr() != y.data_ptr() and torch.equal(d, expected)
+    buf = io.BytesIO()
+    torch.save({"y": y, "view": y[3:5]}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    assert torch.equal(loaded["y"], expected) and torch.equal(loaded["view"], expected[3:5])
+    # the view still shares the loaded storage, as it did the original's
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["y"].untyped_storage().data_ptr()
+
+
+@needs_native
+def test_cached_output_share_memory_copies_into_shared_memory():
+    attnext.empty_cpu_cache()
+    y, expected = cached_output()
+    ptr = y.data_ptr()
+    y.share_memory_()
+    assert y.is_shared() and y.data_ptr() != ptr and torch.equal(y, expected)
+    # the cache got its buffer back, as the CPU allocator gets a tensor's memory back
+    assert attnext.cpu_cache_info()["cached_bytes"] >= expected.nbytes
+
+
+@needs_native
+def test_cached_output_numpy_and_from_numpy_share_memory():
+    y, expected = cached_output()
+    a = y.numpy()
+    assert a.ctypes.data == y.data_ptr() and np.array_equal(a, expected.numpy())
+    back = torch.from_numpy(a)
+    assert back.data_ptr() == y.data_ptr()
+    back[0, 0, 0] = 7.0
+    assert y[0, 0, 0].item() == 7.0 and a[0, 0, 0] == 7.0
+    del y, back  # the array keeps the buffer alive
+    assert a[0, 0, 0] == 7.0 and np.array_equal(a[1:], expected[1:].numpy())
+
+
+@needs_native
+def test_cached_output_clone_is_an_ordinary_copy():
+    y, expected = cached_output()
+    c = y.clone()
+    assert c.data_ptr() != y.data_ptr() and torch.equal(c, expected)
+    y.zero_()
+    assert torch.equal(c, expected)
+
+
+@needs_native
+def test_cached_output_dlpack_shares_memory():
+    y, expected = cached_output()
+    t = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(y))
+    assert t.data_ptr() == y.data_ptr()
+    assert torch.from_dlpack(y).data_ptr() == y.data_ptr()
+    a = np.from_dlpack(y)
+    assert a.ctypes.data == y.data_ptr()
+    del y  # the capsule's owners keep the buffer alive
+    assert torch.equal(t, expected) and np.array_equal(a, expected.numpy())
 
 
 @needs_native

@@ -11,21 +11,29 @@
 // time.
 //
 // Only the free buffers count against the limit (ATTNEXT_CPU_CACHE_MB, default
-// 1024; 0 turns the cache off, the huge-page advice stays); live outputs are the caller's. A buffer is
-// reused only for a request of the same size rounded up to 2 MiB; when a freed
-// buffer would exceed the limit, the least recently cached ones are released.
-// torch.ops.attnext._cpu_cache_info / _cpu_cache_empty report and release it
-// (attnext.cpu_cache_info(), attnext.empty_cpu_cache()).
+// 1024; 0 turns the cache off, the huge-page advice stays); live outputs are the
+// caller's. A buffer is reused only for a request of the same size rounded up to
+// 2 MiB; when a freed buffer would exceed the limit, the least recently cached
+// ones are released. torch.ops.attnext._cpu_cache_info / _cpu_cache_empty report
+// and release it (attnext.cpu_cache_info(), attnext.empty_cpu_cache()).
+//
+// A handed-out buffer is an ordinary CPU DataPtr: its context is the data
+// pointer itself, as with c10's CPU allocator, so copy-on-write (_lazy_clone),
+// share_memory_, pickling and the rest of torch's storage machinery treat it as
+// any CPU tensor's (COW only wraps a DataPtr whose context is its data). The
+// sizes of live buffers are kept in a table under the cache's lock instead.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <list>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -71,33 +79,29 @@ class OutputCache final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     const size_t size = round_up(std::max<size_t>(n, 1));
+    void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if (it->size == size) {
-          Block* b = new Block(*it);
-          cached_ -= size;
-          free_.erase(it);
-          ++hits_;
-          return {b->ptr, b, &OutputCache::release, c10::Device(c10::kCPU)};
-        }
+      const auto it = std::find_if(free_.begin(), free_.end(), [size](const Block& b) { return b.size == size; });
+      if (it != free_.end()) {
+        p = it->ptr;
+        hand_out(p, size);
+        cached_ -= size;
+        free_.erase(it);
+        ++hits_;
+      } else {
+        ++misses_;
       }
-      ++misses_;
     }
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) {
-      // Free what is cached and try once more before giving up.
-      empty();
-      TORCH_CHECK(posix_memalign(&p, kHuge, size) == 0 && p != nullptr, "attnext: out of CPU memory allocating ",
-                  size, " bytes for an output");
+    if (p == nullptr) {
+      p = fresh(size);
+      std::lock_guard<std::mutex> lock(mu_);
+      hand_out(p, size);
     }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (env_flag("ATTNEXT_HUGEPAGES", true)) {
-      (void)madvise(p, size, MADV_HUGEPAGE);  // advice only: failure is harmless
-    }
-#endif
-    return {p, new Block{p, size}, &OutputCache::release, c10::Device(c10::kCPU)};
+    return {p, p, &OutputCache::release, c10::Device(c10::kCPU)};
   }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &OutputCache::release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
@@ -124,21 +128,44 @@ class OutputCache final : public c10::Allocator {
  private:
   static size_t round_up(size_t n) { return (n + kHuge - 1) / kHuge * kHuge; }
 
-  static void release(void* ctx);
+  static void release(void* ptr);
 
-  void put(Block b) {
+  void* fresh(size_t size) {
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) {
+      // Free what is cached and try once more before giving up.
+      empty();
+      TORCH_CHECK(posix_memalign(&p, kHuge, size) == 0 && p != nullptr, "attnext: out of CPU memory allocating ",
+                  size, " bytes for an output");
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (env_flag("ATTNEXT_HUGEPAGES", true)) {
+      (void)madvise(p, size, MADV_HUGEPAGE);  // advice only: failure is harmless
+    }
+#endif
+    return p;
+  }
+
+  // Under mu_.
+  void hand_out(void* p, size_t size) { live_.emplace(p, size); }
+
+  void put(void* p) {
     std::list<Block> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (static_cast<int64_t>(b.size) > limit_) {
-        drop.push_back(b);
+      const auto it = live_.find(p);
+      TORCH_INTERNAL_ASSERT(it != live_.end(), "attnext: output cache asked to free a buffer it did not hand out");
+      const size_t size = it->second;
+      live_.erase(it);
+      if (static_cast<int64_t>(size) > limit_) {
+        drop.push_back({p, size});
       } else {
-        while (static_cast<int64_t>(cached_ + b.size) > limit_) {
+        while (static_cast<int64_t>(cached_ + size) > limit_) {
           cached_ -= free_.front().size;
           drop.splice(drop.end(), free_, free_.begin());
         }
-        free_.push_back(b);
-        cached_ += b.size;
+        free_.push_back({p, size});
+        cached_ += size;
       }
     }
     for (const Block& d : drop) {
@@ -147,7 +174,8 @@ class OutputCache final : public c10::Allocator {
   }
 
   std::mutex mu_;
-  std::list<Block> free_;  // oldest first
+  std::list<Block> free_;                   // oldest first
+  std::unordered_map<void*, size_t> live_;  // handed-out buffer -> its size
   size_t cached_ = 0;
   const int64_t limit_;
   int64_t hits_ = 0;
@@ -161,12 +189,7 @@ OutputCache& cache() {
   return *c;
 }
 
-void OutputCache::release(void* ctx) {
-  Block* b = static_cast<Block*>(ctx);
-  const Block copy = *b;
-  delete b;
-  cache().put(copy);
-}
+void OutputCache::release(void* ptr) { cache().put(ptr); }
 
 std::tuple<int64_t, int64_t, int64_t, int64_t> cpu_cache_info() { return cache().info(); }
 
