@@ -15,7 +15,7 @@ import torch
 
 import attnext
 from attnext import reference
-from conftest import assert_python_ok, needs_native
+from conftest import assert_python_ok, needs_native, run_python
 
 BIG = (40, 256, 256)  # 10 MiB of float32: served by the cache
 
@@ -160,6 +160,57 @@ def test_cached_output_dlpack_shares_memory():
     assert a.ctypes.data == y.data_ptr()
     del y  # the capsule's owners keep the buffer alive
     assert torch.equal(t, expected) and np.array_equal(a, expected.numpy())
+
+
+_FORK_CHECK = r"""
+import os, signal, threading, time, torch, attnext
+x = torch.randn(40, 256, 256)
+expected = attnext.causal_softmax(x)
+stop = threading.Event()
+
+def hammer():  # allocates and frees cached outputs (the op runs without the GIL) until told to stop
+    while not stop.is_set():
+        attnext.causal_softmax(x)
+
+thread = threading.Thread(target=hammer)
+thread.start()
+hung = []
+codes = []
+for i in range(FORKS):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)  # a hung child dies on its own, even if this script is killed
+        torch.set_num_threads(1)  # as DataLoader workers: OpenMP does not survive fork
+        ok = torch.equal(attnext.causal_softmax(x), expected)
+        os._exit(0 if ok else 3)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            codes.append(os.waitstatus_to_exitcode(status))
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            hung.append(i)
+            break
+        time.sleep(0.002)
+stop.set()
+thread.join()
+assert not hung, f"children {hung} hung"
+assert codes == [0] * FORKS, codes
+print("ok")
+"""
+
+
+@needs_native
+def test_fork_while_another_thread_allocates():
+    # A fork while another thread holds the cache's lock must not leave the child with
+    # the lock held forever. (The GIL makes that window rare from Python; the C++ test
+    # tests/cpp/test_output_cache.cpp hammers the allocator directly.)
+    out = run_python(_FORK_CHECK.replace("FORKS", "60"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok" in out.stdout, out.stdout[-3000:]
 
 
 @needs_native

@@ -22,6 +22,9 @@
 // share_memory_, pickling and the rest of torch's storage machinery treat it as
 // any CPU tensor's (COW only wraps a DataPtr whose context is its data). The
 // sizes of live buffers are kept in a table under the cache's lock instead.
+//
+// fork() (DataLoader workers) happens with that lock held by the forking thread
+// (pthread_atfork), so a child never inherits it held by a thread it lacks.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -37,6 +40,10 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define ATTNEXT_HAVE_ATFORK 1
 #endif
 
 #include "common.h"
@@ -75,7 +82,12 @@ struct Block {
 
 class OutputCache final : public c10::Allocator {
  public:
-  OutputCache() : limit_(env_limit_bytes()) {}
+  OutputCache() : limit_(env_limit_bytes()) {
+#if defined(ATTNEXT_HAVE_ATFORK)
+    // Once: the cache is never destroyed.
+    pthread_atfork(&OutputCache::before_fork, &OutputCache::after_fork, &OutputCache::after_fork);
+#endif
+  }
 
   c10::DataPtr allocate(size_t n) override {
     const size_t size = round_up(std::max<size_t>(n, 1));
@@ -129,6 +141,13 @@ class OutputCache final : public c10::Allocator {
   static size_t round_up(size_t n) { return (n + kHuge - 1) / kHuge * kHuge; }
 
   static void release(void* ptr);
+
+#if defined(ATTNEXT_HAVE_ATFORK)
+  // The forking thread holds the lock across fork(), so no other thread is inside
+  // the cache then; both processes' copies of that thread release it after.
+  static void before_fork();
+  static void after_fork();
+#endif
 
   void* fresh(size_t size) {
     void* p = nullptr;
@@ -190,6 +209,12 @@ OutputCache& cache() {
 }
 
 void OutputCache::release(void* ptr) { cache().put(ptr); }
+
+#if defined(ATTNEXT_HAVE_ATFORK)
+void OutputCache::before_fork() { cache().mu_.lock(); }
+
+void OutputCache::after_fork() { cache().mu_.unlock(); }
+#endif
 
 std::tuple<int64_t, int64_t, int64_t, int64_t> cpu_cache_info() { return cache().info(); }
 
