@@ -12,6 +12,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import attnext
 from attnext import reference
@@ -160,6 +161,24 @@ def test_cached_output_dlpack_shares_memory():
     assert a.ctypes.data == y.data_ptr()
     del y  # the capsule's owners keep the buffer alive
     assert torch.equal(t, expected) and np.array_equal(a, expected.numpy())
+
+
+@needs_native
+def test_profiler_sees_cached_output_memory():
+    # Without reporting, the cache's memory is invisible to profile_memory: the op's
+    # self memory would be 0 (its output is the only large allocation).
+    x = torch.randn(BIG)
+    attnext.empty_cpu_cache()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y1 = attnext.causal_softmax(x)  # a fresh buffer
+        del y1
+        y2 = attnext.causal_softmax(x)  # the same buffer, from the cache
+        del y2
+    events = {e.key: e for e in prof.key_averages()}
+    op = events["attnext::causal_softmax"]
+    assert op.count == 2 and op.self_cpu_memory_usage >= 2 * x.nbytes, op.self_cpu_memory_usage
+    # the frees, outside any op: back to zero
+    assert events["[memory]"].cpu_memory_usage <= -2 * x.nbytes
 
 
 _FORK_CHECK = r"""

@@ -14,8 +14,10 @@
 // 1024; 0 turns the cache off, the huge-page advice stays); live outputs are the
 // caller's. A buffer is reused only for a request of the same size rounded up to
 // 2 MiB; when a freed buffer would exceed the limit, the least recently cached
-// ones are released. torch.ops.attnext._cpu_cache_info / _cpu_cache_empty report
-// and release it (attnext.cpu_cache_info(), attnext.empty_cpu_cache()).
+// ones are released. ATTNEXT_CPU_CACHE_MB and ATTNEXT_HUGEPAGES (0: no huge-page
+// advice) are read once, on first use. torch.ops.attnext._cpu_cache_info /
+// _cpu_cache_empty report and release it (attnext.cpu_cache_info(),
+// attnext.empty_cpu_cache()).
 //
 // A handed-out buffer is an ordinary CPU DataPtr: its context is the data
 // pointer itself, as with c10's CPU allocator, so copy-on-write (_lazy_clone),
@@ -25,6 +27,11 @@
 //
 // fork() (DataLoader workers) happens with that lock held by the forking thread
 // (pthread_atfork), so a child never inherits it held by a thread it lacks.
+//
+// Handing a buffer out and getting it back are reported to torch's memory
+// profiler (profile_memory=True), as the CPU allocator reports its allocations
+// and frees; the free buffers held here count as the cache's, as in the CUDA
+// caching allocator.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -82,7 +89,7 @@ struct Block {
 
 class OutputCache final : public c10::Allocator {
  public:
-  OutputCache() : limit_(env_limit_bytes()) {
+  OutputCache() : limit_(env_limit_bytes()), hugepages_(env_flag("ATTNEXT_HUGEPAGES", true)) {
 #if defined(ATTNEXT_HAVE_ATFORK)
     // Once: the cache is never destroyed.
     pthread_atfork(&OutputCache::before_fork, &OutputCache::after_fork, &OutputCache::after_fork);
@@ -92,6 +99,7 @@ class OutputCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     const size_t size = round_up(std::max<size_t>(n, 1));
     void* p = nullptr;
+    Totals t{};
     {
       std::lock_guard<std::mutex> lock(mu_);
       const auto it = std::find_if(free_.begin(), free_.end(), [size](const Block& b) { return b.size == size; });
@@ -101,6 +109,7 @@ class OutputCache final : public c10::Allocator {
         cached_ -= size;
         free_.erase(it);
         ++hits_;
+        t = totals_locked();
       } else {
         ++misses_;
       }
@@ -109,7 +118,9 @@ class OutputCache final : public c10::Allocator {
       p = fresh(size);
       std::lock_guard<std::mutex> lock(mu_);
       hand_out(p, size);
+      t = totals_locked();
     }
+    c10::reportMemoryUsageToProfiler(p, static_cast<int64_t>(size), t.live, t.reserved, c10::Device(c10::kCPU));
     return {p, p, &OutputCache::release, c10::Device(c10::kCPU)};
   }
 
@@ -138,6 +149,12 @@ class OutputCache final : public c10::Allocator {
   }
 
  private:
+  // Bytes handed out and live, and those plus the cached ones, for the profiler.
+  struct Totals {
+    size_t live;
+    size_t reserved;
+  };
+
   static size_t round_up(size_t n) { return (n + kHuge - 1) / kHuge * kHuge; }
 
   static void release(void* ptr);
@@ -154,11 +171,18 @@ class OutputCache final : public c10::Allocator {
     if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) {
       // Free what is cached and try once more before giving up.
       empty();
-      TORCH_CHECK(posix_memalign(&p, kHuge, size) == 0 && p != nullptr, "attnext: out of CPU memory allocating ",
-                  size, " bytes for an output");
+      if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) {
+        Totals t{};
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          t = totals_locked();
+        }
+        c10::reportOutOfMemoryToProfiler(static_cast<int64_t>(size), t.live, t.reserved, c10::Device(c10::kCPU));
+        TORCH_CHECK(false, "attnext: out of CPU memory allocating ", size, " bytes for an output");
+      }
     }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (env_flag("ATTNEXT_HUGEPAGES", true)) {
+    if (hugepages_) {
       (void)madvise(p, size, MADV_HUGEPAGE);  // advice only: failure is harmless
     }
 #endif
@@ -166,7 +190,13 @@ class OutputCache final : public c10::Allocator {
   }
 
   // Under mu_.
-  void hand_out(void* p, size_t size) { live_.emplace(p, size); }
+  void hand_out(void* p, size_t size) {
+    live_.emplace(p, size);
+    live_bytes_ += size;
+  }
+
+  // Under mu_.
+  Totals totals_locked() const { return {live_bytes_, live_bytes_ + cached_}; }
 
   void put(void* p) {
     std::list<Block> drop;
@@ -176,6 +206,7 @@ class OutputCache final : public c10::Allocator {
       TORCH_INTERNAL_ASSERT(it != live_.end(), "attnext: output cache asked to free a buffer it did not hand out");
       const size_t size = it->second;
       live_.erase(it);
+      live_bytes_ -= size;
       if (static_cast<int64_t>(size) > limit_) {
         drop.push_back({p, size});
       } else {
@@ -186,6 +217,9 @@ class OutputCache final : public c10::Allocator {
         free_.push_back({p, size});
         cached_ += size;
       }
+      // Under the lock: the profiler sees this free before p is handed out again.
+      const Totals t = totals_locked();
+      c10::reportMemoryUsageToProfiler(p, -static_cast<int64_t>(size), t.live, t.reserved, c10::Device(c10::kCPU));
     }
     for (const Block& d : drop) {
       std::free(d.ptr);
@@ -196,7 +230,9 @@ class OutputCache final : public c10::Allocator {
   std::list<Block> free_;                   // oldest first
   std::unordered_map<void*, size_t> live_;  // handed-out buffer -> its size
   size_t cached_ = 0;
+  size_t live_bytes_ = 0;
   const int64_t limit_;
+  const bool hugepages_;
   int64_t hits_ = 0;
   int64_t misses_ = 0;
 };
