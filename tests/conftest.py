@@ -1,4 +1,6 @@
-"""Shared test helpers: devices, dtype tolerances, the float64 oracle rule."""
+"""Shared test helpers: devices, dtype tolerances, the float64 oracle rule, torch's TF32
+switches, subprocess runs."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -38,6 +40,31 @@ def assert_close_to_oracle(out, oracle, eager, dtype, what=""):
     else:
         atol, rtol = TOL[dtype]
         torch.testing.assert_close(out64, oracle64, atol=atol, rtol=rtol, equal_nan=True, msg=what or None)
+
+
+@contextlib.contextmanager
+def tf32_switch(switch, on=True):
+    """TF32 for CUDA matmuls on (or off) inside the block through one of torch's switches; the
+    switch's previous value is restored after."""
+    m = torch.backends.cuda.matmul
+    if switch == "fp32_precision":
+        if not hasattr(m, "fp32_precision"):
+            pytest.skip("this torch has no torch.backends.cuda.matmul.fp32_precision")
+        old = m.fp32_precision
+        m.fp32_precision = "tf32" if on else "ieee"
+        restore = lambda: setattr(m, "fp32_precision", old)  # noqa: E731
+    elif switch == "allow_tf32":
+        old = m.allow_tf32
+        m.allow_tf32 = on
+        restore = lambda: setattr(m, "allow_tf32", old)  # noqa: E731
+    else:
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if on else "highest")
+        restore = lambda: torch.set_float32_matmul_precision(old)  # noqa: E731
+    try:
+        yield
+    finally:
+        restore()
 
 
 needs_native = pytest.mark.skipif(not attnext.native_available(), reason="attnext._C is not built")

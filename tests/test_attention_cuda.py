@@ -2,14 +2,13 @@
 SDPA, half types by the flash-attention tolerance rule, dropout masks identical to the CPU's,
 gradcheck, opcheck, compile and the modules. Skipped (not passed) without a GPU or without
 the CUDA kernel in the build."""
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnext
 from attnext import reference
+from conftest import tf32_switch
 
 HAVE_CUDA_KERNEL = (
     torch.cuda.is_available()
@@ -275,31 +274,6 @@ def test_mma_nan_in_a_visible_score_makes_only_the_rows_that_see_it_nan(monkeypa
 # ------------------------------------------------------------------ float32 on TF32 tensor cores
 # float32 takes the tensor-core kernels (mma.m16n8k8 .tf32) only when torch allows TF32 for CUDA
 # matmuls, as torch.matmul does; otherwise the exact CUDA-core kernel (the tests above).
-
-
-@contextlib.contextmanager
-def tf32_switch(switch, on=True):
-    """TF32 for CUDA matmuls on (or off) inside the block through one of torch's switches; the
-    switch's previous value is restored after."""
-    m = torch.backends.cuda.matmul
-    if switch == "fp32_precision":
-        if not hasattr(m, "fp32_precision"):
-            pytest.skip("this torch has no torch.backends.cuda.matmul.fp32_precision")
-        old = m.fp32_precision
-        m.fp32_precision = "tf32" if on else "ieee"
-        restore = lambda: setattr(m, "fp32_precision", old)  # noqa: E731
-    elif switch == "allow_tf32":
-        old = m.allow_tf32
-        m.allow_tf32 = on
-        restore = lambda: setattr(m, "allow_tf32", old)  # noqa: E731
-    else:
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if on else "highest")
-        restore = lambda: torch.set_float32_matmul_precision(old)  # noqa: E731
-    try:
-        yield
-    finally:
-        restore()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import attnext
 from attnext import reference
+from conftest import tf32_switch
 
 native = pytest.mark.skipif(not attnext.native_available(), reason="attnext._C not built")
 
@@ -449,3 +450,51 @@ def test_grad_modes():
     y = attnext.matmul(a, b)
     assert y.requires_grad and y.grad_fn is not None
     torch.testing.assert_close(y, out)
+
+
+# ------------------------------------------------------------------ CUDA float32: TF32 as torch.matmul
+# The CUDA kernel runs float32 GEMMs on TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) exactly when torch
+# allows TF32 for CUDA matmuls, through whichever of torch's switches. It once read
+# allowTF32CuBLAS(), which raises on torch >= 2.9 when TF32 was set through fp32_precision alone.
+HAVE_CUDA_MATMUL = (
+    torch.cuda.is_available()
+    and attnext.native_available()
+    and torch._C._dispatch_has_kernel_for_dispatch_key("attnext::matmul", "CUDA")
+)
+cuda_matmul = pytest.mark.skipif(not HAVE_CUDA_MATMUL, reason="no GPU, or attnext built without CUDA kernels")
+
+
+def _float32_cuda_errors(fn, a64, b64, g64):
+    """Max error of fn's forward and gradients in float32 on CUDA against float64, each relative
+    to the largest value of its oracle."""
+    a64, b64 = a64.detach().requires_grad_(), b64.detach().requires_grad_()
+    want = [torch.matmul(a64, b64)]
+    want += torch.autograd.grad(want[0], (a64, b64), g64)
+    a, b = (t.detach().to("cuda", torch.float32).requires_grad_() for t in (a64, b64))
+    got = [fn(a, b)]
+    got += torch.autograd.grad(got[0], (a, b), g64.to("cuda", torch.float32))
+    return [((x.double().cpu() - w).abs().max() / w.abs().max()).item() for x, w in zip(got, want)]
+
+
+@cuda_matmul
+@pytest.mark.parametrize("switch", ["fp32_precision", "allow_tf32", "set_float32_matmul_precision"])
+@pytest.mark.parametrize(
+    "sa,sb",
+    [((4, 96, 512), (512, 80)), ((3, 1, 64, 256), (5, 256, 48))],
+    ids=["x @ W folded", "both broadcast (beta=1 backward)"],
+)
+def test_cuda_float32_follows_torchs_tf32_switch(switch, sa, sb):
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("TF32 needs compute capability 8.0+")
+    a64, b64 = _pair(sa, sb, seed=5)
+    g64 = torch.randn(torch.broadcast_shapes(sa[:-2], sb[:-2]) + (sa[-2], sb[-1]), dtype=torch.float64)
+    assert attnext.explain("matmul", a64.cuda().float(), b64.cuda().float()) == []
+    with tf32_switch(switch, on=False):
+        exact = _float32_cuda_errors(attnext.matmul, a64, b64, g64)
+    with tf32_switch(switch, on=True):
+        tf32 = _float32_cuda_errors(attnext.matmul, a64, b64, g64)  # must not raise
+        eager_tf32 = _float32_cuda_errors(torch.matmul, a64, b64, g64)
+    for what, e, t, eager in zip(("out", "grad_a", "grad_b"), exact, tf32, eager_tf32):
+        assert e < 1e-5, (what, e)  # float32 without TF32: exact GEMMs
+        assert t > 1e-5, (what, t)  # TF32 (10-bit mantissa) shows
+        assert t <= 2 * max(eager, 2.0**-11), (what, t, eager)  # and is torch.matmul's TF32

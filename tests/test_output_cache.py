@@ -5,12 +5,18 @@ ATTNEXT_STREAM_BYTES (streaming stores, 64 MiB by default, read once per
 process), so the streaming tests run in a subprocess with the threshold at 0.
 """
 
+import copy
+import io
+import pickle
+
+import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import attnext
 from attnext import reference
-from conftest import assert_python_ok, needs_native
+from conftest import assert_python_ok, needs_native, run_python
 
 BIG = (40, 256, 256)  # 10 MiB of float32: served by the cache
 
@@ -52,6 +58,178 @@ def test_cached_output_behaves_like_a_tensor():
     (z * 2).sum().backward()
     assert torch.equal(z.grad, torch.full_like(z, 2.0))
     assert y.is_contiguous() and y.device.type == "cpu"
+
+
+def cached_output():
+    """A fresh 10 MiB output from the cache, and a copy of its values."""
+    y = attnext.causal_softmax(torch.randn(BIG))
+    return y, y.clone()
+
+
+def address(t):
+    """Where t's data lives, without materialising a copy-on-write tensor (data_ptr() would)."""
+    return torch._C._data_address(t)
+
+
+@needs_native
+def test_cached_output_lazy_clone_and_copy_on_write():
+    # torch only makes copy-on-write clones of storages whose DataPtr context is the data
+    # pointer; any other context made _lazy_clone() raise "Expected storage != nullptr".
+    attnext.empty_cpu_cache()
+    y, expected = cached_output()
+    z = y._lazy_clone()
+    assert torch._C._is_cow_tensor(y) and torch._C._is_cow_tensor(z)
+    assert address(z) == address(y)  # shared until written
+    cached = attnext.cpu_cache_info()["cached_bytes"]
+    z.mul_(2)  # a write to one of two references: z gets its own copy, from the cache's allocator
+    assert not torch._C._is_cow_tensor(z) and address(z) != address(y)
+    assert torch.equal(z, expected * 2) and torch.equal(y, expected)
+    ptr = address(y)
+    y.add_(0)  # the last reference: takes the buffer back without a copy
+    assert not torch._C._is_cow_tensor(y) and address(y) == ptr and torch.equal(y, expected)
+    del y, z  # both buffers come back to the cache
+    assert attnext.cpu_cache_info()["cached_bytes"] == cached + 2 * expected.nbytes
+
+
+@needs_native
+def test_cached_output_lazy_clone_outlives_the_original():
+    # the original freed first: the clone keeps the shared buffer, and its first write
+    # takes it over without a copy
+    y, expected = cached_output()
+    z = y._lazy_clone()
+    ptr = address(y)
+    del y
+    z.neg_()
+    assert address(z) == ptr and torch.equal(z, -expected)
+
+
+@needs_native
+def test_cached_output_pickles_saves_and_deepcopies():
+    y, expected = cached_output()
+    assert torch.equal(pickle.loads(pickle.dumps(y)), expected)
+    d = copy.deepcopy(y)
+    assert d.data_ptr() != y.data_ptr() and torch.equal(d, expected)
+    buf = io.BytesIO()
+    torch.save({"y": y, "view": y[3:5]}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    assert torch.equal(loaded["y"], expected) and torch.equal(loaded["view"], expected[3:5])
+    # the view still shares the loaded storage, as it did the original's
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["y"].untyped_storage().data_ptr()
+
+
+@needs_native
+def test_cached_output_share_memory_copies_into_shared_memory():
+    attnext.empty_cpu_cache()
+    y, expected = cached_output()
+    ptr = y.data_ptr()
+    y.share_memory_()
+    assert y.is_shared() and y.data_ptr() != ptr and torch.equal(y, expected)
+    # the cache got its buffer back, as the CPU allocator gets a tensor's memory back
+    assert attnext.cpu_cache_info()["cached_bytes"] >= expected.nbytes
+
+
+@needs_native
+def test_cached_output_numpy_and_from_numpy_share_memory():
+    y, expected = cached_output()
+    a = y.numpy()
+    assert a.ctypes.data == y.data_ptr() and np.array_equal(a, expected.numpy())
+    back = torch.from_numpy(a)
+    assert back.data_ptr() == y.data_ptr()
+    back[0, 0, 0] = 7.0
+    assert y[0, 0, 0].item() == 7.0 and a[0, 0, 0] == 7.0
+    del y, back  # the array keeps the buffer alive
+    assert a[0, 0, 0] == 7.0 and np.array_equal(a[1:], expected[1:].numpy())
+
+
+@needs_native
+def test_cached_output_clone_is_an_ordinary_copy():
+    y, expected = cached_output()
+    c = y.clone()
+    assert c.data_ptr() != y.data_ptr() and torch.equal(c, expected)
+    y.zero_()
+    assert torch.equal(c, expected)
+
+
+@needs_native
+def test_cached_output_dlpack_shares_memory():
+    y, expected = cached_output()
+    t = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(y))
+    assert t.data_ptr() == y.data_ptr()
+    assert torch.from_dlpack(y).data_ptr() == y.data_ptr()
+    a = np.from_dlpack(y)
+    assert a.ctypes.data == y.data_ptr()
+    del y  # the capsule's owners keep the buffer alive
+    assert torch.equal(t, expected) and np.array_equal(a, expected.numpy())
+
+
+@needs_native
+def test_profiler_sees_cached_output_memory():
+    # Without reporting, the cache's memory is invisible to profile_memory: the op's
+    # self memory would be 0 (its output is the only large allocation).
+    x = torch.randn(BIG)
+    attnext.empty_cpu_cache()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y1 = attnext.causal_softmax(x)  # a fresh buffer
+        del y1
+        y2 = attnext.causal_softmax(x)  # the same buffer, from the cache
+        del y2
+    events = {e.key: e for e in prof.key_averages()}
+    op = events["attnext::causal_softmax"]
+    assert op.count == 2 and op.self_cpu_memory_usage >= 2 * x.nbytes, op.self_cpu_memory_usage
+    # the frees, outside any op: back to zero
+    assert events["[memory]"].cpu_memory_usage <= -2 * x.nbytes
+
+
+_FORK_CHECK = r"""
+import os, signal, threading, time, torch, attnext
+x = torch.randn(40, 256, 256)
+expected = attnext.causal_softmax(x)
+stop = threading.Event()
+
+def hammer():  # allocates and frees cached outputs (the op runs without the GIL) until told to stop
+    while not stop.is_set():
+        attnext.causal_softmax(x)
+
+thread = threading.Thread(target=hammer)
+thread.start()
+hung = []
+codes = []
+for i in range(FORKS):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)  # a hung child dies on its own, even if this script is killed
+        torch.set_num_threads(1)  # as DataLoader workers: OpenMP does not survive fork
+        ok = torch.equal(attnext.causal_softmax(x), expected)
+        os._exit(0 if ok else 3)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            codes.append(os.waitstatus_to_exitcode(status))
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            hung.append(i)
+            break
+        time.sleep(0.002)
+stop.set()
+thread.join()
+assert not hung, f"children {hung} hung"
+assert codes == [0] * FORKS, codes
+print("ok")
+"""
+
+
+@needs_native
+def test_fork_while_another_thread_allocates():
+    # A fork while another thread holds the cache's lock must not leave the child with
+    # the lock held forever. (The GIL makes that window rare from Python; the C++ test
+    # tests/cpp/test_output_cache.cpp hammers the allocator directly.)
+    out = run_python(_FORK_CHECK.replace("FORKS", "60"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok" in out.stdout, out.stdout[-3000:]
 
 
 @needs_native

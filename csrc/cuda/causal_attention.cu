@@ -18,7 +18,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -220,25 +219,6 @@ bool rows_aligned16(const at::Tensor& t) {
     if (t.size(d) > 1 && (t.stride(d) * item) % 16 != 0) return false;
   }
   return true;
-}
-
-// Whether float32 may run on TF32 tensor cores: torch's precision for CUDA matmuls, the
-// one torch.matmul and SDPA's math path follow, and not inside an at::NoTF32Guard (as
-// torch's cuBLAS calls). Read through the per-backend setting where torch has one
-// (torch.backends.cuda.matmul.fp32_precision; the legacy switches allow_tf32 and
-// set_float32_matmul_precision set it too): allowTF32CuBLAS() raises when only the new
-// API was used. torch 2.10+ has it as enums, 2.9 as strings; before 2.9 there is only
-// the legacy switch.
-bool tf32_allowed() {
-  if (at::NoTF32Guard::should_disable_tf32()) return false;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-         at::Float32Precision::TF32;
-#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
-  return at::globalContext().float32Precision("cuda", "matmul") == "tf32";
-#else
-  return at::globalContext().allowTF32CuBLAS();
-#endif
 }
 
 // Calls f(mma::F16{}), f(mma::Bf16{}) or f(mma::Tf32{}) for the tensor-core element type

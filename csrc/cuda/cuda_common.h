@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <torch/version.h>
 
 #include "cuda/causal_softmax_kernels.cuh"  // RowAddr
 
@@ -22,6 +23,26 @@ template <>
 struct CudaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
+
+// Whether float32 may run on TF32 (tensor cores in our kernels, CUBLAS_COMPUTE_32F_FAST_TF32
+// in cuBLAS): torch's precision for CUDA matmuls, the one torch.matmul and SDPA's math path
+// follow, and not inside an at::NoTF32Guard (as torch's cuBLAS calls). Every attnext CUDA op
+// reads it here. Read through the per-backend setting where torch has one
+// (torch.backends.cuda.matmul.fp32_precision; the legacy switches allow_tf32 and
+// set_float32_matmul_precision set it too): allowTF32CuBLAS() raises when only the new
+// API was used. torch 2.10+ has it as enums, 2.9 as strings; before 2.9 there is only
+// the legacy switch.
+inline bool tf32_allowed() {
+  if (at::NoTF32Guard::should_disable_tf32()) return false;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  return at::globalContext().float32Precision("cuda", "matmul") == "tf32";
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
 
 // Row addressing (batch dims and the T dim, any strides) of a (..., T, C) tensor.
 inline cuda::RowAddr row_addr(const at::Tensor& t) {

@@ -14,7 +14,9 @@
 // matrix is distinct). bfloat16/float16 gradients that accumulate over several
 // launches are summed in a float32 buffer and rounded once. When b is a plain
 // matrix (x @ W) and a is contiguous, the batch folds into one large GEMM, as
-// torch.matmul does. TF32 follows torch.backends.cuda.matmul.allow_tf32.
+// torch.matmul does. float32 runs on TF32 exactly when torch.matmul would
+// (tf32_allowed() in cuda_common.h: fp32_precision, allow_tf32,
+// set_float32_matmul_precision, not under at::NoTF32Guard).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,6 +27,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda/cuda_common.h"
 
 namespace attnext {
 namespace {
@@ -124,7 +127,7 @@ void batched_gemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Opera
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
   if (in_type == at::kDouble) {
     compute = CUBLAS_COMPUTE_64F;
-  } else if (in_type == at::kFloat && at::globalContext().allowTF32CuBLAS()) {
+  } else if (in_type == at::kFloat && tf32_allowed()) {
     compute = CUBLAS_COMPUTE_32F_FAST_TF32;
   }
   const double alpha_d = 1.0, beta_d = accumulate ? 1.0 : 0.0;
