@@ -200,7 +200,7 @@ def _timing_table() -> None:
             rows.append(dict(case=name, mode=mode, eager=te, attnext=ta))
 
 
-BENCH_OPS = ("causal_softmax", "matmul", "attention", "dropout")
+BENCH_OPS = ("causal_softmax", "matmul", "attention", "decode", "dropout")
 
 
 def _bench_modules(bench_dir: str, ops_wanted):
@@ -251,7 +251,7 @@ def _parse_shape(text: str, op: str):
             raise ValueError(f"matmul shapes are A@B, e.g. 64x1x256x64@8x64x256, got {text!r}")
         a, b = text.split("@")
         return dims(a), dims(b)
-    want = {"causal_softmax": 3, "attention": 4}.get(op)  # dropout: any shape
+    want = {"causal_softmax": 3, "attention": 4, "decode": 1}.get(op)  # dropout: any shape
     shape = dims(text)
     if want is not None and len(shape) != want:
         raise ValueError(f"{op} shapes have {want} dims, got {text!r}")
@@ -269,7 +269,8 @@ def _bench(argv: List[str]) -> int:
                    help="default: each benchmark's own")
     p.add_argument("--shape", action="append", metavar="SHAPE",
                    help="sizes to run instead of the defaults (needs one --op): causal_softmax BxTxS, "
-                        "attention BxNHxTxHS, matmul AxBx..@CxDx.., dropout any AxBx.. (repeatable)")
+                        "attention BxNHxTxHS, decode S (the KV cache length), matmul AxBx..@CxDx.., "
+                        "dropout any AxBx.. (repeatable)")
     p.add_argument("--quick", action="store_true", help="small sizes, short timings (a smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile peers (they compile for minutes)")
     p.add_argument("--csv", help="append rows here instead of benchmarks/results/<device>.csv (cpu-<model>.csv for a CPU)")

@@ -43,6 +43,35 @@ def time_cpu(fn: Callable[[], object], min_run_time: float = 1.0) -> Timing:
     return Timing(m.median * 1e3, m.iqr * 1e3)
 
 
+def quantile(xs, q):
+    """The q-quantile of xs, linearly interpolated between samples."""
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_interleaved(steps, min_run_time, rounds):
+    """{provider: (median_ms, iqr_ms)}, measuring the providers in turn, `rounds` times.
+
+    On a shared machine the load changes over seconds; interleaving gives every
+    provider the same mix of quiet and busy moments, so the ratios stay fair.
+    """
+    for step in steps.values():
+        step()  # warm-up (first-touch allocations, lazy init)
+    samples = {p: [] for p in steps}
+    names = list(steps)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for p in order:
+            m = Timer("step()", globals={"step": steps[p]}, num_threads=torch.get_num_threads()).blocked_autorange(
+                min_run_time=min_run_time / rounds
+            )
+            samples[p] += [t * 1e3 for t in m.times]
+    return {p: (quantile(ts, 0.5), quantile(ts, 0.75) - quantile(ts, 0.25)) for p, ts in samples.items()}
+
+
 def time_cuda(fn: Callable[[], object], reps: int = 50) -> Timing:
     """Median and IQR in ms with CUDA events; L2 is flushed before each repetition."""
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -200,14 +229,14 @@ def print_table(rows: List[Dict], title: str = "") -> None:
     """Median (IQR) per provider and, for each peer, how many times faster attnext is."""
     if title:
         print(title)
-    hdr = f"{'op':<16} {'shape':<30} {'dtype':<9} {'mode':<8} {'provider':<16} {'median ms':>10} {'IQR':>7} {'GF|GB/s':>8} {'attnext x':>9}"
+    hdr = f"{'op':<19} {'shape':<34} {'dtype':<9} {'mode':<8} {'provider':<16} {'median ms':>10} {'IQR':>7} {'GF|GB/s':>8} {'attnext x':>9}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         ratio = r.get("ratio_vs", "")
         ratio_s = f"{ratio:.2f}x" if isinstance(ratio, float) else ""
         print(
-            f"{r['op']:<16} {r['shape']:<30} {r['dtype']:<9} {r['mode']:<8} {r['provider']:<16} "
+            f"{r['op']:<19} {r['shape']:<34} {r['dtype']:<9} {r['mode']:<8} {r['provider']:<16} "
             f"{r['median_ms']:>10.3f} {r['iqr_ms']:>7.3f} {r.get('gflops_or_gbs', 0):>8.1f} {ratio_s:>9}"
         )
 
