@@ -6,7 +6,10 @@ Providers (one setup factory each):
            (the lecture's Head shape: SDPA falls to its math path)
   sdpa4d   the same on 4-D (B, nh, T, hs) inputs (SDPA's CPU flash kernel)
   attnext  attnext.causal_attention on 4-D inputs
-plus the lecture's MultiHeadAttention module, eager vs attnext.nn.MultiHeadAttention.
+plus the lecture's MultiHeadAttention module, eager vs attnext.nn.MultiHeadAttention,
+and nanoGPT's CausalSelfAttention training step (forward + backward, float32):
+attnext.nn.CausalSelfAttention vs nanoGPT's own module (`nanogpt`: c_attn, SDPA with
+is_causal=True, c_proj), both loaded with the same state_dict.
 
 Modes fwd and fwd+bwd, float32 and bfloat16. Every provider's output is checked
 against the float64 reference before anything is timed. Timing:
@@ -30,10 +33,11 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -60,6 +64,9 @@ CASES_FULL = [(1, 64, 256, 64), (1, 8, 2048, 64)]
 CASES_QUICK = [(1, 8, 256, 64)]
 MHA_FULL = dict(B=64, T=256, n_embd=384, num_heads=6)
 MHA_QUICK = dict(B=4, T=128, n_embd=384, num_heads=6)
+# nanoGPT's CausalSelfAttention: GPT-2 small's layer (n_embd 768, 12 heads) at its block size
+NANOGPT_FULL = dict(B=8, T=1024, n_embd=768, n_head=12)
+NANOGPT_QUICK = dict(B=2, T=128, n_embd=384, n_head=6)
 
 
 # ----------------------------------------------------------------------------- providers
@@ -129,35 +136,78 @@ def make_mha_case(provider, cfg, dtype, mode, seed=0):
     return step, x
 
 
+class NanoGPTCausalSelfAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention (karpathy/nanoGPT model.py, the copy in
+    tests/test_nn.py) on the path it takes with torch >= 2.0: ``self.flash``, SDPA with
+    ``is_causal=True`` between the fused c_attn projection and c_proj."""
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
+                                           is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def make_nanogpt_case(provider, cfg, dtype, mode="fwd+bwd", seed=0):
+    """One training step (zero_grad, forward, backward) of nanoGPT's module or attnext's,
+    in train mode, dropout 0, bias True; both hold the same weights. Returns the step
+    and the module."""
+    torch.manual_seed(seed)
+    config = SimpleNamespace(n_embd=cfg["n_embd"], n_head=cfg["n_head"], block_size=cfg["T"], dropout=0.0, bias=True)
+    nano = NanoGPTCausalSelfAttention(config).to(dtype)
+    if provider == "attnext":
+        module = attnext.nn.CausalSelfAttention(config).to(dtype)
+        module.load_state_dict(nano.state_dict())
+    elif provider == "nanogpt":
+        module = nano
+    else:
+        raise ValueError(provider)
+    module.train()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(cfg["B"], cfg["T"], cfg["n_embd"], generator=g).to(dtype).requires_grad_(mode != "fwd")
+    grad = torch.randn(cfg["B"], cfg["T"], cfg["n_embd"], generator=g).to(dtype)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                return module(x)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = module(x)
+        out.backward(grad)
+        return out
+
+    return step, module
+
+
+def _nanogpt_flops(cfg, mode):
+    """c_attn and c_proj (8*B*T*C^2) plus causal attention (2*B*T^2*C); backward 2x the
+    projections, 2.5x the attention."""
+    B, T, C = cfg["B"], cfg["T"], cfg["n_embd"]
+    proj, attn = 8.0 * B * T * C * C, 2.0 * B * T * T * C
+    return proj + attn if mode == "fwd" else 3 * proj + 3.5 * attn
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
-def _quantile(xs, q):
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def _time_interleaved(steps, min_run_time, rounds):
-    """{provider: (median_ms, iqr_ms)}, measuring the providers in turn, `rounds` times.
-
-    On a shared machine the load changes over seconds; interleaving gives every
-    provider the same mix of quiet and busy moments, so the ratios stay fair.
-    """
-    for step in steps.values():
-        step()  # warm-up (first-touch allocations, lazy init)
-    samples = {p: [] for p in steps}
-    names = list(steps)
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for p in order:
-            m = Timer("step()", globals={"step": steps[p]}, num_threads=torch.get_num_threads()).blocked_autorange(
-                min_run_time=min_run_time / rounds
-            )
-            samples[p] += [t * 1e3 for t in m.times]
-    return {p: (_quantile(ts, 0.5), _quantile(ts, 0.75) - _quantile(ts, 0.25)) for p, ts in samples.items()}
+_time_interleaved = bench_common.time_interleaved  # {provider: (median_ms, iqr_ms)}, providers in turn
 
 
 def _attention_flops(B, nh, T, hs, mode):
@@ -186,6 +236,9 @@ def _peak_memory_once(kind, provider, spec, dtype_name, mode):
     if kind == "attention":
         make = f"b.make_attention_case({provider!r}, {tuple(spec)!r}, dtype, {mode!r})"
         warm = f"b.make_attention_case({provider!r}, (1, 2, 64, 16), dtype, {mode!r})"
+    elif kind == "nanogpt":
+        make = f"b.make_nanogpt_case({provider!r}, {dict(spec)!r}, dtype, {mode!r})"
+        warm = f"b.make_nanogpt_case({provider!r}, dict(B=1, T=16, n_embd=12, n_head=2), dtype, {mode!r})"
     else:
         make = f"b.make_mha_case({provider!r}, {dict(spec)!r}, dtype, {mode!r})"
         warm = f"b.make_mha_case({provider!r}, dict(B=1, T=16, n_embd=12, num_heads=2), dtype, {mode!r})"
@@ -299,15 +352,42 @@ def run(quick: bool = False, shapes=None, dtypes=None) -> list:
                     rows.append(dict(common, op="MultiHeadAttention", shape=shape_s, dtype="float32",
                                      mode=mode + ":peak_rss_mb", provider=p, median_ms=round(mb, 2), iqr_ms=NAN,
                                      gflops_or_gbs=NAN, ratio_vs="", peer="", peak_mb=round(mb, 2)))
+    # nanoGPT's CausalSelfAttention, one training step: attnext's module vs nanoGPT's own
+    nano_cfgs = [] if shapes else [NANOGPT_QUICK if quick else NANOGPT_FULL]
+    for cfg in nano_cfgs:
+        shape_s = ",".join(f"{k}={v}" for k, v in cfg.items())
+        mode, providers = "fwd+bwd", ("attnext", "nanogpt")
+        made = {p: make_nanogpt_case(p, cfg, torch.float32, mode) for p in providers}
+        outs = {p: step().detach() for p, (step, _) in made.items()}
+        _check({"attnext": outs["attnext"]}, outs["nanogpt"].double(), torch.float32)
+        grads = {p: dict(m.named_parameters()) for p, (_, m) in made.items()}
+        for name, w in grads["nanogpt"].items():  # and every weight's gradient
+            _check({f"attnext {name}.grad": grads["attnext"][name].grad}, w.grad.double(), torch.float32)
+        steps = {p: step for p, (step, _) in made.items()}
+        times = _time_interleaved(steps, min_run_time * len(steps), rounds)
+        flops = _nanogpt_flops(cfg, mode)
+        for p, (med, iqr) in times.items():
+            rows.append(dict(common, op="CausalSelfAttention", shape=shape_s, dtype="float32", mode=mode, provider=p,
+                             median_ms=round(med, 3), iqr_ms=round(iqr, 3),
+                             gflops_or_gbs=round(flops / (med * 1e-3) / 1e9, 2),
+                             ratio_vs=round(times["nanogpt"][0] / med, 3) if p == "attnext" else "",
+                             peer="nanogpt" if p == "attnext" else "", seq_len=cfg["T"]))
+        del made, steps, grads, outs
+        if not quick:
+            for p in providers:
+                mb = _peak_memory_mb("nanogpt", p, cfg, "float32", mode)
+                rows.append(dict(common, op="CausalSelfAttention", shape=shape_s, dtype="float32",
+                                 mode=mode + ":peak_rss_mb", provider=p, median_ms=round(mb, 2), iqr_ms=NAN,
+                                 gflops_or_gbs=NAN, ratio_vs="", peer="", peak_mb=round(mb, 2), seq_len=cfg["T"]))
     return rows
 
 
 def _print(rows):
-    print(f"{'op':<19}{'shape':<30}{'dtype':<10}{'mode':<22}{'provider':<9}{'median ms':>10}{'IQR':>8}"
+    print(f"{'op':<21}{'shape':<30}{'dtype':<10}{'mode':<22}{'provider':<9}{'median ms':>10}{'IQR':>8}"
           f"{'GFLOP/s':>9}{'peak MiB':>9}  attnext speed-up")
     for r in rows:
         speed = f"{r['ratio_vs']}x vs {r['peer']}" if r.get("peer") else ""
-        print(f"{r['op']:<19}{r['shape']:<30}{r['dtype']:<10}{r['mode']:<22}{r['provider']:<9}"
+        print(f"{r['op']:<21}{r['shape']:<30}{r['dtype']:<10}{r['mode']:<22}{r['provider']:<9}"
               f"{r['median_ms']!s:>10}{r['iqr_ms']!s:>8}{r['gflops_or_gbs']!s:>9}{r.get('peak_mb', '')!s:>9}  {speed}")
 
 
