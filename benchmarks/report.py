@@ -18,8 +18,12 @@ Without CSV arguments: every benchmarks/results/*.csv whose rows were measured o
 Figures, per machine and op: `<machine>_<op>.png`, grouped bars of the speedup (one group
 per shape, one bar per peer, a line at 1.0x, one panel per dtype and mode);
 `<machine>_<op>_memory.png`, the same for peak memory; `<machine>_<op>_vs_T.png`, speedup
-against T, only where the CSV holds a sweep (three or more T at otherwise equal shapes):
-bars at fixed shapes, curves only where the x axis is a real quantity.
+against T, only where the CSV holds a sweep (three or more T at otherwise equal shapes),
+or `<machine>_decode_vs_S.png` against the KV length S for decode and decode_gqa together
+(where attnext crosses over SDPA): bars at fixed shapes, curves only where the x axis is
+a real quantity.
+Rows of op `memcpy` (the machine's copy bandwidth, measured by bench_decode.py) give a
+line under the machine's tables.
 """
 from __future__ import annotations
 
@@ -41,10 +45,17 @@ MEM_SUFFIX = ":peak_rss_mb"
 NOT_A_PEER = ("bandwidth-floor",)  # a bound measured in the same run, not a competitor
 # The unit of the gflops_or_gbs column, as each benchmark script writes it.
 RATE_UNIT = {"causal_softmax": "GB/s", "dropout": "GB/s", "causal_mean": "GB/s", "matmul": "GFLOP/s",
-             "causal_attention": "GFLOP/s"}
+             "causal_attention": "GFLOP/s", "decode": "GB/s", "decode_gqa": "GB/s", "chunked_prefill": "GFLOP/s",
+             "CausalSelfAttention": "GFLOP/s", "memcpy": "GB/s"}
 # Named dims of the ops whose shape column is positional ("384x256x256", "(8,2048,256)").
 POSITIONAL_DIMS = {"causal_softmax": ("B", "T", "S"), "causal_mean": ("B", "T", "C"), "dropout": ("B", "T", "C")}
 SWEEP_AXES = ("T", "S")
+# The swept dimension of each op's curves (default T, with S = T for the square ops).
+SWEEP_AXIS = {"decode": "S", "decode_gqa": "S"}
+AXIS_LABEL = {"T": "T (sequence length)", "S": "S (KV cache length)"}
+FIGURE_KINDS = ("", "_memory", "_vs_T", "_vs_S")
+# {op: the op whose curves figure it is drawn in}: GQA decoding next to plain decoding
+CURVE_GROUPS = {"decode_gqa": "decode"}
 HEADLINE_FIGURE_OP = "causal_attention"  # the README shows this op's figure for each machine
 MIN_SWEEP_POINTS = 3
 
@@ -70,9 +81,12 @@ def load(paths: Sequence[str]) -> "OrderedDict[str, Dict]":
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):  # each file is appended in time order: later rows win
-                m = machines.setdefault(r["device"], {"cases": OrderedDict(), "files": []})
+                m = machines.setdefault(r["device"], {"cases": OrderedDict(), "files": [], "copy": OrderedDict()})
                 if path not in m["files"]:
                     m["files"].append(path)
+                if r["op"] == "memcpy":  # the machine's copy bandwidth: no attnext, not a case
+                    m["copy"][r["shape"]] = r
+                    continue
                 m["cases"].setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
     for m in machines.values():
         m["cases"] = OrderedDict((k, v) for k, v in m["cases"].items() if "attnext" in v)
@@ -153,6 +167,10 @@ def machine_tables(machine: str, m: Dict, figure_dir: Optional[str] = None) -> s
             lines.append(f"| {op} | {shape} | {dtype} | {mode} | {median(a):.3g} ms{iqr_s} | {rate_s} | {peers} | "
                          f"{'; '.join(rs)} |")
         lines.append("")
+    for shape, r in m.get("copy", {}).items():
+        lines += [f"Copy bandwidth (`dst.copy_(src)` of {shape} float32 into a preallocated `dst`, read + write "
+                  f"bytes counted; the `bandwidth-floor` rows read K and V at this rate): "
+                  f"{float(r['gflops_or_gbs']):.3g} GB/s ({r['date'][:10]}).", ""]
     if mem:
         lines += ["Peak memory: growth of the process's peak RSS over one step, in a fresh process.", "",
                   "| op | shape | dtype | mode | attnext | peers | peer / attnext |", "|---|---|---|---|---:|---|---|"]
@@ -164,7 +182,8 @@ def machine_tables(machine: str, m: Dict, figure_dir: Optional[str] = None) -> s
         lines.append("")
     if figure_dir is not None:
         for op in ops_of(m):
-            for kind, title in (("", "speedup"), ("_memory", "peak memory"), ("_vs_T", "speedup against T")):
+            for kind, title in (("", "speedup"), ("_memory", "peak memory"), ("_vs_T", "speedup against T"),
+                                ("_vs_S", "speedup against S")):
                 path = os.path.join(FIGURES, f"{safe_name(machine)}_{safe_name(op)}{kind}.png")
                 if os.path.exists(path) and path in _written:
                     lines += [f"![{op}, {title}, {machine}]({rel(path, figure_dir)})", ""]
@@ -262,9 +281,11 @@ def _bars(plt, machine: str, m: Dict, op: str, memory: bool, path: str) -> Optio
     nbars = max(len(rs) for groups in panels.values() for _, rs in groups)
     ngroups = max(len(g) for g in panels.values())
     # One row per dtype, one column per mode.
-    fig, axes = plt.subplots(len(dtypes), len(modes), squeeze=False,
-                             figsize=(max(4.6, min(7.0, 1.2 + 0.45 * ngroups * max(2, nbars))) * len(modes),
-                                      3.3 * len(dtypes) + 1.0))
+    what = "each peer's peak memory as a multiple of attnext's" if memory else "speedup of attnext over each peer"
+    title = f"{op}: {what} (dashed: 1.0x)\n{machine}, torch {torch_versions(m)}; dtype: {', '.join(dtypes)}"
+    width = max(4.6, min(7.0, 1.2 + 0.45 * ngroups * max(2, nbars))) * len(modes)
+    width = max(width, 0.08 * max(len(line) for line in title.split("\n")))  # the title fits (10 pt)
+    fig, axes = plt.subplots(len(dtypes), len(modes), squeeze=False, figsize=(width, 3.3 * len(dtypes) + 1.0))
     for i, dtype in enumerate(dtypes):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
@@ -298,9 +319,7 @@ def _bars(plt, machine: str, m: Dict, op: str, memory: bool, path: str) -> Optio
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in peers]
     fig.legend(handles, [f"vs {p}" for p in peers], loc="upper center", bbox_to_anchor=(0.5, 1.0 - 0.48 / fig.get_figheight()),
                ncol=min(len(peers), 5), fontsize=8, frameon=False)
-    what = "each peer's peak memory as a multiple of attnext's" if memory else "speedup of attnext over each peer"
-    fig.suptitle(f"{op}: {what} (dashed: 1.0x)\n{machine}, torch {torch_versions(m)}; "
-                 f"dtype: {', '.join(dtypes)}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.3 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -318,38 +337,53 @@ def parse_shape(op: str, shape: str) -> Optional[Dict[str, str]]:
 
 
 def sweeps(m: Dict, op: str) -> "OrderedDict[Tuple, List[Tuple[int, Dict[str, float]]]]":
-    """{(dtype, mode, fixed params): [(T, {peer: speedup})]} with MIN_SWEEP_POINTS or more T."""
+    """{(dtype, mode, fixed params): [(x, {peer: speedup})]} with MIN_SWEEP_POINTS or more
+    values x of the op's sweep axis (SWEEP_AXIS: T, or S for the decode ops)."""
+    axis = SWEEP_AXIS.get(op, "T")
+    varying = SWEEP_AXES if axis == "T" else (axis,)  # T sweeps of the square ops move S with T
     out: "OrderedDict[Tuple, List[Tuple[int, Dict[str, float]]]]" = OrderedDict()
     for (o, shape, dtype, mode), provs in m["cases"].items():
         p = parse_shape(o, shape) if o == op and not is_mem(mode) else None
-        if not p or "T" not in p:
+        if not p or axis not in p:
             continue
-        fixed = tuple((k, v) for k, v in p.items() if k not in SWEEP_AXES)
-        out.setdefault((dtype, mode, fixed), []).append((int(p["T"]), ratios(provs)))
+        fixed = tuple((k, v) for k, v in p.items() if k not in varying)
+        out.setdefault((dtype, mode, fixed), []).append((int(p[axis]), ratios(provs)))
     return OrderedDict((k, sorted(v)) for k, v in out.items() if len({t for t, _ in v}) >= MIN_SWEEP_POINTS)
 
 
-def _curves(plt, machine: str, m: Dict, op: str, path: str) -> Optional[str]:
-    sw = sweeps(m, op)
-    if not sw:
+def _curves(plt, machine: str, m: Dict, ops: Sequence[str], path: str) -> Optional[str]:
+    """attnext's speedup over each peer against the sweep axis of `ops` (one op, or a
+    CURVE_GROUPS group drawn together): one panel per (dtype, mode), one line per
+    (op, fixed shape, peer)."""
+    axis = SWEEP_AXIS.get(ops[0], "T")
+    panels: "OrderedDict[Tuple[str, str], List[Tuple[str, str, List[Tuple[int, float]]]]]" = OrderedDict()
+    for op in ops:
+        for (dtype, mode, fixed), pts in sweeps(m, op).items():
+            fixed_s = ",".join(f"{k}={v}" for k, v in fixed)
+            for peer in OrderedDict.fromkeys(p for _, rs in pts for p in rs):
+                xy = [(x, rs[peer]) for x, rs in pts if peer in rs]
+                if len(xy) >= MIN_SWEEP_POINTS:  # a peer measured at one or two points is no curve
+                    label = f"vs {peer}" if len(ops) == 1 else f"{op} vs {peer}"
+                    panels.setdefault((dtype, mode), []).append((label, fixed_s, xy))
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(sw), squeeze=False, figsize=(5.0 * len(sw), 4.0))
-    for ax, ((dtype, mode, fixed), pts) in zip(axes[0], sw.items()):
-        peers = list(OrderedDict.fromkeys(p for _, rs in pts for p in rs))
-        for peer in peers:
-            xy = [(t, rs[peer]) for t, rs in pts if peer in rs]
-            if len(xy) < MIN_SWEEP_POINTS:  # a peer measured at one or two T is no curve
-                continue
-            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"vs {peer}")
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(5.4 * len(panels), 4.2))
+    for ax, ((dtype, mode), lines) in zip(axes[0], panels.items()):
+        one_shape = len({f for _, f, _ in lines}) == 1
+        for label, fixed_s, xy in lines:
+            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o",
+                    label=label if one_shape else f"{label}: {fixed_s}")
         ax.axhline(1.0, color="black", lw=1.0, ls="--")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.set_xlabel("T (sequence length)")
+        ax.set_xlabel(AXIS_LABEL[axis])
         ax.set_ylabel("peer time / attnext time")
-        ax.set_title(f"{dtype}, {mode}; " + ",".join(f"{k}={v}" for k, v in fixed), fontsize=9)
+        ax.set_title(f"{dtype}, {mode}" + (f"; {lines[0][1]}" if one_shape else ""), fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{op}: speedup against T (dashed: 1.0x)\n{machine}, torch {torch_versions(m)}", fontsize=10)
+    what = ", ".join(ops)
+    fig.suptitle(f"{what}: attnext's speedup against {axis} (dashed: 1.0x)\n{machine}, torch {torch_versions(m)}; "
+                 f"dtype: {', '.join(OrderedDict.fromkeys(d for d, _ in panels))}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -366,9 +400,11 @@ def plots(machines: "OrderedDict[str, Dict]") -> List[str]:
     for machine, m in machines.items():
         for op in ops_of(m):
             base = os.path.join(FIGURES, f"{safe_name(machine)}_{safe_name(op)}")
+            group = [op] + [o for o, head in CURVE_GROUPS.items() if head == op]
             for p in (_bars(plt, machine, m, op, False, base + ".png"),
                       _bars(plt, machine, m, op, True, base + "_memory.png"),
-                      _curves(plt, machine, m, op, base + "_vs_T.png")):
+                      None if op in CURVE_GROUPS else
+                      _curves(plt, machine, m, group, f"{base}_vs_{SWEEP_AXIS.get(op, 'T')}.png")):
                 if p:
                     out.append(p)
                     _written.add(p)
@@ -420,7 +456,7 @@ def main(argv=None) -> int:
         else:  # the figures that would be written are the ones on disk
             for machine, m in machines.items():
                 for op in ops_of(m):
-                    for kind in ("", "_memory", "_vs_T"):
+                    for kind in FIGURE_KINDS:
                         _written.add(os.path.join(FIGURES, f"{safe_name(machine)}_{safe_name(op)}{kind}.png"))
         stale = []
         for path, blocks in documents(machines).items():
