@@ -43,6 +43,8 @@ _ATTENTION_DTYPES = {
     "cuda": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
     "meta": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
 }
+# Device types whose attention kernels take window_size other than causal (-1, 0).
+_WINDOW_DEVICES = frozenset({"cpu", "meta"})
 _OP_KERNEL_DTYPES = {"causal_attention": _ATTENTION_DTYPES, "causal_attention_qkvpacked": _ATTENTION_DTYPES}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
@@ -101,8 +103,9 @@ def empty_cpu_cache() -> None:
         torch.ops.attnext._cpu_cache_empty()
 
 
-def _fallback_reasons(op: str, tensors: Sequence[Tensor]) -> List[str]:
-    """Why ``op`` cannot run its native kernel on these tensors; empty: it can."""
+def _fallback_reasons(op: str, tensors: Sequence[Tensor], window: Tuple[int, int] = (-1, 0)) -> List[str]:
+    """Why ``op`` cannot run its native kernel on these tensors (and, for attention, this
+    window_size); empty: it can."""
     global _warned_no_C
     reasons = []
     if _C is None:
@@ -125,6 +128,11 @@ def _fallback_reasons(op: str, tensors: Sequence[Tensor]) -> List[str]:
             reasons.append(f"attnext::{op} has no native kernel for device type '{dev}' in this build")
         elif t.dtype not in dtypes.get(dev, ()):
             reasons.append(f"attnext::{op} has no native {dev} kernel for dtype {t.dtype}")
+        elif tuple(window) != (-1, 0) and dev not in _WINDOW_DEVICES:
+            reasons.append(
+                f"attnext::{op} has no native {dev} kernel for window_size={tuple(window)} (only causal, (-1, 0)); "
+                "the CPU kernels take any window"
+            )
     return list(dict.fromkeys(reasons))
 
 
@@ -160,17 +168,18 @@ def _kernel_notes(op: str, tensors: Sequence[Tensor]) -> List[str]:
     return notes
 
 
-def explain(op: str, *tensors: Tensor) -> Explanation:
+def explain(op: str, *tensors: Tensor, window_size: Tuple[int, int] = (-1, 0)) -> Explanation:
     """Why ``attnext.<op>(*tensors)`` would take the eager fallback instead of a native kernel.
 
     Returns a list of human-readable reasons; an empty list means the native kernel runs.
     Its ``.kernels`` attribute says which native kernel runs where attnext chooses
     (its own float32 GEMM or the BLAS, measured on this CPU at first use; the decode
-    pass). Example: ``attnext.explain("causal_softmax", x)``.
+    pass). ``window_size``: the attention window the call would use (see
+    :func:`causal_attention`). Example: ``attnext.explain("causal_softmax", x)``.
     """
     if op not in _PUBLIC_OPS:
         raise ValueError(f"attnext.explain: unknown op {op!r}; expected one of {sorted(_PUBLIC_OPS)}")
-    reasons = _fallback_reasons(op, tensors)
+    reasons = _fallback_reasons(op, tensors, window=_check_window(window_size))
     return Explanation(reasons, [] if reasons else _kernel_notes(op, tensors))
 
 
@@ -691,6 +700,11 @@ def _host_seed(seed: int, offset: int, rng: Optional[Tensor]) -> Tuple[int, int]
         ) from e
 
 
+def _window_input(inputs, index: int) -> Tuple[int, int]:
+    """The (window_left, window_right) arguments of an op call's inputs (default causal)."""
+    return (inputs[index] if len(inputs) > index else -1, inputs[index + 1] if len(inputs) > index + 1 else 0)
+
+
 def _rng_input(inputs, index: int) -> Optional[Tensor]:
     """The optional rng argument of an op call's inputs (absent when the caller left it out)."""
     return inputs[index] if len(inputs) > index else None
@@ -706,6 +720,7 @@ def causal_attention(
     align: str = "top_left",
     generator: Optional[torch.Generator] = None,
     enable_gqa: bool = False,
+    window_size: Tuple[int, int] = (-1, 0),
 ) -> Tensor:
     """Fused causal attention head: ``dropout(softmax(q @ k^T * scale, causal)) @ v``.
 
@@ -743,10 +758,17 @@ def causal_attention(
             never repeated: the kernels read them through stride-0 views (decoding
             streams each key/value head once for its whole group); their gradients
             are summed over each group. Default False: q, k, v need equal batch dims.
+        window_size: ``(left, right)``, the keys each query sees around its diagonal
+            key ``d`` (``d = i`` top-left, ``i + S - T`` bottom-right): ``d - left <= j
+            <= d + right``, ``-1`` meaning no limit on that side (FlashAttention's
+            convention). Default ``(-1, 0)``: causal. ``(W, 0)``: a causal sliding
+            window of ``W + 1`` keys (Mistral, Gemma); key tiles wholly outside it
+            are never touched, so the cost grows as ``T * W``. ``(-1, -1)``: full,
+            non-causal attention (every key).
 
     Returns:
         ``(..., T, hs_v)`` contiguous, same dtype as ``q``. A query that sees no key
-        (bottom-right with ``T > S``) gets a zero row.
+        (bottom-right with ``T > S``, or outside its window) gets a zero row.
 
     Differentiable in ``q``, ``k`` and ``v``: the backward
     (``torch.ops.attnext._causal_attention_backward``) recomputes the weights from the
@@ -757,6 +779,7 @@ def causal_attention(
     ``torch._dynamo.config.capture_scalar_outputs = True`` when ``dropout_p > 0``.
     """
     bottom_right = _bottom_right(align)
+    wl, wr = _check_window(window_size)
     if enable_gqa:
         q, k, v = _gqa_views(q, k, v)  # (..., Hkv, g, T, hs), k and v expanded over g
     dropout_p = _check_attention_args(q, k, v, dropout_p)
@@ -764,11 +787,24 @@ def causal_attention(
     seed, offset, rng = 0, 0, None
     if dropout_p > 0:
         seed, offset, rng = _draw_dropout(q.device, generator)
-    if _fallback_reasons("causal_attention", (q, k, v)):
-        out, _ = reference.causal_attention(q, k, v, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng))
+    if _fallback_reasons("causal_attention", (q, k, v), window=(wl, wr)):
+        hs = _host_seed(seed, offset, rng)
+        out, _ = reference.causal_attention(q, k, v, scale, dropout_p, bottom_right, *hs, window=(wl, wr))
     else:
-        out, _ = _call("causal_attention", q, k, v, scale, dropout_p, bottom_right, seed, offset, rng)
+        out, _ = _call("causal_attention", q, k, v, scale, dropout_p, bottom_right, seed, offset, rng, wl, wr)
     return out.flatten(-4, -3) if enable_gqa else out
+
+
+def _check_window(window_size) -> Tuple[int, int]:
+    """window_size as two ints >= -1 (see :func:`causal_attention`)."""
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2
+    ok = ok and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    if not ok:
+        raise ValueError(
+            "attnext: window_size must be a pair (left, right) of ints >= -1 (-1: no limit on that side; "
+            f"(-1, 0) causal, (W, 0) a sliding window, (-1, -1) full attention), got {window_size!r}"
+        )
+    return int(window_size[0]), int(window_size[1])
 
 
 def _gqa_views(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -794,7 +830,8 @@ def _gqa_views(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]
     return q, k, v
 
 
-def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0, rng=None):
+def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0, rng=None,
+                           window_left=-1, window_right=0):
     err = _attention_shape_error(q, k, v)
     torch._check(err is None, lambda: err)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -803,7 +840,7 @@ def _causal_attention_fake(q, k, v, scale, dropout_p=0.0, bottom_right=False, se
 
 
 def _causal_attention_backward_fake(grad_out, q, k, v, out, lse, scale, dropout_p=0.0, bottom_right=False, seed=0,
-                                    offset=0, rng=None):
+                                    offset=0, rng=None, window_left=-1, window_right=0):
     torch._check(grad_out.shape == out.shape, lambda: "attnext: grad_out must have the shape of out")
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -816,6 +853,7 @@ def _causal_attention_setup_context(ctx, inputs, output):
     q, k, v, scale, dropout_p, bottom_right, seed, offset = inputs[:8]
     out, lse = output
     ctx.args = (scale, dropout_p, bottom_right, seed, offset)
+    ctx.window = _window_input(inputs, 9)
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, _rng_input(inputs, 8))
     ctx.save_for_forward(q, k, v, _rng_input(inputs, 8))
@@ -829,9 +867,9 @@ def _attention_grads(ctx, grad_out, q, k, v, out, lse, rng):
     scale, dropout_p, bottom_right, seed, offset = ctx.args
     if _autograd.higher_order_requested():
         return reference.causal_attention_grads(
-            grad_out, q, k, v, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng)
+            grad_out, q, k, v, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng), window=ctx.window
         )
-    return _call("_causal_attention_backward", grad_out, q, k, v, out, lse, *ctx.args, rng)
+    return _call("_causal_attention_backward", grad_out, q, k, v, out, lse, *ctx.args, rng, *ctx.window)
 
 
 def _causal_attention_bwd(ctx, grad_out, grad_lse):
@@ -842,7 +880,7 @@ def _causal_attention_bwd(ctx, grad_out, grad_lse):
         gq = gq if ctx.needs_input_grad[0] else None
         gk = gk if ctx.needs_input_grad[1] else None
         gv = gv if ctx.needs_input_grad[2] else None
-    return gq, gk, gv, None, None, None, None, None, None
+    return gq, gk, gv, None, None, None, None, None, None, None, None
 
 
 def _causal_attention_jvp(ctx, tq, tk, tv, *_):
@@ -851,7 +889,7 @@ def _causal_attention_jvp(ctx, tq, tk, tv, *_):
     q, k, v, rng = ctx.saved_tensors
     scale, dropout_p, bottom_right, seed, offset = ctx.args
     t_out, _ = reference.causal_attention_jvp(
-        q, k, v, tq, tk, tv, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng)
+        q, k, v, tq, tk, tv, scale, dropout_p, bottom_right, *_host_seed(seed, offset, rng), window=ctx.window
     )
     return t_out, None
 
@@ -893,6 +931,7 @@ def causal_attention_qkvpacked(
     dropout_p: float = 0.0,
     align: str = "top_left",
     generator: Optional[torch.Generator] = None,
+    window_size: Tuple[int, int] = (-1, 0),
 ) -> Tensor:
     """:func:`causal_attention` with q, k and v packed in one tensor, as a fused
     projection produces them (nanoGPT's ``c_attn(x).view(B, T, 3, nh, hs)``).
@@ -901,8 +940,8 @@ def causal_attention_qkvpacked(
         qkv: ``(..., T, 3, nh, hs)``: ``qkv[..., 0, :, :]`` are the queries,
             ``[..., 1, :, :]`` the keys and ``[..., 2, :, :]`` the values of ``nh`` heads
             (at least 4 dims; any strides; dtypes as :func:`causal_attention`).
-        scale, dropout_p, align, generator: as :func:`causal_attention`; ``scale=None``
-            means ``hs ** -0.5``.
+        scale, dropout_p, align, generator, window_size: as :func:`causal_attention`;
+            ``scale=None`` means ``hs ** -0.5``.
 
     Returns:
         ``out`` ``(..., T, nh, hs)``, contiguous: head ``h``'s output at
@@ -924,16 +963,17 @@ def causal_attention_qkvpacked(
             f"got shape {tuple(qkv.shape)}"
         )
     bottom_right = _bottom_right(align)
+    wl, wr = _check_window(window_size)
     dropout_p = _check_dropout_p(dropout_p)
     scale = qkv.shape[-1] ** -0.5 if scale is None else _check_scale(scale)
     seed, offset, rng = 0, 0, None
     if dropout_p > 0:
         seed, offset, rng = _draw_dropout(qkv.device, generator)
-    if _fallback_reasons("causal_attention_qkvpacked", (qkv,)):
+    if _fallback_reasons("causal_attention_qkvpacked", (qkv,), window=(wl, wr)):
         hs = _host_seed(seed, offset, rng)
-        out, _ = reference.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, *hs)
+        out, _ = reference.causal_attention_qkvpacked(qkv, scale, dropout_p, bottom_right, *hs, window=(wl, wr))
         return out
-    out, _ = _call("causal_attention_qkvpacked", qkv, scale, dropout_p, bottom_right, seed, offset, rng)
+    out, _ = _call("causal_attention_qkvpacked", qkv, scale, dropout_p, bottom_right, seed, offset, rng, wl, wr)
     return out
 
 
@@ -942,7 +982,8 @@ def _qkvpacked_check(qkv):
     torch._check(qkv.shape[-3] == 3, lambda: "attnext: qkv must have size 3 in dim -3 (..., T, 3, nh, hs)")
 
 
-def _causal_attention_qkvpacked_fake(qkv, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0, rng=None):
+def _causal_attention_qkvpacked_fake(qkv, scale, dropout_p=0.0, bottom_right=False, seed=0, offset=0, rng=None,
+                                     window_left=-1, window_right=0):
     _qkvpacked_check(qkv)
     *batch, T, _, nh, hs = qkv.shape
     out = qkv.new_empty((*batch, T, nh, hs))
@@ -951,7 +992,7 @@ def _causal_attention_qkvpacked_fake(qkv, scale, dropout_p=0.0, bottom_right=Fal
 
 
 def _causal_attention_qkvpacked_backward_fake(grad_out, qkv, out, lse, scale, dropout_p=0.0, bottom_right=False,
-                                              seed=0, offset=0, rng=None):
+                                              seed=0, offset=0, rng=None, window_left=-1, window_right=0):
     _qkvpacked_check(qkv)
     torch._check(grad_out.shape == out.shape, lambda: "attnext: grad_out must have the shape of out")
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
@@ -961,6 +1002,7 @@ def _causal_attention_qkvpacked_setup_context(ctx, inputs, output):
     qkv, scale, dropout_p, bottom_right, seed, offset = inputs[:6]
     out, lse = output
     ctx.args = (scale, dropout_p, bottom_right, seed, offset)
+    ctx.window = _window_input(inputs, 7)
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, out, lse, _rng_input(inputs, 6))
     ctx.save_for_forward(qkv, _rng_input(inputs, 6))
@@ -974,12 +1016,12 @@ def _causal_attention_qkvpacked_bwd(ctx, grad_out, grad_lse):
             scale, dropout_p, bottom_right, seed, offset = ctx.args
             grads = reference.causal_attention_grads(
                 grad_out.transpose(-3, -2), *reference.unpack_qkv(qkv), scale, dropout_p, bottom_right,
-                *_host_seed(seed, offset, rng),
+                *_host_seed(seed, offset, rng), window=ctx.window,
             )  # 3 x (..., nh, T, hs)
             gqkv = torch.stack([g.transpose(-3, -2) for g in grads], dim=-3)  # (..., T, 3, nh, hs)
         else:
-            gqkv = _call("_causal_attention_qkvpacked_backward", grad_out, qkv, out, lse, *ctx.args, rng)
-    return gqkv, None, None, None, None, None, None
+            gqkv = _call("_causal_attention_qkvpacked_backward", grad_out, qkv, out, lse, *ctx.args, rng, *ctx.window)
+    return gqkv, None, None, None, None, None, None, None, None
 
 
 def _causal_attention_qkvpacked_jvp(ctx, tqkv, *_):
@@ -987,7 +1029,7 @@ def _causal_attention_qkvpacked_jvp(ctx, tqkv, *_):
     scale, dropout_p, bottom_right, seed, offset = ctx.args
     t_out, _ = reference.causal_attention_jvp(
         *reference.unpack_qkv(qkv), *reference.unpack_qkv(tqkv), scale, dropout_p, bottom_right,
-        *_host_seed(seed, offset, rng),
+        *_host_seed(seed, offset, rng), window=ctx.window,
     )  # (..., nh, T, hs)
     return t_out.transpose(-3, -2).contiguous(), None
 

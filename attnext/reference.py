@@ -21,6 +21,26 @@ def causal_mask(T: int, S: int, bottom_right: bool = False, device=None) -> Tens
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=(S - T) if bottom_right else 0)
 
 
+def attention_mask(T: int, S: int, bottom_right: bool = False, window=(-1, 0), device=None) -> Tensor:
+    """The ``(T, S)`` boolean mask of the keys each query sees, for a window around the diagonal.
+
+    Row ``i``'s diagonal key is ``d = i`` (top-left) or ``i + S - T`` (bottom-right); with
+    ``window = (left, right)`` it sees keys ``d - left <= j <= d + right``, where ``-1``
+    means no limit on that side (FlashAttention's ``window_size``): ``(-1, 0)`` is
+    causal (:func:`causal_mask`), ``(W, 0)`` a causal sliding window of ``W + 1`` keys
+    (Mistral's, Gemma's), ``(-1, -1)`` full attention (every key).
+    """
+    left, right = window
+    d = torch.arange(T, device=device).view(T, 1) + ((S - T) if bottom_right else 0)
+    j = torch.arange(S, device=device).view(1, S)
+    keep = torch.ones(T, S, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep = keep & (j <= d + right)
+    if left >= 0:
+        keep = keep & (j >= d - left)
+    return keep
+
+
 def causal_softmax(x: Tensor, scale: float = 1.0, bottom_right: bool = False) -> Tensor:
     """``softmax(x * scale)`` over the last dim with the causal mask; x: ``(..., T, S)``.
 
@@ -125,6 +145,7 @@ def causal_attention(
     bottom_right: bool = False,
     seed: int = 0,
     offset: int = 0,
+    window=(-1, 0),
 ):
     """The lecture's attention head on given q, k, v: returns ``(out, lse)``.
 
@@ -132,15 +153,18 @@ def causal_attention(
     lse: ``(..., T)`` the logsumexp of each row of scaled, masked scores (``-inf`` for a
     row that sees no key, whose output is 0). Dropout (``dropout_p > 0``) zeroes the
     weights :func:`dropout_keep_mask` drops and scales the others by ``1 / (1 - p)``.
+    ``window``: the keys each row sees around its diagonal (:func:`attention_mask`);
+    the default ``(-1, 0)`` is causal.
     """
     T, S = q.shape[-2], k.shape[-2]
-    tril = causal_mask(T, S, bottom_right, q.device)
+    tril = attention_mask(T, S, bottom_right, window, q.device)
     wei = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
     wei = wei.masked_fill(tril == 0, float("-inf"))
     lse = torch.logsumexp(wei, dim=-1)  # (..., T)
     wei = torch.softmax(wei, dim=-1)
-    if bottom_right and T > S:
-        wei = wei.masked_fill(~tril.any(dim=-1, keepdim=True), 0.0)
+    blind = ~tril.any(dim=-1, keepdim=True)  # rows that see no key: zeros, not NaN
+    if blind.any():
+        wei = wei.masked_fill(blind, 0.0)
     if dropout_p > 0:
         keep = dropout_keep_mask(q.shape[:-2], T, S, dropout_p, seed, offset, q.device)
         wei = wei * keep.to(wei.dtype) / (1.0 - dropout_p)
@@ -164,6 +188,7 @@ def causal_attention_grads(
     bottom_right: bool = False,
     seed: int = 0,
     offset: int = 0,
+    window=(-1, 0),
 ):
     """``(grad_q, grad_k, grad_v)`` of :func:`causal_attention`'s output for ``grad_out``,
     written with differentiable torch ops: the recompute behind every higher derivative
@@ -186,7 +211,7 @@ def causal_attention_grads(
     wd = _work_dtype(dtype)
     go, q, k, v = (t.to(wd) for t in (grad_out, q, k, v))
     T, S = q.shape[-2], k.shape[-2]
-    tril = causal_mask(T, S, bottom_right, q.device)
+    tril = attention_mask(T, S, bottom_right, window, q.device)
     sees = tril.any(dim=-1, keepdim=True)  # (T, 1): rows with at least one key
     s = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
     s = s.masked_fill(~tril, float("-inf")).masked_fill(~sees, 0.0)
@@ -219,6 +244,7 @@ def causal_attention_jvp(
     bottom_right: bool = False,
     seed: int = 0,
     offset: int = 0,
+    window=(-1, 0),
     block: int = 256,
 ):
     """Forward-mode derivative of :func:`causal_attention`: the tangents ``(t_out, t_lse)``
@@ -247,12 +273,10 @@ def causal_attention_jvp(
     mu = q.new_zeros((*batch, T, 1))  # sum_j e_j tS_j
     acc = q.new_zeros((*batch, T, hs_v))  # sum_j e_j Z_j v_j
     tacc = q.new_zeros((*batch, T, hs_v))  # sum_j e_j Z_j (tv_j + tS_j v_j)
-    rows = torch.arange(T, device=q.device).view(T, 1)
-    shift = (S - T) if bottom_right else 0
+    mask = attention_mask(T, S, bottom_right, window, q.device)  # (T, S) booleans: 1 byte each
     for j0 in range(0, S, block):
         j1 = min(S, j0 + block)
-        cols = torch.arange(j0, j1, device=q.device)
-        visible = cols.view(1, -1) <= rows + shift  # (T, Bk)
+        visible = mask[:, j0:j1]  # (T, Bk)
         kb, vb = k.narrow(-2, j0, j1 - j0), v.narrow(-2, j0, j1 - j0)
         s = ((q @ kb.transpose(-2, -1)) * scale).masked_fill(~visible, float("-inf"))  # (..., T, Bk)
         ts = q.new_zeros(()) if tq is None else tq @ kb.transpose(-2, -1)
@@ -289,12 +313,13 @@ def unpack_qkv(qkv: Tensor):
 
 
 def causal_attention_qkvpacked(
-    qkv: Tensor, scale: float, dropout_p: float = 0.0, bottom_right: bool = False, seed: int = 0, offset: int = 0
+    qkv: Tensor, scale: float, dropout_p: float = 0.0, bottom_right: bool = False, seed: int = 0, offset: int = 0,
+    window=(-1, 0),
 ):
     """:func:`causal_attention` on q, k, v packed as ``qkv`` ``(..., T, 3, nh, hs)`` (nanoGPT's
     ``c_attn(x).view(B, T, 3, nh, hs)``): returns ``(out (..., T, nh, hs), lse (..., nh, T))``."""
     q, k, v = unpack_qkv(qkv)
-    out, lse = causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset)  # (..., nh, T, hs)
+    out, lse = causal_attention(q, k, v, scale, dropout_p, bottom_right, seed, offset, window)  # (..., nh, T, hs)
     return out.transpose(-3, -2).contiguous(), lse
 
 

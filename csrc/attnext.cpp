@@ -40,24 +40,30 @@ TORCH_LIBRARY(attnext, m) {
   // weight (b, t, j) by a counter-based hash of (seed, offset, b, t, j), so the op
   // is a pure function of its arguments. rng, when given, is an int64 tensor [seed,
   // offset] that replaces the two ints (drawn on the GPU for CUDA inputs: CUDA-graph safe).
+  // window_left/right: query i sees keys d - left <= j <= d + right around its diagonal
+  // key d (i, or i + S - T bottom-right), -1 meaning unbounded: (-1, 0) causal (the
+  // default), (W, 0) a sliding window, (-1, -1) full attention.
   m.def(
       "causal_attention(Tensor q, Tensor k, Tensor v, float scale, float dropout_p=0.0, bool bottom_right=False, "
-      "SymInt seed=0, SymInt offset=0, Tensor? rng=None) -> (Tensor out, Tensor lse)");
+      "SymInt seed=0, SymInt offset=0, Tensor? rng=None, int window_left=-1, int window_right=0) "
+      "-> (Tensor out, Tensor lse)");
   // (grad_q, grad_k, grad_v), recomputing the weights from lse and the dropout mask from (seed, offset).
   m.def(
       "_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "float scale, float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0, Tensor? rng=None) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "float scale, float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0, Tensor? rng=None, "
+      "int window_left=-1, int window_right=0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // causal_attention over q, k, v packed as qkv (..., T, 3, nh, hs) (nanoGPT's
   // c_attn(x).view(B, T, 3, nh, hs)): the same as causal_attention on the
   // (..., nh, T, hs) views, with out (..., T, nh, hs) contiguous and lse (..., nh, T).
   m.def(
       "causal_attention_qkvpacked(Tensor qkv, float scale, float dropout_p=0.0, bool bottom_right=False, "
-      "SymInt seed=0, SymInt offset=0, Tensor? rng=None) -> (Tensor out, Tensor lse)");
+      "SymInt seed=0, SymInt offset=0, Tensor? rng=None, int window_left=-1, int window_right=0) "
+      "-> (Tensor out, Tensor lse)");
   // grad_qkv (..., T, 3, nh, hs), contiguous: no separate q, k, v gradients to concatenate.
   m.def(
       "_causal_attention_qkvpacked_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, float scale, "
-      "float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0, Tensor? rng=None) -> Tensor");
+      "float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0, Tensor? rng=None, "
+      "int window_left=-1, int window_right=0) -> Tensor");
   // y = x * keep / (1 - p), keep[n] a counter-based hash of (seed, offset, n) >= p * 2^32
   // for the row-major index n of x: a pure function of its arguments, so its own
   // backward (the same mask applied to the gradient) is dropout again.

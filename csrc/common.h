@@ -46,14 +46,21 @@ inline void check_scale(double scale) {
 }
 
 // The geometry of a causal_attention call: BH flattened batch dims, T queries,
-// S keys, head sizes hs (q, k) and hsv (v); row t sees keys [0, visible(t)).
+// S keys, head sizes hs (q, k) and hsv (v); row t sees keys [first(t), visible(t)):
+// those of its window around its diagonal key t + shift (wl keys left of it, wr
+// right of it, -1 unbounded). The default window (-1, 0) is causal: [0, t + 1 + shift).
 struct AttnGeometry {
   int64_t BH, T, S, hs, hsv;
-  int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
-  int64_t visible(int64_t t) const {
-    const int64_t v = t + 1 + shift;
-    return v < 0 ? 0 : (v > S ? S : v);
-  }
+  int64_t shift;  // row t's diagonal key: t + shift
+  int64_t wl = -1, wr = 0;
+  static int64_t clamp(int64_t v, int64_t S) { return v < 0 ? 0 : (v > S ? S : v); }
+  // one past the last key row t sees
+  int64_t visible(int64_t t) const { return wr < 0 ? S : clamp(t + shift + wr + 1, S); }
+  // the first key row t sees
+  int64_t first(int64_t t) const { return wl < 0 ? 0 : clamp(t + shift - wl, S); }
+  // whether row t sees no key at all (its output is 0 and its lse -inf)
+  bool sees_none(int64_t t) const { return first(t) >= visible(t); }
+  bool causal() const { return wl < 0 && wr == 0; }
 };
 
 // The checks causal_attention's kernels share, whatever the device: q, k, v on
@@ -63,7 +70,8 @@ struct AttnGeometry {
 // number of keys, a finite scale, dropout_p in [0, 1). Device and dtype support
 // are the caller's.
 inline AttnGeometry check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                                         double dropout_p, bool bottom_right) {
+                                         double dropout_p, bool bottom_right, int64_t window_left = -1,
+                                         int64_t window_right = 0) {
   check_same(q, "q", k, "k");
   check_same(q, "q", v, "v");
   check_min_dim(q, 2, "q", "(..., T, hs)");
@@ -82,7 +90,12 @@ inline AttnGeometry check_attention_args(const at::Tensor& q, const at::Tensor& 
               "attnext: head sizes above 2^31 - 1 are not supported");
   check_scale(scale);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "attnext: dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "attnext: window_size must be a pair of ints >= -1 (-1: no limit on that side), got (",
+                    window_left, ", ", window_right, ")");
   AttnGeometry g;
+  g.wl = window_left;
+  g.wr = window_right;
   g.T = q.size(-2);
   g.S = k.size(-2);
   g.hs = q.size(-1);

@@ -33,28 +33,33 @@ ATTNEXT_API at::Tensor causal_mean_cpu(const at::Tensor& x);
 // grad_y: (..., T, C) -> grad_x (..., T, C), contiguous.
 ATTNEXT_API at::Tensor causal_mean_backward_cpu(const at::Tensor& grad_y);
 // q: (..., T, hs), k: (..., S, hs), v: (..., S, hs_v) -> (out (..., T, hs_v), lse (..., T)).
+// window_left/right: the keys each query sees around its diagonal (-1: unbounded; (-1, 0) causal).
 ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                     const at::Tensor& v, double scale,
                                                                     double dropout_p, bool bottom_right, int64_t seed,
                                                                     int64_t offset,
-                                                                    const std::optional<at::Tensor>& rng = std::nullopt);
+                                                                    const std::optional<at::Tensor>& rng = std::nullopt,
+                                                                    int64_t window_left = -1, int64_t window_right = 0);
 // -> (grad_q, grad_k, grad_v), shaped like q, k, v, contiguous.
 ATTNEXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset,
-    const std::optional<at::Tensor>& rng = std::nullopt);
+    const std::optional<at::Tensor>& rng = std::nullopt, int64_t window_left = -1, int64_t window_right = 0);
 // qkv: (..., T, 3, nh, hs) -> (out (..., T, nh, hs) contiguous, lse (..., nh, T)).
 ATTNEXT_API std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tensor& qkv, double scale,
                                                                               double dropout_p, bool bottom_right,
                                                                               int64_t seed, int64_t offset,
                                                                               const std::optional<at::Tensor>& rng =
-                                                                                  std::nullopt);
+                                                                                  std::nullopt,
+                                                                              int64_t window_left = -1,
+                                                                              int64_t window_right = 0);
 // -> grad_qkv (..., T, 3, nh, hs), contiguous.
 ATTNEXT_API at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv,
                                                                const at::Tensor& out, const at::Tensor& lse,
                                                                double scale, double dropout_p, bool bottom_right,
                                                                int64_t seed, int64_t offset,
-                                                               const std::optional<at::Tensor>& rng = std::nullopt);
+                                                               const std::optional<at::Tensor>& rng = std::nullopt,
+                                                               int64_t window_left = -1, int64_t window_right = 0);
 // y = x * keep / (1 - p) with the counter-based keep mask of (seed, offset); contiguous.
 // rng (every op with dropout): an int64 tensor [seed, offset] replacing the two ints.
 ATTNEXT_API at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset,

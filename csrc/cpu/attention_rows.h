@@ -113,20 +113,21 @@ void store_block(const T* src, int64_t lds, int64_t rows, int64_t cols, out_t* d
 }
 
 // The end of a forward query tile (O: nr rows of hsv, row stride ldo): O /= l per
-// row and lse = m + log(l). The first `blind` rows saw no key (bottom-right with
-// T > S, or S == 0): O = 0, lse = -inf. A row that saw keys whose scores were all
-// -inf (l = 0) is NaN, as torch.softmax of it is; NaN from the inputs propagates
-// as in torch.softmax.
-template <typename T>
-void finish_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* m, const T* l, T* lse_rows, int64_t blind) {
+// row and lse = m + log(l). A row that sees no key at all (none(r): bottom-right with
+// T > S, outside its window, or S == 0) is O = 0, lse = -inf. A row that saw keys
+// whose scores were all -inf (l = 0) is NaN, as torch.softmax of it is; NaN from the
+// inputs propagates as in torch.softmax.
+template <typename T, typename SeesNone>
+void finish_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* m, const T* l, T* lse_rows, SeesNone none) {
   for (int64_t r = 0; r < nr; ++r) {
     T* orow = o + r * ldo;
-    if (l[r] != T(0)) {
+    if (none(r)) {
+      for (int64_t c = 0; c < hsv; ++c) orow[c] = T(0);
+      lse_rows[r] = -std::numeric_limits<T>::infinity();
+    } else if (l[r] != T(0)) {
       const T inv = T(1) / l[r];
       for (int64_t c = 0; c < hsv; ++c) orow[c] *= inv;
       lse_rows[r] = m[r] + std::log(l[r]);
-    } else if (r < blind) {
-      lse_rows[r] = -std::numeric_limits<T>::infinity();
     } else {
       for (int64_t c = 0; c < hsv; ++c) orow[c] = std::numeric_limits<T>::quiet_NaN();
       lse_rows[r] = std::numeric_limits<T>::quiet_NaN();
@@ -134,12 +135,22 @@ void finish_rows(T* o, int64_t nr, int64_t hsv, int64_t ldo, const T* m, const T
   }
 }
 
-// How many rows of the query tile at t0 (nr rows) see no key at all (they come first).
-inline int64_t blind_rows(const AttnGeometry& g, int64_t t0, int64_t nr) {
-  int64_t r = 0;
-  while (r < nr && g.visible(t0 + r) == 0) ++r;
-  return r;
+// Scores of keys left of each row's window become -inf (so their weight is 0): in a
+// tile whose column 0 is key k0, row r (query t0 + r) sees columns from
+// first(t0 + r) - k0 on. Nothing to do for windows unbounded on the left.
+template <typename T>
+void mask_window_start(T* s, int64_t nr, int64_t ld, const AttnGeometry& g, int64_t t0, int64_t k0,
+                       const int64_t* vis) {
+  if (g.wl < 0) return;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t lo = std::min(std::max<int64_t>(g.first(t0 + r) - k0, 0), vis[r]);
+    std::fill(s + r * ld, s + r * ld + lo, -std::numeric_limits<T>::infinity());
+  }
 }
+
+// The first key tile (of width tile) a query tile [t0, t0 + nr) needs: its first row
+// has the leftmost window.
+inline int64_t first_key_tile(const AttnGeometry& g, int64_t t0, int64_t tile) { return g.first(t0) / tile * tile; }
 
 // O row r (row stride ldo) *= alpha[r] (the online softmax's rescale when the row max grew).
 template <typename T>

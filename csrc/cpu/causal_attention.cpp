@@ -462,6 +462,7 @@ template <typename T>
 const T* backward_probs(T* s, int64_t nr, int64_t nc, const Geometry& g, int64_t b, int64_t t0, int64_t k0,
                         const T* lse_rows, const Dropout& drop, int64_t* vis, uint32_t* row_keys, T* z, T* pd) {
   for (int64_t r = 0; r < nr; ++r) vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+  mask_window_start(s, nr, kBk, g, t0, k0, vis);
   bwd_p_tile(s, nr, nc, kBk, vis, lse_rows);
   if (!drop.on) return s;
   for (int64_t r = 0; r < nr; ++r) row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
@@ -475,6 +476,35 @@ const T* backward_probs(T* s, int64_t nr, int64_t nc, const Geometry& g, int64_t
 
 // dq (..., T, hs), any unit-stride-row layout, = the sum of the per-chunk dQ
 // accumulators dq_acc (nchunks, BH, T, hs), rounded once to dq's dtype.
+// The backward's lse: as given, or, with a window that leaves some row without any
+// key (lse -inf), a copy where those rows are +inf, so that P = exp(S - lse) is 0 on
+// the whole tile the row shares with others (not exp(-inf + inf)).
+template <typename T>
+std::vector<T> window_lse(const at::Tensor& lse, const Geometry& g) {
+  bool any_none = false;
+  for (int64_t t = 0; t < g.T && !any_none; ++t) any_none = g.sees_none(t) && g.visible(t) > 0;
+  if (g.causal() || !any_none) return {};
+  std::vector<T> w(lse.const_data_ptr<T>(), lse.const_data_ptr<T>() + g.BH * g.T);
+  for (int64_t b = 0; b < g.BH; ++b) {
+    for (int64_t t = 0; t < g.T; ++t) {
+      if (g.sees_none(t)) w[b * g.T + t] = std::numeric_limits<T>::infinity();
+    }
+  }
+  return w;
+}
+
+// The query rows the key tile starting at k0 is seen by start at first_query(k0)
+// (the first row whose window reaches past k0) and end before end_query(k1) (the
+// first row whose window starts at or after k1, the tile's end).
+inline int64_t first_query(const Geometry& g, int64_t k0) {
+  if (g.wr < 0) return 0;
+  return std::min(g.T, std::max<int64_t>(0, k0 - g.shift - g.wr));
+}
+inline int64_t end_query(const Geometry& g, int64_t k1) {
+  if (g.wl < 0) return g.T;
+  return std::min(g.T, std::max<int64_t>(0, k1 + g.wl - g.shift));
+}
+
 void reduce_dq_chunks(const at::Tensor& dq_acc, at::Tensor& dq) {
   const at::Tensor total = dq_acc.size(0) == 1 ? dq_acc[0] : dq_acc.sum(0);  // (BH, T, hs)
   dq.copy_(total.view(dq.sizes()));
@@ -546,8 +576,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       sc.packed = 0;
     }
     const int64_t kv_end = g.visible(t0 + nr - 1);
+    const int64_t kv_start = first_key_tile(g, t0, kBkF);  // tiles left of every row's window: skipped
     const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
-    for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
+    for (int64_t k0 = kv_start; k0 < kv_end; k0 += kBkF) {
       const int64_t nc = std::min(kBkF, kv_end - k0);
       const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
       for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
@@ -568,15 +599,17 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
         mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBkF);  // S: (nr, nc)
       }
+      mask_window_start(s, nr, kBkF, g, t0, k0, sc.vis.data());
       fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       if (drop.on) {
         dropout_tile(s, static_cast<T*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
                      drop.threshold, inv_keep);
       }
-      if (k0 > 0) rescale_rows(o, nr, g.hsv, ldo, sc.alpha.data());
+      if (k0 > kv_start) rescale_rows(o, nr, g.hsv, ldo, sc.alpha.data());
       rows_mm(own, nr, g.hsv, nc, s, kBkF, vb.p, vb.ld, o, ldo, sc.vis.data());  // O += P V
     }
-    finish_rows(o, nr, g.hsv, ldo, sc.m.data(), sc.l.data(), lp + b * g.T + t0, blind_rows(g, t0, nr));
+    finish_rows(o, nr, g.hsv, ldo, sc.m.data(), sc.l.data(), lp + b * g.T + t0,
+                [&](int64_t r) { return g.sees_none(t0 + r); });
     if constexpr (!direct) {
       store_block(o, ldo, nr, g.hsv, out_tile, Out.ld);
     }
@@ -589,7 +622,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               const Geometry& g, double scale_d, const Dropout& drop) {
   constexpr bool direct = std::is_same<T, in_t>::value;  // accumulate straight into the outputs
   const Rows2D<in_t> Q(q), K(k), V(v), dO(dout), O(out);
-  const T* lp = lse.const_data_ptr<T>();  // (BH, T), contiguous
+  const std::vector<T> lse_w = window_lse<T>(lse, g);
+  const T* lp = lse_w.empty() ? lse.const_data_ptr<T>() : lse_w.data();  // (BH, T), contiguous
   const T scale = static_cast<T>(scale_d);
 
   const std::vector<T> D = rowsum_dout_out<in_t, T>(dO, O, g);
@@ -655,9 +689,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         transpose_block(kb.p, kb.ld, nc, g.hs, sc.kt.data(), kBk);   // K^T: (hs, nc)
         transpose_block(vb.p, vb.ld, nc, g.hsv, sc.vt.data(), kBk);  // V^T: (hsv, nc)
       }
-      // the first query row that sees key k0: t + 1 + shift > k0
-      const int64_t t_first = std::max<int64_t>(0, k0 - g.shift);
-      for (int64_t t0 = t_first; t0 < g.T; t0 += kBq) {
+      const int64_t t_first = first_query(g, k0), t_end = end_query(g, k0 + nc);
+      for (int64_t t0 = t_first; t0 < t_end; t0 += kBq) {
         const int64_t nr = std::min(kBq, g.T - t0);
         const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
         const Block<T> dob = load_block(dO.at(b, t0), dO.ld, nr, g.hsv, sc.dobuf.data());
@@ -785,7 +818,8 @@ void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       isa_bf16::gemm_bf16(nr, g.hsv, half_up(nc), words(sc.pa.data()), kBkF / 2, 1, sc.vv.data() + (k0 / 2) * ldv,
                           ldv, o, g.hsv, 1.0f, true);  // O += P V
     }
-    finish_rows(o, nr, g.hsv, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0, blind_rows(g, t0, nr));
+    finish_rows(o, nr, g.hsv, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0,
+                [&](int64_t r) { return g.sees_none(t0 + r); });
     for (int64_t r = 0; r < nr; ++r) {
       narrow_bf16_row(o + r * g.hsv, reinterpret_cast<uint16_t*>(Out.at(b, t0 + r)), g.hsv);
     }
@@ -911,6 +945,7 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
 // sizes are even (whole pairs) and row strides fit the gather's 32-bit offsets.
 bool use_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g) {
   if (q.scalar_type() != at::kBFloat16 || !simd::bf16_dot_available()) return false;
+  if (!g.causal()) return false;  // other windows: the widening tiles (mask_window_start, first_query)
   if (g.hs % 2 != 0 || g.hsv % 2 != 0) return false;
   for (const at::Tensor* t : {&q, &k, &v}) {
     if (t->size(-2) > 1 && t->stride(-2) >= (int64_t(1) << 27)) return false;
@@ -944,8 +979,8 @@ at::Tensor prepare(const at::Tensor& t) {
 }
 
 Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
-                   bool bottom_right) {
-  const Geometry g = check_attention_args(q, k, v, scale, dropout_p, bottom_right);
+                   bool bottom_right, int64_t window_left, int64_t window_right) {
+  const Geometry g = check_attention_args(q, k, v, scale, dropout_p, bottom_right, window_left, window_right);
   check_input(q, "q", "(..., T, hs)");
   check_input(k, "k", "(..., S, hs)");
   check_input(v, "v", "(..., S, hs_v)");
@@ -1027,8 +1062,9 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, co
 std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         double scale, double dropout_p, bool bottom_right,
                                                         int64_t seed, int64_t offset,
-                                                        const std::optional<at::Tensor>& rng) {
-  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
+                                                        const std::optional<at::Tensor>& rng, int64_t window_left,
+                                                        int64_t window_right) {
+  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right, window_left, window_right);
   // out: (..., T, hs_v) in the input dtype; lse: (..., T) in the compute dtype
   std::vector<int64_t> out_sizes = q.sizes().vec();
   out_sizes.back() = g.hsv;
@@ -1042,8 +1078,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale, double dropout_p, bool bottom_right, int64_t seed, int64_t offset,
-    const std::optional<at::Tensor>& rng) {
-  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
+    const std::optional<at::Tensor>& rng, int64_t window_left, int64_t window_right) {
+  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right, window_left, window_right);
   check_backward_inputs(grad_out, out, lse, q, g);
   at::Tensor dq = empty_output(q.sizes(), q.options());
   at::Tensor dk = empty_output(k.sizes(), q.options());
@@ -1061,10 +1097,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tensor& qkv, double scale,
                                                                   double dropout_p, bool bottom_right, int64_t seed,
-                                                                  int64_t offset, const std::optional<at::Tensor>& rng) {
+                                                                  int64_t offset, const std::optional<at::Tensor>& rng,
+                                                                  int64_t window_left, int64_t window_right) {
   check_qkvpacked(qkv, "qkv");
   const auto [q, k, v] = unpack_qkv(qkv);  // 3 x (..., nh, T, hs) views
-  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
+  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right, window_left, window_right);
   std::vector<int64_t> out_sizes = qkv.sizes().vec();
   out_sizes.erase(out_sizes.end() - 3);  // (..., T, nh, hs)
   at::Tensor out = empty_output(out_sizes, qkv.options());
@@ -1078,10 +1115,11 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tens
 at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, const at::Tensor& qkv,
                                                    const at::Tensor& out, const at::Tensor& lse, double scale,
                                                    double dropout_p, bool bottom_right, int64_t seed, int64_t offset,
-                                                   const std::optional<at::Tensor>& rng) {
+                                                   const std::optional<at::Tensor>& rng, int64_t window_left,
+                                                   int64_t window_right) {
   check_qkvpacked(qkv, "qkv");
   const auto [q, k, v] = unpack_qkv(qkv);
-  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right);
+  const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right, window_left, window_right);
   check_min_dim(grad_out, 3, "grad_out", "(..., T, nh, hs)");
   check_min_dim(out, 3, "out", "(..., T, nh, hs)");
   const at::Tensor grad_rows = grad_out.transpose(-3, -2), out_rows = out.transpose(-3, -2);

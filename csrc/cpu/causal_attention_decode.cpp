@@ -132,9 +132,11 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   // number of visible keys never decreases with r, as the inner loops assume).
   const int64_t group = shared_kv_group(Q.idx, K.idx, V.idx, T);
   const int64_t R = T * group, BK = g.BH / group;
-  const int64_t kv_end = g.visible(T - 1);  // the last row sees the most keys
-  const int64_t nsplit = key_splits(BK, kv_end);
-  const int64_t chunk = ceil_div(ceil_div(std::max<int64_t>(kv_end, 1), nsplit), kDecodeBlock) * kDecodeBlock;
+  // keys [kv_begin, kv_end): the first row's window starts leftmost, the last row's ends rightmost
+  const int64_t kv_begin = std::min(g.first(0), g.visible(T - 1)), kv_end = g.visible(T - 1);
+  const int64_t nsplit = key_splits(BK, kv_end - kv_begin);
+  const int64_t chunk =
+      ceil_div(ceil_div(std::max<int64_t>(kv_end - kv_begin, 1), nsplit), kDecodeBlock) * kDecodeBlock;
   const int64_t ldo = std::max<int64_t>(hsv, 1), ldq = std::max<int64_t>(hs, 1);
   // partials of split s of key batch kb, row r: o at ((kb * nsplit + s) * R + r) * ldo, m and l at (kb * nsplit + s) * R + r
   std::vector<float> part_o, part_m, part_l;
@@ -147,7 +149,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   // O rows (R, hsv) of key batch kb into the output and lse: O /= l, lse = m + log l
   // (finish_rows' rules for blind, all -inf and NaN rows).
   auto finish = [&](float* o, float* m, float* l, int64_t kb) {
-    finish_rows(o, R, hsv, ldo, m, l, m, blind_rows(g, 0, T) * group);  // lse lands in m
+    finish_rows(o, R, hsv, ldo, m, l, m, [&](int64_t r) { return g.sees_none(r / group); });  // lse lands in m
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = r / group, b = kb * group + r % group;
       lp[b * T + t] = m[r];
@@ -173,7 +175,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   };
   parallel_items(BK * nsplit, make_scratch, [&](Scratch& sc, int64_t item) {
     const int64_t kb = item / nsplit, split = item % nsplit;
-    const int64_t j0 = std::min(kv_end, split * chunk), j1 = std::min(kv_end, j0 + chunk);
+    const int64_t j0 = std::min(kv_end, kv_begin + split * chunk), j1 = std::min(kv_end, j0 + chunk);
     for (int64_t r = 0; r < R; ++r) {  // the item's query rows, as float, one after another
       const in_t* src = Q.at(kb * group + r % group, r / group);
       load_block(src, Q.ld, 1, hs, sc.q.data() + r * ldq);
@@ -188,6 +190,13 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       for (int64_t r = 0; r < R; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(r / group) - k0, 0), nc);
       const Block<float> kb_ = load_block(K.at(kb * group, k0), K.ld, nc, hs, sc.k.data());
       kern.scores(sc.q.data(), ldq, R, kb_.p, kb_.ld, nc, hs, scale, sc.s.data(), kDecodeBlock, sc.vis.data());
+      if (g.wl >= 0) {  // keys left of a row's window: weight 0
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t lo = std::min(std::max<int64_t>(g.first(r / group) - k0, 0), sc.vis[r]);
+          std::fill(sc.s.data() + r * kDecodeBlock, sc.s.data() + r * kDecodeBlock + lo,
+                    -std::numeric_limits<float>::infinity());
+        }
+      }
       kern.softmax(sc.s.data(), R, nc, kDecodeBlock, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       rescale_rows(o, R, hsv, ldo, sc.alpha.data());
       const Block<float> vb = load_block(V.at(kb * group, k0), V.ld, nc, hsv, sc.v.data());

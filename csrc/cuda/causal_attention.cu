@@ -403,7 +403,9 @@ std::vector<int64_t> out_shape(const at::Tensor& q, int64_t hsv) {
 std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                          const at::Tensor& v_in, double scale, double dropout_p,
                                                          bool bottom_right, int64_t seed, int64_t offset,
-                                                         const std::optional<at::Tensor>& rng) {
+                                                         const std::optional<at::Tensor>& rng, int64_t window_left,
+                                                         int64_t window_right) {
+  check_causal_window(window_left, window_right);
   const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const DropoutSeed ds = device_dropout_seed(seed, offset, rng, q_in);
@@ -426,7 +428,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p, bool bottom_right,
-    int64_t seed, int64_t offset, const std::optional<at::Tensor>& rng) {
+    int64_t seed, int64_t offset, const std::optional<at::Tensor>& rng, int64_t window_left, int64_t window_right) {
+  check_causal_window(window_left, window_right);
   const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
   check_same(q_in, "q", grad_out_in, "grad_out");
   check_same(q_in, "q", out_in, "out");

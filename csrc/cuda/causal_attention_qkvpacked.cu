@@ -18,13 +18,14 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 double scale, double dropout_p, bool bottom_right, int64_t seed,
-                                                int64_t offset, const std::optional<at::Tensor>& rng) {
+                                                int64_t offset, const std::optional<at::Tensor>& rng,
+                                                int64_t window_left, int64_t window_right) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnext::causal_attention", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool,
-                                 c10::SymInt, c10::SymInt, const std::optional<at::Tensor>&)>();
-  return op.call(q, k, v, scale, dropout_p, bottom_right, seed, offset, rng);
+                                 c10::SymInt, c10::SymInt, const std::optional<at::Tensor>&, int64_t, int64_t)>();
+  return op.call(q, k, v, scale, dropout_p, bottom_right, seed, offset, rng, window_left, window_right);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_op(const at::Tensor& grad_out, const at::Tensor& q,
@@ -32,35 +33,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_op(const at::T
                                                                      const at::Tensor& out, const at::Tensor& lse,
                                                                      double scale, double dropout_p,
                                                                      bool bottom_right, int64_t seed, int64_t offset,
-                                                                     const std::optional<at::Tensor>& rng) {
+                                                                     const std::optional<at::Tensor>& rng,
+                                                                     int64_t window_left, int64_t window_right) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("attnext::_causal_attention_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, double, double, bool, c10::SymInt, c10::SymInt, const std::optional<at::Tensor>&)>();
-  return op.call(grad_out, q, k, v, out, lse, scale, dropout_p, bottom_right, seed, offset, rng);
+              const at::Tensor&, double, double, bool, c10::SymInt, c10::SymInt, const std::optional<at::Tensor>&,
+              int64_t, int64_t)>();
+  return op.call(grad_out, q, k, v, out, lse, scale, dropout_p, bottom_right, seed, offset, rng, window_left,
+                 window_right);
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cuda(const at::Tensor& qkv, double scale,
                                                                    double dropout_p, bool bottom_right, int64_t seed,
-                                                                   int64_t offset, const std::optional<at::Tensor>& rng) {
+                                                                   int64_t offset, const std::optional<at::Tensor>& rng,
+                                                                   int64_t window_left, int64_t window_right) {
   check_qkvpacked(qkv, "qkv");
   const auto [q, k, v] = unpack_qkv(qkv);  // 3 x (..., nh, T, hs) views
-  auto [out_rows, lse] = attention_op(q, k, v, scale, dropout_p, bottom_right, seed, offset, rng);
+  auto [out_rows, lse] =
+      attention_op(q, k, v, scale, dropout_p, bottom_right, seed, offset, rng, window_left, window_right);
   return {out_rows.transpose(-3, -2).contiguous(), lse};  // (..., T, nh, hs), (..., nh, T)
 }
 
 at::Tensor causal_attention_qkvpacked_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv,
                                                     const at::Tensor& out, const at::Tensor& lse, double scale,
                                                     double dropout_p, bool bottom_right, int64_t seed, int64_t offset,
-                                                    const std::optional<at::Tensor>& rng) {
+                                                    const std::optional<at::Tensor>& rng, int64_t window_left,
+                                                    int64_t window_right) {
   check_qkvpacked(qkv, "qkv");
   check_min_dim(grad_out, 3, "grad_out", "(..., T, nh, hs)");
   check_min_dim(out, 3, "out", "(..., T, nh, hs)");
   const auto [q, k, v] = unpack_qkv(qkv);
   auto [dq, dk, dv] = attention_backward_op(grad_out.transpose(-3, -2), q, k, v, out.transpose(-3, -2), lse, scale,
-                                            dropout_p, bottom_right, seed, offset, rng);
+                                            dropout_p, bottom_right, seed, offset, rng, window_left, window_right);
   return at::stack({dq.transpose(-3, -2), dk.transpose(-3, -2), dv.transpose(-3, -2)}, -3);  // (..., T, 3, nh, hs)
 }
 
