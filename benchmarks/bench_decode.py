@@ -52,7 +52,6 @@ from attnext import reference  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-NAN = float("nan")
 PROVIDERS = ("attnext", "sdpa")
 B, H, HS = 8, 32, 128  # batch, query heads, head size: a 7B-class model's attention layer
 HKV = 8  # key/value heads of decode_gqa
