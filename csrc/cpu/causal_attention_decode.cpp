@@ -20,7 +20,7 @@
 // Results match the tile kernels' semantics: a row that sees no key is zeros with
 // lse -inf, a row whose visible scores are all -inf is NaN, NaN propagates.
 // Memory: per-thread blocks plus BH * splits * T * (hs_v + 2) floats of partials.
-// Types: float32; bfloat16 key/value blocks are widened as they are read.
+// Types: float32, and bfloat16 read as it lies (widened in registers).
 #include "cpu/causal_attention_decode.h"
 
 #include <ATen/ATen.h>
@@ -63,27 +63,53 @@ namespace isa_scalar {
 }  // namespace isa_scalar
 
 struct DecodeKernels {
-  decltype(&isa_scalar::decode_scores_f32) scores;
+  decltype(&isa_scalar::decode_scores_f32) scores_f32;
+  decltype(&isa_scalar::decode_scores_bf16) scores_bf16;
   decltype(&isa_scalar::attn_fwd_tile_f32) softmax;
-  decltype(&isa_scalar::decode_pv_f32) pv;
+  decltype(&isa_scalar::decode_pv_f32) pv_f32;
+  decltype(&isa_scalar::decode_pv_bf16) pv_bf16;
 };
+
+#define ATTNEXT_DECODE_KERNELS(ns)                                                                        \
+  DecodeKernels {                                                                                         \
+    &ns::decode_scores_f32, &ns::decode_scores_bf16, &ns::attn_fwd_tile_f32, &ns::decode_pv_f32, &ns::decode_pv_bf16 \
+  }
 
 const DecodeKernels& decode_kernels() {
   static const DecodeKernels k = [] {
     switch (simd::detected_isa()) {
 #if ATTNEXT_X86_SIMD
       case simd::Isa::kAvx512:
-        return DecodeKernels{&isa_avx512::decode_scores_f32, &isa_avx512::attn_fwd_tile_f32,
-                             &isa_avx512::decode_pv_f32};
+        return ATTNEXT_DECODE_KERNELS(isa_avx512);
       case simd::Isa::kAvx2:
-        return DecodeKernels{&isa_avx2::decode_scores_f32, &isa_avx2::attn_fwd_tile_f32, &isa_avx2::decode_pv_f32};
+        return ATTNEXT_DECODE_KERNELS(isa_avx2);
 #endif
       default:
-        return DecodeKernels{&isa_scalar::decode_scores_f32, &isa_scalar::attn_fwd_tile_f32,
-                             &isa_scalar::decode_pv_f32};
+        return ATTNEXT_DECODE_KERNELS(isa_scalar);
     }
   }();
   return k;
+}
+#undef ATTNEXT_DECODE_KERNELS
+
+// Key and value rows as the inner loops read them: float, or bfloat16 bits.
+inline const float* elems(const float* p) { return p; }
+inline const uint16_t* elems(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+inline void scores(const DecodeKernels& k, const float* q, int64_t ldq, int64_t nr, const float* kr, int64_t ldk,
+                   int64_t nc, int64_t hs, float scale, float* s, int64_t lds, const int64_t* vis) {
+  k.scores_f32(q, ldq, nr, kr, ldk, nc, hs, scale, s, lds, vis);
+}
+inline void scores(const DecodeKernels& k, const float* q, int64_t ldq, int64_t nr, const uint16_t* kr, int64_t ldk,
+                   int64_t nc, int64_t hs, float scale, float* s, int64_t lds, const int64_t* vis) {
+  k.scores_bf16(q, ldq, nr, kr, ldk, nc, hs, scale, s, lds, vis);
+}
+inline void pv(const DecodeKernels& k, const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv,
+               int64_t nc, int64_t hsv, float* o, int64_t ldo, const int64_t* vis) {
+  k.pv_f32(p, ldp, nr, v, ldv, nc, hsv, o, ldo, vis);
+}
+inline void pv(const DecodeKernels& k, const float* p, int64_t ldp, int64_t nr, const uint16_t* v, int64_t ldv,
+               int64_t nc, int64_t hsv, float* o, int64_t ldo, const int64_t* vis) {
+  k.pv_bf16(p, ldp, nr, v, ldv, nc, hsv, o, ldo, vis);
 }
 
 constexpr int64_t kDecodeBlock = 128;  // keys per softmax block (K and V blocks of 64 KiB at hs 128)
@@ -157,14 +183,12 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     }
   };
   struct Scratch {
-    std::vector<float> q, k, v, s, m, l, alpha, o;
+    std::vector<float> q, s, m, l, alpha, o;
     std::vector<int64_t> vis;
   };
   auto make_scratch = [&] {
     Scratch sc;
     sc.q.resize(R * ldq);
-    sc.k.resize(widen ? kDecodeBlock * hs : 0);
-    sc.v.resize(widen ? kDecodeBlock * hsv : 0);
     sc.s.resize(R * kDecodeBlock);
     sc.m.resize(R);
     sc.l.resize(R);
@@ -188,8 +212,8 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     for (int64_t k0 = j0; k0 < j1; k0 += kDecodeBlock) {
       const int64_t nc = std::min(kDecodeBlock, j1 - k0);
       for (int64_t r = 0; r < R; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(r / group) - k0, 0), nc);
-      const Block<float> kb_ = load_block(K.at(kb * group, k0), K.ld, nc, hs, sc.k.data());
-      kern.scores(sc.q.data(), ldq, R, kb_.p, kb_.ld, nc, hs, scale, sc.s.data(), kDecodeBlock, sc.vis.data());
+      scores(kern, sc.q.data(), ldq, R, elems(K.at(kb * group, k0)), K.ld, nc, hs, scale, sc.s.data(), kDecodeBlock,
+             sc.vis.data());
       if (g.wl >= 0) {  // keys left of a row's window: weight 0
         for (int64_t r = 0; r < R; ++r) {
           const int64_t lo = std::min(std::max<int64_t>(g.first(r / group) - k0, 0), sc.vis[r]);
@@ -199,8 +223,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       }
       kern.softmax(sc.s.data(), R, nc, kDecodeBlock, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       rescale_rows(o, R, hsv, ldo, sc.alpha.data());
-      const Block<float> vb = load_block(V.at(kb * group, k0), V.ld, nc, hsv, sc.v.data());
-      kern.pv(sc.s.data(), kDecodeBlock, R, vb.p, vb.ld, nc, hsv, o, ldo, sc.vis.data());
+      pv(kern, sc.s.data(), kDecodeBlock, R, elems(V.at(kb * group, k0)), V.ld, nc, hsv, o, ldo, sc.vis.data());
     }
     if (nsplit == 1) {
       finish(o, sc.m.data(), sc.l.data(), kb);

@@ -1,15 +1,18 @@
 // The decode pass's inner loops, written once against VecF and included once per
 // instruction set (see causal_attention_decode.cpp). q: nr query rows (row stride
-// ldq); k, v: nc key/value rows (row strides ldk, ldv); vis[r] in [0, nc]: how many
-// of the block's keys row r sees (non-decreasing in r: the causal mask).
+// ldq), float; k, v: nc key/value rows (row strides ldk, ldv) of element type E,
+// float or bfloat16 bits (uint16_t: widened in registers as they are loaded, so a
+// bfloat16 cache is read at 2 bytes an element); vis[r] in [0, nc]: how many of the
+// block's keys row r sees (non-decreasing in r: the causal mask).
 
 // s[r * lds + j] = scale * <q_r, k_j> for j < vis[r]. Each key row is read once for
 // all query rows (it stays in L1 while they use it): K streams through once.
-inline void decode_scores_f32(const float* q, int64_t ldq, int64_t nr, const float* k, int64_t ldk, int64_t nc,
-                              int64_t hs, float scale, float* s, int64_t lds, const int64_t* vis) {
+template <typename E>
+inline void decode_scores(const float* q, int64_t ldq, int64_t nr, const E* k, int64_t ldk, int64_t nc, int64_t hs,
+                          float scale, float* s, int64_t lds, const int64_t* vis) {
   constexpr int64_t N = VecF::N;
   for (int64_t j = 0; j < nc; ++j) {
-    const float* kj = k + j * ldk;
+    const E* kj = k + j * ldk;
     for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {  // the rows that see key j are the last ones
       const float* qr = q + r * ldq;
       VecF a0 = VecF::set1(0.0f), a1 = VecF::set1(0.0f);
@@ -27,15 +30,16 @@ inline void decode_scores_f32(const float* q, int64_t ldq, int64_t nr, const flo
 
 // o_r += sum_{j < vis[r]} p[r * ldp + j] * v_j, four value rows at a time (one
 // load and store of o per four rows of V), each value row read once for all rows.
-inline void decode_pv_f32(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv, int64_t nc,
-                          int64_t hsv, float* o, int64_t ldo, const int64_t* vis) {
+template <typename E>
+inline void decode_pv(const float* p, int64_t ldp, int64_t nr, const E* v, int64_t ldv, int64_t nc, int64_t hsv,
+                      float* o, int64_t ldo, const int64_t* vis) {
   constexpr int64_t N = VecF::N;
   int64_t j = 0;
   for (; j + 4 <= nc; j += 4) {
-    const float* v0 = v + j * ldv;
-    const float* v1 = v0 + ldv;
-    const float* v2 = v1 + ldv;
-    const float* v3 = v2 + ldv;
+    const E* v0 = v + j * ldv;
+    const E* v1 = v0 + ldv;
+    const E* v2 = v1 + ldv;
+    const E* v3 = v2 + ldv;
     for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {
       const float* pr = p + r * ldp + j;
       // keys past vis[r] have p = 0 (the softmax step cleared them): adding them is exact
@@ -62,7 +66,7 @@ inline void decode_pv_f32(const float* p, int64_t ldp, int64_t nr, const float* 
     }
   }
   for (; j < nc; ++j) {
-    const float* vj = v + j * ldv;
+    const E* vj = v + j * ldv;
     for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {
       const VecF pj = VecF::set1(p[r * ldp + j]);
       float* orow = o + r * ldo;
@@ -74,4 +78,21 @@ inline void decode_pv_f32(const float* p, int64_t ldp, int64_t nr, const float* 
       }
     }
   }
+}
+
+inline void decode_scores_f32(const float* q, int64_t ldq, int64_t nr, const float* k, int64_t ldk, int64_t nc,
+                              int64_t hs, float scale, float* s, int64_t lds, const int64_t* vis) {
+  decode_scores<float>(q, ldq, nr, k, ldk, nc, hs, scale, s, lds, vis);
+}
+inline void decode_scores_bf16(const float* q, int64_t ldq, int64_t nr, const uint16_t* k, int64_t ldk, int64_t nc,
+                               int64_t hs, float scale, float* s, int64_t lds, const int64_t* vis) {
+  decode_scores<uint16_t>(q, ldq, nr, k, ldk, nc, hs, scale, s, lds, vis);
+}
+inline void decode_pv_f32(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t ldv, int64_t nc,
+                          int64_t hsv, float* o, int64_t ldo, const int64_t* vis) {
+  decode_pv<float>(p, ldp, nr, v, ldv, nc, hsv, o, ldo, vis);
+}
+inline void decode_pv_bf16(const float* p, int64_t ldp, int64_t nr, const uint16_t* v, int64_t ldv, int64_t nc,
+                           int64_t hsv, float* o, int64_t ldo, const int64_t* vis) {
+  decode_pv<uint16_t>(p, ldp, nr, v, ldv, nc, hsv, o, ldo, vis);
 }

@@ -11,6 +11,16 @@ struct VecF {
   }
   // Lanes >= n are 0 and their memory is not touched.
   static VecF load_tail(const float* p, int64_t n) { return {_mm256_maskload_ps(p, first(n))}; }
+  // bfloat16 in memory, widened to float (the bits shifted into the high half).
+  static VecF load(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  }
+  static VecF load_tail(const uint16_t* p, int64_t n) {
+    uint16_t buf[8] = {};
+    std::memcpy(buf, p, sizeof(uint16_t) * n);
+    return load(buf);
+  }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store_tail(float* p, int64_t n) const { _mm256_maskstore_ps(p, first(n), v); }
   // Non-temporal store to a 32-byte aligned p (bypasses the cache; see stream_fence).

@@ -9,6 +9,15 @@ struct VecF {
   static __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
   // Lanes >= n are 0 and their memory is not touched.
   static VecF load_tail(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(first(n), p)}; }
+  // bfloat16 in memory, widened to float (the bits shifted into the high half).
+  static VecF load(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  static VecF load_tail(const uint16_t* p, int64_t n) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store_tail(float* p, int64_t n) const { _mm512_mask_storeu_ps(p, first(n), v); }
   // Non-temporal store to a 64-byte aligned p (bypasses the cache; see stream_fence).

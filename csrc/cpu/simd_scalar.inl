@@ -7,6 +7,8 @@ struct VecF {
   static VecF set1(float a) { return {a}; }
   static VecF load(const float* p) { return {*p}; }
   static VecF load_tail(const float*, int64_t) { return {0.0f}; }
+  static VecF load(const uint16_t* p) { return {::attnext::vec::bf16_to_float(*p)}; }
+  static VecF load_tail(const uint16_t*, int64_t) { return {0.0f}; }
   void store(float* p) const { *p = v; }
   void store_tail(float*, int64_t) const {}
   void stream(float* p) const { *p = v; }
