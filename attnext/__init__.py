@@ -9,6 +9,13 @@ Ops (also as ``torch.ops.attnext.*`` when the extension is built):
     dropout(x, p=0.5, training=True)
                            dropout with a counter-based mask (fast on CPU)
 
+Drop-in functions (attnext.functional), thin Python over causal_attention:
+    scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                           scale=None, enable_gqa=False)   F.scaled_dot_product_attention's API
+    varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, ...)
+                           torch.nn.attention.varlen.varlen_attn's packed variable-length batches
+Hugging Face transformers: attnext.integrations.transformers.register(), then attn_implementation="attnext".
+
 Modules (attnext.nn): Head, MultiHeadAttention (the lecture's), CausalSelfAttention (nanoGPT's).
 
 Native kernels run where they exist (CPU C++, CUDA); everything else runs the
@@ -31,6 +38,8 @@ from .ops import (
     set_kernels_enabled,
 )
 from . import nn  # noqa: E402  (after .ops: the modules call the public ops)
+from . import functional  # noqa: E402
+from .functional import scaled_dot_product_attention, varlen_attention  # noqa: E402
 
 __version__ = "0.2.0"
 
@@ -49,10 +58,13 @@ __all__ = [
     "dropout",
     "empty_cpu_cache",
     "explain",
+    "functional",
     "kernels_enabled",
     "matmul",
     "native_available",
     "nn",
+    "scaled_dot_product_attention",
     "set_kernels_enabled",
+    "varlen_attention",
     "__version__",
 ]
