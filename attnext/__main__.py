@@ -200,7 +200,7 @@ def _timing_table() -> None:
             rows.append(dict(case=name, mode=mode, eager=te, attnext=ta))
 
 
-BENCH_OPS = ("causal_softmax", "matmul", "attention", "decode", "dropout")
+BENCH_OPS = ("causal_softmax", "matmul", "attention", "decode", "sdpa", "dropout")
 
 
 def _bench_modules(bench_dir: str, ops_wanted):
