@@ -12,7 +12,6 @@ Both are thin Python over ``causal_attention``: no kernel of their own.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
