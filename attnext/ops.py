@@ -150,17 +150,25 @@ class Explanation(list):
 
 
 def _kernel_notes(op: str, tensors: Sequence[Tensor]) -> List[str]:
-    """Which native kernel ``op`` runs on these tensors, where that is a choice."""
+    """Which native kernel ``op`` runs on these tensors, where that is a choice made by
+    measurement on this CPU (csrc/cpu/kernel_choice.h): the verdicts made so far that
+    apply to this op and dtype."""
     if not tensors or not all(isinstance(t, Tensor) for t in tensors):
         return []
     t = tensors[0]
+    if t.device.type != "cpu" or not _has_op("_kernel_choices"):
+        return []
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(t.dtype)
+    attention = op in ("causal_attention", "causal_attention_qkvpacked")
     notes = []
-    if t.device.type == "cpu" and t.dtype == torch.float32 and _has_op("_f32_gemm_choices"):
-        workload = {"matmul": "matmul", "causal_attention": "attention tiles",
-                    "causal_attention_qkvpacked": "attention tiles"}.get(op)
-        if workload is not None:
-            notes += [c for c in torch.ops.attnext._f32_gemm_choices() if workload in c]
-    if op == "causal_attention" and t.device.type == "cpu" and t.dim() >= 2 and t.shape[-2] <= 16:
+    for c in torch.ops.attnext._kernel_choices():
+        if dtype == "float32" and c.startswith("float32 GEMM, matmul") and op == "matmul":
+            notes.append(c)
+        elif dtype == "float32" and c.startswith("float32 GEMM, attention tiles") and attention:
+            notes.append(c)
+        elif attention and dtype is not None and c.startswith("attention ") and f", {dtype}," in c:
+            notes.append(c)
+    if op == "causal_attention" and t.dim() >= 2 and t.shape[-2] <= 16:
         notes.append(
             "T <= 16 query rows without dropout: the CPU decode pass (K and V streamed once, keys split "
             "across threads when batch x heads cannot fill them; ATTNEXT_DECODE=0 turns it off)"
@@ -172,9 +180,10 @@ def explain(op: str, *tensors: Tensor, window_size: Tuple[int, int] = (-1, 0)) -
     """Why ``attnext.<op>(*tensors)`` would take the eager fallback instead of a native kernel.
 
     Returns a list of human-readable reasons; an empty list means the native kernel runs.
-    Its ``.kernels`` attribute says which native kernel runs where attnext chooses
-    (its own float32 GEMM or the BLAS, measured on this CPU at first use; the decode
-    pass). ``window_size``: the attention window the call would use (see
+    Its ``.kernels`` attribute says which native kernel runs where attnext chooses by
+    measuring both on this CPU at first use of a workload class (its own float32 GEMM
+    or the BLAS; its attention tiles or ATen's flash attention), and the decode pass.
+    Verdicts appear once the workload has run. ``window_size``: the attention window the call would use (see
     :func:`causal_attention`). Example: ``attnext.explain("causal_softmax", x)``.
     """
     if op not in _PUBLIC_OPS:

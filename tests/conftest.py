@@ -8,7 +8,12 @@ import sys
 import pytest
 import torch
 
-import attnext
+# The suite tests attnext's own attention kernels: on some CPUs ATen's flash attention
+# measures faster and would run instead (csrc/cpu/kernel_choice.h); tests of that
+# choice set the variable themselves, in subprocesses (tests/test_kernel_choice.py).
+os.environ.setdefault("ATTNEXT_ATTENTION_KERNEL", "1")
+
+import attnext  # noqa: E402  (after the environment is set: read once, at first use)
 
 
 def devices():

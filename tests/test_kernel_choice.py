@@ -1,6 +1,7 @@
-"""Kernel choice by measurement: attnext's own float32 GEMM or the BLAS, per workload,
-timed on the running CPU at first use (csrc/cpu/gemm_f32.cpp), overridable with
-ATTNEXT_F32_GEMM, and reported by attnext.explain(...).kernels."""
+"""Kernel choice by measurement (csrc/cpu/kernel_choice.h): attnext's own float32 GEMM
+or the BLAS, attnext's attention tiles or ATen's flash attention, per workload class,
+timed on the running CPU at first use, overridable with ATTNEXT_F32_GEMM and
+ATTNEXT_ATTENTION_KERNEL, and reported by attnext.explain(...).kernels."""
 import pytest
 import torch
 
@@ -28,13 +29,13 @@ def test_explain_fallback_has_no_kernel_notes(kernels_disabled):
 
 
 @needs_native
-@pytest.mark.parametrize("env,expect", [("0", "BLAS ("), ("1", "own AVX-512 kernel (ATTNEXT_F32_GEMM=1)")])
+@pytest.mark.parametrize("env,expect", [("0", "BLAS ("), ("1", "own AVX-512 kernel (forced by the environment)")])
 def test_override(env, expect):
     # Both overrides give the same numbers as the measured choice (within float rounding).
     code = (
         "import torch, attnext\n"
         "from attnext import reference\n"
-        "choices = torch.ops.attnext._f32_gemm_choices()\n"
+        "choices = [c for c in torch.ops.attnext._kernel_choices() if c.startswith('float32 GEMM')]\n"
         "if 'needs AVX-512' in choices[0] and %r == '1':\n"
         "    print('ok'); raise SystemExit\n"
         "assert all(%r in c for c in choices), choices\n"
@@ -47,3 +48,73 @@ def test_override(env, expect):
         "print('ok')\n"
     ) % (env, expect)
     assert_python_ok(code, ATTNEXT_F32_GEMM=env)
+
+
+ATEN_ROUTE = (
+    "import torch, attnext, torch.nn.functional as F\n"
+    "from attnext import reference\n"
+    "torch.manual_seed(0)\n"
+    "for dtype in (torch.float32, torch.bfloat16):\n"
+    "    for shape in ((2, 3, 40, 32), (1, 2, 300, 64), (3, 40, 16)):\n"
+    "        q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))\n"
+    "        out = attnext.causal_attention(q, k, v)\n"
+    "        g = torch.randn_like(out)\n"
+    "        grads = torch.autograd.grad(out, (q, k, v), g)\n"
+    "        # SDPA's flash path, on 4-D views as the route runs it (3-D inputs would take its math path)\n"
+    "        qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))\n"
+    "        four = lambda t: t if t.dim() == 4 else t.unsqueeze(0)\n"
+    "        ref = F.scaled_dot_product_attention(four(qs), four(ks), four(vs), is_causal=True).view_as(out)\n"
+    "        ref_grads = torch.autograd.grad(ref, (qs, ks, vs), g)\n"
+    "        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))\n"
+    "        o64 = reference.causal_attention(q64, k64, v64, shape[-1] ** -0.5)[0]\n"
+    "        g64 = torch.autograd.grad(o64, (q64, k64, v64), g.double())\n"
+    "        err = lambda a, b: (a.double() - b).abs().max().item()\n"
+    "        tol = 1e-5 if dtype == torch.float32 else 2e-3\n"
+    "        # within SDPA's own error against the float64 oracle (what a user gets from torch)\n"
+    "        assert err(out, o64) <= 1.5 * err(ref, o64) + tol, (dtype, shape)\n"
+    "        for a, r, o in zip(grads, ref_grads, g64):\n"
+    "            assert err(a, o) <= 1.5 * err(r, o) + tol, (dtype, shape)\n"
+    "# rows whose scores are all -inf: torch.softmax's NaN, as attnext's kernels give\n"
+    "q = torch.randn(1, 300, 16).abs() + 0.1\n"
+    "k, v = torch.randn(1, 300, 16), torch.randn(1, 300, 16)\n"
+    "k[:, :100, 0] = float('-inf')\n"
+    "out = attnext.causal_attention(q, k, v)\n"
+    "ref = reference.causal_attention(q.double(), k.double(), v.double(), 0.25)[0]\n"
+    "assert torch.equal(out.isnan(), ref.isnan()) and out[:, :100].isnan().all()\n"
+    "choices = [c for c in torch.ops.attnext._kernel_choices() if c.startswith('attention ')]\n"
+    "assert choices and all(EXPECT in c for c in choices), choices\n"
+    "print('ok')\n"
+)
+
+
+@needs_native
+@pytest.mark.parametrize("env,expect", [("0", "ATen flash attention (forced"), ("auto", "(measured on this CPU")])
+def test_attention_route(env, expect):
+    # ATen's kernel forced (and measured): results within SDPA's own error, derivatives
+    # included, and rows of non-finite scores still follow torch.softmax.
+    assert_python_ok("EXPECT = %r\n" % expect + ATEN_ROUTE, ATTNEXT_ATTENTION_KERNEL=env)
+
+
+@needs_native
+def test_attention_route_not_for_what_aten_cannot_compute():
+    # dropout, windows, bottom-right with T != S, decode shapes and GQA views stay on
+    # attnext's kernels even when ATen is forced: results equal to the forced-own run.
+    code = (
+        "import torch, attnext\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v = (torch.randn(2, 4, 64, 16) for _ in range(3))\n"
+        "outs = [attnext.causal_attention(q, k, v, dropout_p=0.2, generator=torch.Generator().manual_seed(1)),\n"
+        "        attnext.causal_attention(q, k, v, window_size=(5, 0)),\n"
+        "        attnext.causal_attention(q[:, :, :40], k, v, align='bottom_right'),\n"
+        "        attnext.causal_attention(q[:, :, :3], k, v, align='bottom_right'),\n"
+        "        attnext.causal_attention(q, k[:, :2], v[:, :2], enable_gqa=True)]\n"
+        "torch.save(outs, OUT)\n"
+        "print('ok')\n"
+    )
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        a, b = os.path.join(d, "a.pt"), os.path.join(d, "b.pt")
+        assert_python_ok(f"OUT = {a!r}\n" + code, ATTNEXT_ATTENTION_KERNEL="0")
+        assert_python_ok(f"OUT = {b!r}\n" + code, ATTNEXT_ATTENTION_KERNEL="1")
+        for x, y in zip(torch.load(a), torch.load(b)):
+            assert torch.equal(x, y)

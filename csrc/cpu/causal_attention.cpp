@@ -62,6 +62,8 @@
 #include <atomic>
 #include <climits>
 #include <cmath>
+#include <functional>
+#include <string>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -73,6 +75,7 @@
 #include "cpu/attention_rows.h"
 #include "cpu/causal_attention_decode.h"
 #include "cpu/gemm_f32.h"
+#include "cpu/kernel_choice.h"
 #include "dropout_hash.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
@@ -991,9 +994,8 @@ at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::
 
 // The forward into given outputs: out (..., T, hs_v) with unit-stride rows (a
 // contiguous tensor or a view of one), lse (..., T) contiguous in the compute type.
-void forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& out,
-                  at::Tensor& lse, const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
-  if (lse.numel() == 0) return;
+void forward_native(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& out,
+                    at::Tensor& lse, const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   if (decode_applies(q, g, dropout_p)) {  // a few rows against many keys: causal_attention_decode.cpp
     decode_forward(q, k, v, out, lse, g, scale);
@@ -1012,16 +1014,10 @@ void forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
 
 // The backward into given outputs dq, dk, dv shaped like q, k, v, with unit-stride
 // rows (contiguous tensors or views of one).
-void backward_into(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-                   const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv, const Geometry& g, double scale, double dropout_p,
-                   const DropoutSeed& ds) {
-  if (g.BH * g.T == 0 || g.BH * g.S == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return;
-  }
+void backward_native(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, at::Tensor& dq,
+                     at::Tensor& dk, at::Tensor& dv, const Geometry& g, double scale, double dropout_p,
+                     const DropoutSeed& ds) {
   const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
   const at::Tensor dout = prepare(grad_out_in), out = prepare(out_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -1034,6 +1030,120 @@ void backward_into(const at::Tensor& grad_out_in, const at::Tensor& q_in, const 
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_backward_cpu",
                                  [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
+}
+
+// ---- ATen's flash attention as the other kernel, chosen by measurement
+//
+// torch's own CPU flash attention (at::_scaled_dot_product_flash_attention_for_cpu
+// and its backward) computes the same (out, lse) contract. Where the CPU has AMX,
+// ATen runs bfloat16 tiles on it and beats attnext's AVX512-BF16 tiles by a wide
+// margin; elsewhere attnext's tiles win. So, per pass, dtype and head-size class,
+// both are timed at first use (kernel_choice.h) and the faster runs. Only calls ATen
+// can compute exactly take part: no dropout (attnext's mask is its own hash), the
+// causal window, top-left alignment (or T == S), T above the decode pass's rows,
+// q/k/v of at most 4 dims without stride-0 batch dims (grouped-query views), hs ==
+// hs_v, float32 or bfloat16, finite inputs. ATTNEXT_ATTENTION_KERNEL=0 forces ATen
+// where it can run, =1 attnext's kernels.
+
+// The (..., T, hs) tensor as the 4-D (B, H, T, hs) view ATen's kernel takes.
+at::Tensor as4d(const at::Tensor& t) {
+  at::Tensor r = t;
+  while (r.dim() < 4) r = r.unsqueeze(0);
+  return r;
+}
+
+bool aten_can_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g,
+                  double dropout_p) {
+  const auto st = q.scalar_type();
+  if (st != at::kFloat && st != at::kBFloat16) return false;
+  if (dropout_p != 0.0 || !g.causal() || g.shift != 0 || g.T <= kDecodeMaxRows || g.hs != g.hsv) return false;
+  if (q.dim() > 4 || g.S == 0) return false;
+  for (const at::Tensor* t : {&k, &v}) {
+    for (int64_t d = 0; d < t->dim() - 2; ++d) {
+      if (t->size(d) > 1 && t->stride(d) == 0) return false;
+    }
+  }
+  return true;
+}
+
+// ATen's kernel treats a row whose scores are all -inf (output 0, lse 0) or NaN
+// differently from torch.softmax, which attnext's kernels follow (NaN rows). Such
+// rows show in the logsumexp, non-finite or exactly 0 (which a row of finite scores
+// almost never is): checked on lse (BH x T floats, nothing beside the attention),
+// and the call rerun on attnext's kernels when one is found.
+bool lse_plain(const at::Tensor& lse) {
+  return at::isfinite(lse).all().item<bool>() && at::ne(lse, 0).all().item<bool>();
+}
+
+// Whether this pass runs ATen's kernel: measured once per (pass, dtype, head-size
+// class, length class). The probe is one workload of the class: 4 heads of 256
+// queries and keys for T <= 256, one head of 1024 above (a few ms, once).
+bool use_aten(bool backward, at::ScalarType st, int64_t hs, int64_t T) {
+  static const int forced = kernel_override("ATTNEXT_ATTENTION_KERNEL");
+  const int64_t cls = hs <= 32 ? 32 : hs <= 64 ? 64 : hs <= 128 ? 128 : 256;
+  const bool long_rows = T > 256;
+  const std::string what = std::string("attention ") + (backward ? "backward" : "forward") + ", " +
+                           (st == at::kBFloat16 ? "bfloat16" : "float32") + ", head size <= " + std::to_string(cls) +
+                           (long_rows ? ", T > 256" : ", T <= 256");
+  if (const KernelChoice* known = find_kernel(what)) return !known->own;
+  const int64_t heads = long_rows ? 1 : 4, len = long_rows ? 1024 : 256;
+  auto opts = at::TensorOptions().dtype(st);
+  auto gen = [&](double salt) {
+    return at::arange(heads * len * cls, opts.dtype(at::kFloat)).mul_(0.37 + 0.01 * salt).sin_().to(st).view(
+        {1, heads, len, cls});
+  };
+  const at::Tensor q = gen(1), k = gen(2), v = gen(3), go = gen(4);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(cls));
+  const Geometry g = check_attention_args(q, k, v, scale, 0.0, false);
+  at::Tensor out = at::empty_like(q), lse = at::empty({1, heads, len}, opts.dtype(at::kFloat));
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
+  const DropoutSeed ds{};
+  forward_native(q, k, v, out, lse, g, scale, 0.0, ds);
+  std::function<void()> own, lib;
+  if (backward) {
+    own = [=]() mutable { backward_native(go, q, k, v, out, lse, dq, dk, dv, g, scale, 0.0, ds); };
+    lib = [=] { at::_scaled_dot_product_flash_attention_for_cpu_backward(go, q, k, v, out, lse, 0.0, true, {}, scale); };
+  } else {
+    own = [=]() mutable { forward_native(q, k, v, out, lse, g, scale, 0.0, ds); };
+    lib = [=] { at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, true, {}, scale); };
+  }
+  return !choose_kernel(what, "attnext tiles", "ATen flash attention", own, lib, forced).own;
+}
+
+void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                  const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
+  if (lse.numel() == 0) return;
+  if (aten_can_run(q, k, v, g, dropout_p) && use_aten(false, q.scalar_type(), g.hs, g.T)) {
+    const auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(as4d(q), as4d(k), as4d(v), 0.0, true, {}, scale);
+    if (lse_plain(l)) {
+      out.copy_(o.reshape(out.sizes()));
+      lse.copy_(l.reshape(lse.sizes()));
+      return;
+    }
+  }
+  forward_native(q, k, v, out, lse, g, scale, dropout_p, ds);
+}
+
+void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                   const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
+  if (g.BH * g.T == 0 || g.BH * g.S == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return;
+  }
+  if (aten_can_run(q, k, v, g, dropout_p) && lse_plain(lse) && use_aten(true, q.scalar_type(), g.hs, g.T)) {
+    const at::Tensor q4 = as4d(q);
+    const at::Tensor lse4 = lse.reshape(q4.sizes().slice(0, 3));
+    const auto [gq, gk, gv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        as4d(grad_out), q4, as4d(k), as4d(v), as4d(out), lse4, 0.0, true, {}, scale);
+    dq.copy_(gq.reshape(dq.sizes()));
+    dk.copy_(gk.reshape(dk.sizes()));
+    dv.copy_(gv.reshape(dv.sizes()));
+    return;
+  }
+  backward_native(grad_out, q, k, v, out, lse, dq, dk, dv, g, scale, dropout_p, ds);
 }
 
 // The checks of the backward's extra inputs: grad_out and out shaped (..., T, hs_v)

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "cpu/blas.h"
+#include "cpu/kernel_choice.h"
 #include "cpu/vec_math.h"
 
 namespace attnext {
@@ -43,19 +45,6 @@ constexpr int64_t kMc = 96;   // rows per block (16 register blocks of 6)
 constexpr int64_t kNc = 256;  // columns per block
 constexpr int64_t kKc = 384;  // depth per block: a (kKc, kNc) block of B is 384 KiB
 
-// Seconds of the fastest of `rounds` runs of f, after one warm-up.
-template <typename F>
-double best_of(int rounds, F&& f) {
-  f();
-  double best = 1e30;
-  for (int i = 0; i < rounds; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
-}
-
 // Row-major C (m, n) = A (m, k) B (k, n) through the column-major BLAS (C^T = B^T A^T).
 void blas_sgemm(int m, int n, int k, const float* a, const float* b, float* c) {
   const char t = 'N';
@@ -63,58 +52,37 @@ void blas_sgemm(int m, int n, int k, const float* a, const float* b, float* c) {
   sgemm_(&t, &t, &n, &m, &k, &one, b, &n, a, &k, &zero, c, &n);
 }
 
-// Times both GEMMs on a problem of the workload's class. Rounds alternate between the
-// two (a noisy neighbour slows both alike) and the best round of each counts.
-GemmChoice measure(GemmUse use) {
-  GemmChoice ch;
+// Times both GEMMs on a problem of the workload's class (kernel_choice.h).
+const KernelChoice& measure(GemmUse use) {
+  const bool tiles = use == GemmUse::kAttentionTiles;
+  const std::string what = tiles ? "float32 GEMM, attention tiles" : "float32 GEMM, matmul";
   const F32Gemm kernel = f32_gemm_kernel();
-  if (kernel == nullptr) {
-    ch.why = "BLAS (the own kernel needs AVX-512, or ATTNEXT_F32_GEMM=0)";
-    return ch;
-  }
-  if (sgemm_ == nullptr) {
-    ch.own = true;
-    ch.why = "own AVX-512 kernel (this torch exports no BLAS)";
-    return ch;
-  }
-  const char* env = std::getenv("ATTNEXT_F32_GEMM");
-  if (env != nullptr && std::strcmp(env, "1") == 0) {
-    ch.own = true;
-    ch.why = "own AVX-512 kernel (ATTNEXT_F32_GEMM=1)";
-    return ch;
-  }
+  if (kernel == nullptr) return fixed_kernel(what, false, "BLAS (the own kernel needs AVX-512, or ATTNEXT_F32_GEMM=0)");
+  if (sgemm_ == nullptr) return fixed_kernel(what, true, "own AVX-512 kernel (this torch exports no BLAS)");
   // attention: one thread's 64-row tile against 256 keys at head size 64 (scores);
   // matmul: a projection-like 192 x 768 x 192, threaded as matmul threads it.
-  const bool tiles = use == GemmUse::kAttentionTiles;
   const int m = tiles ? 64 : 192, n = tiles ? 256 : 768, k = tiles ? 64 : 192;
   const int reps = tiles ? 16 : 1;
-  std::vector<float> a(size_t(m) * k), b(size_t(k) * n), c(size_t(m) * n);
-  for (size_t i = 0; i < a.size(); ++i) a[i] = float((i * 7) % 13) * 0.1f - 0.6f;
-  for (size_t i = 0; i < b.size(); ++i) b[i] = float((i * 5) % 11) * 0.1f - 0.5f;
-  auto own = [&] {
+  auto a = std::make_shared<std::vector<float>>(size_t(m) * k);
+  auto b = std::make_shared<std::vector<float>>(size_t(k) * n);
+  auto c = std::make_shared<std::vector<float>>(size_t(m) * n);
+  for (size_t i = 0; i < a->size(); ++i) (*a)[i] = float((i * 7) % 13) * 0.1f - 0.6f;
+  for (size_t i = 0; i < b->size(); ++i) (*b)[i] = float((i * 5) % 11) * 0.1f - 0.5f;
+  auto own = [=] {
     for (int r = 0; r < reps; ++r) {
       if (tiles) {
-        kernel(m, n, k, a.data(), k, 1, b.data(), n, c.data(), n, 1.0f, false);
+        kernel(m, n, k, a->data(), k, 1, b->data(), n, c->data(), n, 1.0f, false);
       } else {
-        f32_gemm_blocked(m, n, k, a.data(), k, 1, b.data(), n, 1, c.data(), n, false);
+        f32_gemm_blocked(m, n, k, a->data(), k, 1, b->data(), n, 1, c->data(), n, false);
       }
     }
   };
-  auto blas = [&] {
+  auto blas = [=] {
     const SingleThreadedBlas one_thread(tiles);  // the tiles run inside the kernel's own threads
-    for (int r = 0; r < reps; ++r) blas_sgemm(m, n, k, a.data(), b.data(), c.data());
+    for (int r = 0; r < reps; ++r) blas_sgemm(m, n, k, a->data(), b->data(), c->data());
   };
-  double t_own = 1e30, t_blas = 1e30;
-  for (int round = 0; round < 3; ++round) {
-    t_own = std::min(t_own, best_of(2, own));
-    t_blas = std::min(t_blas, best_of(2, blas));
-  }
-  ch.own = t_own <= t_blas;
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "%s (measured on this CPU: own AVX-512 kernel %.1f us, BLAS %.1f us)",
-                ch.own ? "own AVX-512 kernel" : "BLAS", t_own * 1e6 / reps, t_blas * 1e6 / reps);
-  ch.why = buf;
-  return ch;
+  const int forced = kernel_override("ATTNEXT_F32_GEMM");  // 0 was handled by f32_gemm_kernel()
+  return choose_kernel(what, "own AVX-512 kernel", "BLAS", own, blas, forced == 1 ? 1 : -1);
 }
 
 }  // namespace
@@ -123,7 +91,10 @@ const GemmChoice& f32_gemm_choice(GemmUse use) {
   static GemmChoice choices[static_cast<int>(GemmUse::kCount)];
   static std::once_flag once[static_cast<int>(GemmUse::kCount)];
   const int i = static_cast<int>(use);
-  std::call_once(once[i], [&] { choices[i] = measure(use); });
+  std::call_once(once[i], [&] {
+    const KernelChoice& kc = measure(use);
+    choices[i] = GemmChoice{kc.own, kc.why};
+  });
   return choices[i];
 }
 
@@ -131,10 +102,11 @@ F32Gemm f32_gemm_for(GemmUse use) { return f32_gemm_choice(use).own ? f32_gemm_k
 
 namespace {
 
-// (workload, choice) lines for attnext.explain: forces the measurement of each.
-std::vector<std::string> f32_gemm_choices() {
-  return {"float32 GEMM, attention tiles: " + f32_gemm_choice(GemmUse::kAttentionTiles).why,
-          "float32 GEMM, matmul: " + f32_gemm_choice(GemmUse::kMatmul).why};
+// Every verdict so far, after forcing the GEMM ones (so the list is never empty).
+std::vector<std::string> all_kernel_choices() {
+  f32_gemm_choice(GemmUse::kAttentionTiles);
+  f32_gemm_choice(GemmUse::kMatmul);
+  return kernel_choices();
 }
 
 }  // namespace
@@ -199,6 +171,6 @@ void f32_gemm_blocked(int64_t m, int64_t n, int64_t k, const float* a, int64_t s
 }  // namespace attnext
 
 TORCH_LIBRARY_FRAGMENT(attnext, m) {
-  // How the float32 GEMMs of each workload are computed on this CPU, and why.
-  m.def("_f32_gemm_choices() -> str[]", &attnext::f32_gemm_choices);
+  // Which kernel each workload class runs on this CPU (attnext's or a library's), and why.
+  m.def("_kernel_choices() -> str[]", &attnext::all_kernel_choices);
 }
