@@ -24,10 +24,12 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 from torch.autograd import forward_ad as _fwAD
 
 _lib = torch.library.Library("attnext", "IMPL")  # noqa: TOR901  (kept alive for the module's lifetime)
 FUNCTIONS = {}  # op name -> its autograd.Function (for tests and introspection)
+_OPS = {}  # op name -> its OpOverload (looked up once)
 
 
 def _fill_defaults(schema, args):
@@ -53,6 +55,13 @@ def derivative_context() -> bool:
     return _fwAD._current_level >= 0 or (
         not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     )
+
+
+def save_for_forward(ctx, *tensors) -> None:
+    """ctx.save_for_forward, where a forward-mode derivative can be asked for (a dual
+    level is open or a torch.func transform is active); a plain training step skips it."""
+    if _fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        ctx.save_for_forward(*tensors)
 
 
 def higher_order_requested(*tensors: Optional[torch.Tensor]) -> bool:
@@ -119,14 +128,34 @@ def register(
 def call(name: str, *args):
     """Runs ``attnext::<name>`` on ``args`` (every argument, positionally) with its derivatives.
 
-    Under a torch.func transform the op's Function is applied from here, above the
-    dispatcher, where the transform can route it through its rules (an
-    autograd.Function cannot be started from inside an Autograd kernel there).
-    Everywhere else, including torch.compile, this is the plain op call.
+    The public functions (and the derivative rules) enter here, above the dispatcher:
+    under a torch.func transform the op's Function must be applied from here (it
+    cannot be started from inside an Autograd kernel there); otherwise entering the
+    Function (or, with nothing to differentiate, the kernel below autograd) directly
+    saves the Autograd kernel's Python wrapper on every call. Under torch.compile this
+    is the plain op call, which the graph records.
     """
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return FUNCTIONS[name].apply(*args)
-    return getattr(torch.ops.attnext, name).default(*args)
+    op = _OPS.get(name)
+    if op is None:
+        op = _OPS[name] = getattr(torch.ops.attnext, name).default
+    if torch.compiler.is_compiling():
+        return op(*args)
+    fn = FUNCTIONS.get(name)
+    if fn is None:
+        return op(*args)
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    if needs_derivatives(args):
+        # Function.apply binds the arguments to forward's signature on every call when
+        # setup_context is defined (inspect.signature: several microseconds); forward
+        # takes *args, so the binding is the identity and the C++ apply runs directly.
+        return _apply(fn, *_unwrap_dead_wrappers(args))
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _apply(fn, *args):
+    return super(torch.autograd.Function, fn).apply(*args)
 
 
 # ----------------------------------------------------------------------------- vmap helpers

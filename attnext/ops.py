@@ -272,7 +272,7 @@ def _causal_softmax_setup_context(ctx, inputs, output):
     ctx.scale = scale
     ctx.bottom_right = bottom_right
     ctx.save_for_backward(output)
-    ctx.save_for_forward(output)
+    _autograd.save_for_forward(ctx, output)
 
 
 def _causal_softmax_bwd(ctx, grad_y):
@@ -299,7 +299,7 @@ def _causal_softmax_backward_setup_context(ctx, inputs, output):
     ctx.scale = scale
     ctx.bottom_right = bottom_right
     ctx.save_for_backward(grad_y, y)
-    ctx.save_for_forward(grad_y, y)
+    _autograd.save_for_forward(ctx, grad_y, y)
 
 
 def _visible(*tensors, bottom_right: bool):
@@ -447,7 +447,7 @@ def _matmul_backward_fake(grad, a, b, output_mask):
 def _matmul_setup_context(ctx, inputs, output):
     a, b = inputs
     ctx.save_for_backward(a, b)
-    ctx.save_for_forward(a, b)
+    _autograd.save_for_forward(ctx, a, b)
 
 
 def _matmul_bwd(ctx, grad):
@@ -501,7 +501,7 @@ def _matmul_backward_setup_context(ctx, inputs, output):
     grad, a, b, output_mask = inputs
     ctx.output_mask = list(output_mask)
     ctx.save_for_backward(grad, a, b)
-    ctx.save_for_forward(grad, a, b)
+    _autograd.save_for_forward(ctx, grad, a, b)
 
 
 def _matmul_backward_bwd(ctx, gg_a, gg_b):
@@ -865,7 +865,7 @@ def _causal_attention_setup_context(ctx, inputs, output):
     ctx.window = _window_input(inputs, 9)
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, _rng_input(inputs, 8))
-    ctx.save_for_forward(q, k, v, _rng_input(inputs, 8))
+    _autograd.save_for_forward(ctx, q, k, v, _rng_input(inputs, 8))
 
 
 def _attention_grads(ctx, grad_out, q, k, v, out, lse, rng):
@@ -1014,7 +1014,7 @@ def _causal_attention_qkvpacked_setup_context(ctx, inputs, output):
     ctx.window = _window_input(inputs, 7)
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, out, lse, _rng_input(inputs, 6))
-    ctx.save_for_forward(qkv, _rng_input(inputs, 6))
+    _autograd.save_for_forward(ctx, qkv, _rng_input(inputs, 6))
 
 
 def _causal_attention_qkvpacked_bwd(ctx, grad_out, grad_lse):
@@ -1090,7 +1090,7 @@ def _dropout_fake(x, p, seed, offset, rng=None):
 def _dropout_setup_context(ctx, inputs, output):
     _, ctx.p, ctx.seed, ctx.offset = inputs[:4]
     ctx.save_for_backward(_rng_input(inputs, 4))
-    ctx.save_for_forward(_rng_input(inputs, 4))
+    _autograd.save_for_forward(ctx, _rng_input(inputs, 4))
 
 
 def _dropout_bwd(ctx, grad):
