@@ -74,6 +74,18 @@ ATEN_ROUTE = (
     "        assert err(out, o64) <= 1.5 * err(ref, o64) + tol, (dtype, shape)\n"
     "        for a, r, o in zip(grads, ref_grads, g64):\n"
     "            assert err(a, o) <= 1.5 * err(r, o) + tol, (dtype, shape)\n"
+    "# chunked prefill (bottom-right, T < S): ATen with a mask; against the float64 oracle\n"
+    "for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2)):\n"
+    "    q = torch.randn(2, 2, 40, 32, dtype=dtype, requires_grad=True)\n"
+    "    k, v = (torch.randn(2, 2, 100, 32, dtype=dtype, requires_grad=True) for _ in range(2))\n"
+    "    out = attnext.causal_attention(q, k, v, align='bottom_right')\n"
+    "    g = torch.randn_like(out)\n"
+    "    grads = torch.autograd.grad(out, (q, k, v), g)\n"
+    "    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))\n"
+    "    o64 = reference.causal_attention(q64, k64, v64, 32 ** -0.5, 0.0, True)[0]\n"
+    "    torch.testing.assert_close(out.double(), o64, atol=tol, rtol=tol)\n"
+    "    for a, r in zip(grads, torch.autograd.grad(o64, (q64, k64, v64), g.double())):\n"
+    "        torch.testing.assert_close(a.double(), r, atol=tol * 4, rtol=tol * 4)\n"
     "# rows whose scores are all -inf: torch.softmax's NaN, as attnext's kernels give\n"
     "q = torch.randn(1, 300, 16).abs() + 0.1\n"
     "k, v = torch.randn(1, 300, 16), torch.randn(1, 300, 16)\n"
@@ -97,7 +109,7 @@ def test_attention_route(env, expect):
 
 @needs_native
 def test_attention_route_not_for_what_aten_cannot_compute():
-    # dropout, windows, bottom-right with T != S, decode shapes and GQA views stay on
+    # dropout, windows, bottom-right with T > S, decode shapes and GQA views stay on
     # attnext's kernels even when ATen is forced: results equal to the forced-own run.
     code = (
         "import torch, attnext\n"
@@ -105,7 +117,7 @@ def test_attention_route_not_for_what_aten_cannot_compute():
         "q, k, v = (torch.randn(2, 4, 64, 16) for _ in range(3))\n"
         "outs = [attnext.causal_attention(q, k, v, dropout_p=0.2, generator=torch.Generator().manual_seed(1)),\n"
         "        attnext.causal_attention(q, k, v, window_size=(5, 0)),\n"
-        "        attnext.causal_attention(q[:, :, :40], k, v, align='bottom_right'),\n"
+        "        attnext.causal_attention(k, q[:, :, :40], q[:, :, :40], align='bottom_right'),\n"
         "        attnext.causal_attention(q[:, :, :3], k, v, align='bottom_right'),\n"
         "        attnext.causal_attention(q, k[:, :2], v[:, :2], enable_gqa=True)]\n"
         "torch.save(outs, OUT)\n"

@@ -1040,7 +1040,8 @@ void backward_native(const at::Tensor& grad_out_in, const at::Tensor& q_in, cons
 // margin; elsewhere attnext's tiles win. So, per pass, dtype and head-size class,
 // both are timed at first use (kernel_choice.h) and the faster runs. Only calls ATen
 // can compute exactly take part: no dropout (attnext's mask is its own hash), the
-// causal window, top-left alignment (or T == S), T above the decode pass's rows,
+// causal window, top-left alignment (or T == S; bottom-right with T < S and T x S
+// at most 2^24 goes with a boolean mask: chunked prefill), T above the decode pass's rows,
 // q/k/v of at most 4 dims without stride-0 batch dims (grouped-query views), hs ==
 // hs_v, float32 or bfloat16, finite inputs. ATTNEXT_ATTENTION_KERNEL=0 forces ATen
 // where it can run, =1 attnext's kernels.
@@ -1056,8 +1057,10 @@ bool aten_can_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   double dropout_p) {
   const auto st = q.scalar_type();
   if (st != at::kFloat && st != at::kBFloat16) return false;
-  if (dropout_p != 0.0 || !g.causal() || g.shift != 0 || g.T <= kDecodeMaxRows || g.hs != g.hsv) return false;
+  if (dropout_p != 0.0 || !g.causal() || g.T <= kDecodeMaxRows || g.hs != g.hsv) return false;
   if (q.dim() > 4 || g.S == 0) return false;
+  // bottom-right with T != S (chunked prefill) goes to ATen with a (T, S) mask: small ones only
+  if (g.shift != 0 && (g.shift < 0 || g.T * g.S > (int64_t(1) << 24))) return false;
   for (const at::Tensor* t : {&k, &v}) {
     for (int64_t d = 0; d < t->dim() - 2; ++d) {
       if (t->size(d) > 1 && t->stride(d) == 0) return false;
@@ -1075,37 +1078,51 @@ bool lse_plain(const at::Tensor& lse) {
   return at::isfinite(lse).all().item<bool>() && at::ne(lse, 0).all().item<bool>();
 }
 
+// ATen's mask for a bottom-right call with T != S (ATen's is_causal is top-left):
+// (T, S) in the inputs' dtype (which ATen requires), 0 where a row sees the key and
+// -inf where it does not. None for top-left calls.
+std::optional<at::Tensor> aten_mask(const Geometry& g, at::ScalarType st) {
+  if (g.shift == 0) return std::nullopt;
+  const at::Tensor hidden = at::ones({g.T, g.S}, at::TensorOptions().dtype(at::kBool)).triu(g.shift + 1);
+  return at::zeros({g.T, g.S}, at::TensorOptions().dtype(st)).masked_fill_(hidden, -INFINITY);
+}
+
 // Whether this pass runs ATen's kernel: measured once per (pass, dtype, head-size
-// class, length class). The probe is one workload of the class: 4 heads of 256
-// queries and keys for T <= 256, one head of 1024 above (a few ms, once).
-bool use_aten(bool backward, at::ScalarType st, int64_t hs, int64_t T) {
+// class, length class, mask). The probe is one workload of the class: 4 heads of 256
+// queries and keys for T <= 256, two heads of 1024 above; a bottom-right call (ATen
+// with a mask) probes half as many queries against those keys (a few ms, once).
+bool use_aten(bool backward, at::ScalarType st, const Geometry& call) {
   static const int forced = kernel_override("ATTNEXT_ATTENTION_KERNEL");
-  const int64_t cls = hs <= 32 ? 32 : hs <= 64 ? 64 : hs <= 128 ? 128 : 256;
-  const bool long_rows = T > 256;
+  const int64_t cls = call.hs <= 32 ? 32 : call.hs <= 64 ? 64 : call.hs <= 128 ? 128 : 256;
+  const bool long_rows = call.T > 256, masked = call.shift != 0;
   const std::string what = std::string("attention ") + (backward ? "backward" : "forward") + ", " +
                            (st == at::kBFloat16 ? "bfloat16" : "float32") + ", head size <= " + std::to_string(cls) +
-                           (long_rows ? ", T > 256" : ", T <= 256");
+                           (long_rows ? ", T > 256" : ", T <= 256") + (masked ? ", bottom-right T != S" : "");
   if (const KernelChoice* known = find_kernel(what)) return !known->own;
-  const int64_t heads = long_rows ? 1 : 4, len = long_rows ? 1024 : 256;
+  const int64_t heads = long_rows ? 2 : 4, len = long_rows ? 1024 : 256, rows = masked ? len / 2 : len;
   auto opts = at::TensorOptions().dtype(st);
-  auto gen = [&](double salt) {
-    return at::arange(heads * len * cls, opts.dtype(at::kFloat)).mul_(0.37 + 0.01 * salt).sin_().to(st).view(
-        {1, heads, len, cls});
+  auto gen = [&](double salt, int64_t n) {
+    return at::arange(heads * n * cls, opts.dtype(at::kFloat)).mul_(0.37 + 0.01 * salt).sin_().to(st).view(
+        {1, heads, n, cls});
   };
-  const at::Tensor q = gen(1), k = gen(2), v = gen(3), go = gen(4);
+  const at::Tensor q = gen(1, rows), k = gen(2, len), v = gen(3, len), go = gen(4, rows);
   const double scale = 1.0 / std::sqrt(static_cast<double>(cls));
-  const Geometry g = check_attention_args(q, k, v, scale, 0.0, false);
-  at::Tensor out = at::empty_like(q), lse = at::empty({1, heads, len}, opts.dtype(at::kFloat));
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
+  const Geometry g = check_attention_args(q, k, v, scale, 0.0, masked);
+  const std::optional<at::Tensor> mask = aten_mask(g, st);
+  const bool causal = !masked;
+  at::Tensor out = at::empty_like(q), lse = at::empty({1, heads, rows}, opts.dtype(at::kFloat));
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const DropoutSeed ds{};
   forward_native(q, k, v, out, lse, g, scale, 0.0, ds);
   std::function<void()> own, lib;
   if (backward) {
     own = [=]() mutable { backward_native(go, q, k, v, out, lse, dq, dk, dv, g, scale, 0.0, ds); };
-    lib = [=] { at::_scaled_dot_product_flash_attention_for_cpu_backward(go, q, k, v, out, lse, 0.0, true, {}, scale); };
+    lib = [=] {
+      at::_scaled_dot_product_flash_attention_for_cpu_backward(go, q, k, v, out, lse, 0.0, causal, mask, scale);
+    };
   } else {
     own = [=]() mutable { forward_native(q, k, v, out, lse, g, scale, 0.0, ds); };
-    lib = [=] { at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, true, {}, scale); };
+    lib = [=] { at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, mask, scale); };
   }
   return !choose_kernel(what, "attnext tiles", "ATen flash attention", own, lib, forced).own;
 }
@@ -1113,8 +1130,9 @@ bool use_aten(bool backward, at::ScalarType st, int64_t hs, int64_t T) {
 void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
                   const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
   if (lse.numel() == 0) return;
-  if (aten_can_run(q, k, v, g, dropout_p) && use_aten(false, q.scalar_type(), g.hs, g.T)) {
-    const auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(as4d(q), as4d(k), as4d(v), 0.0, true, {}, scale);
+  if (aten_can_run(q, k, v, g, dropout_p) && use_aten(false, q.scalar_type(), g)) {
+    const auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(as4d(q), as4d(k), as4d(v), 0.0, g.shift == 0,
+                                                                        aten_mask(g, q.scalar_type()), scale);
     if (lse_plain(l)) {
       out.copy_(o.reshape(out.sizes()));
       lse.copy_(l.reshape(lse.sizes()));
@@ -1133,11 +1151,11 @@ void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
     dv.zero_();
     return;
   }
-  if (aten_can_run(q, k, v, g, dropout_p) && lse_plain(lse) && use_aten(true, q.scalar_type(), g.hs, g.T)) {
+  if (aten_can_run(q, k, v, g, dropout_p) && lse_plain(lse) && use_aten(true, q.scalar_type(), g)) {
     const at::Tensor q4 = as4d(q);
     const at::Tensor lse4 = lse.reshape(q4.sizes().slice(0, 3));
     const auto [gq, gk, gv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        as4d(grad_out), q4, as4d(k), as4d(v), as4d(out), lse4, 0.0, true, {}, scale);
+        as4d(grad_out), q4, as4d(k), as4d(v), as4d(out), lse4, 0.0, g.shift == 0, aten_mask(g, q.scalar_type()), scale);
     dq.copy_(gq.reshape(dq.sizes()));
     dk.copy_(gk.reshape(dk.sizes()));
     dv.copy_(gv.reshape(dv.sizes()));
