@@ -72,6 +72,17 @@ def tf32_switch(switch, on=True):
         restore()
 
 
+def generator(seed: int) -> torch.Generator:
+    """A fresh CPU generator at ``seed``: a fixed dropout mask for every call that gets one."""
+    return torch.Generator().manual_seed(seed)
+
+
+def dropout_seed(generator_seed: int):
+    """The (seed, offset) the public functions draw from ``generator(generator_seed)``,
+    for the reference composites (the same mask as the op's)."""
+    return attnext.ops._draw_dropout_seed(generator(generator_seed))
+
+
 needs_native = pytest.mark.skipif(not attnext.native_available(), reason="attnext._C is not built")
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import attnext
-from attnext import ops, reference
-from conftest import needs_native
+from attnext import reference
+from conftest import dropout_seed, needs_native
 
 # (batch, T, S, hs, hs_v, align): the paths each covers
 SHAPES = [
@@ -25,9 +25,7 @@ SHAPES = [
 ]
 
 
-def _seed_of(gen_seed):
-    """The (seed, offset) the public function draws from torch.Generator().manual_seed(gen_seed)."""
-    return ops._draw_dropout_seed(torch.Generator().manual_seed(gen_seed))
+_seed_of = dropout_seed
 
 
 def _qkv(batch, T, S, hs, hs_v, dtype=torch.float64, seed=0):

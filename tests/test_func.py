@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, stack_mod
 
 import attnext
 from attnext import reference as R
-from conftest import TOL, needs_native
+from conftest import TOL, dropout_seed, generator, needs_native
 
 # torch's forward AD (jacfwd, hessian) loads its jvp decompositions through torch.jit.script on first use
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -23,13 +23,8 @@ TOL64 = dict(atol=1e-11, rtol=1e-9)
 TOL32 = dict(zip(("atol", "rtol"), TOL[torch.float32]))
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _seed(generator_seed):
-    """The (seed, offset) the public functions draw from torch.Generator().manual_seed(generator_seed)."""
-    return attnext.ops._draw_dropout_seed(_gen(generator_seed))
+_gen = generator
+_seed = dropout_seed
 
 
 def _randn(*shape, seed=0, dtype=F64):
