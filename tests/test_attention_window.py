@@ -12,6 +12,9 @@ import attnext
 from attnext import ops, reference
 from conftest import assert_close_to_oracle
 
+# torch's forward AD (gradcheck's check_forward_ad) loads its jvp decompositions through torch.jit.script
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 WINDOWS = [
     (0, 0),  # each query sees only its diagonal key
     (7, 0),  # a sliding window narrower than a key tile
