@@ -6,8 +6,11 @@ tests compare the kernels against (in float64). Keep it obvious, not fast.
 """
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def causal_mask(T: int, S: int, bottom_right: bool = False, device=None) -> Tensor:
@@ -348,3 +351,51 @@ def dropout(x: Tensor, p: float, seed: int, offset: int) -> Tensor:
     """``x * (keep / (1 - p))`` with :func:`dropout_keep_flat`'s mask, scaled as torch's dropout scales."""
     keep = dropout_keep_flat(x.shape, p, seed, offset, x.device)
     return x * (keep.to(x.dtype) * (1.0 / (1.0 - p)))
+
+
+# ----------------------------------------------------------------------------- nanoGPT's module
+
+
+class NanoGPTCausalSelfAttention(nn.Module):
+    """nanoGPT's ``CausalSelfAttention`` (karpathy/nanoGPT model.py), written as it is there:
+    the oracle of ``attnext.nn.CausalSelfAttention`` in the tests and its peer in the
+    benchmarks. ``flash=False``: the eager path (the ``(T, T)`` weights, the ``bias``
+    mask buffer); ``flash=True``: the path nanoGPT takes with torch >= 2.0,
+    ``F.scaled_dot_product_attention(..., is_causal=True)``, without the buffer.
+
+    ``config``: ``n_embd``, ``n_head``, ``block_size``, ``dropout``, ``bias``. x: ``(B, T, C)``.
+    """
+
+    def __init__(self, config, flash: bool = False):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.flash = flash
+        if not flash:
+            n = config.block_size
+            self.register_buffer("bias", torch.tril(torch.ones(n, n)).view(1, 1, n, n))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.flash:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0, is_causal=True
+            )
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))

@@ -36,7 +36,6 @@ import sys
 from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,6 +120,13 @@ def make_mha_case(provider, cfg, dtype, mode, seed=0):
         module.load_state_dict(lecture.state_dict())
     else:
         module = lecture
+    return _module_step(module, cfg, dtype, mode, seed, zero_grad=False)
+
+
+def _module_step(module, cfg, dtype, mode, seed, zero_grad):
+    """(step, x): one forward (no grad) or forward+backward of ``module`` on a fixed
+    (B, T, n_embd) input and grad_out; zero_grad: clear the gradients first, as a
+    training step does."""
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(cfg["B"], cfg["T"], cfg["n_embd"], generator=g).to(dtype).requires_grad_(mode != "fwd")
     grad = torch.randn(cfg["B"], cfg["T"], cfg["n_embd"], generator=g).to(dtype)
@@ -129,39 +135,14 @@ def make_mha_case(provider, cfg, dtype, mode, seed=0):
         if mode == "fwd":
             with torch.no_grad():
                 return module(x)
+        if zero_grad:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
         out = module(x)
         out.backward(grad)
         return out
 
     return step, x
-
-
-class NanoGPTCausalSelfAttention(nn.Module):
-    """nanoGPT's CausalSelfAttention (karpathy/nanoGPT model.py, the copy in
-    tests/test_nn.py) on the path it takes with torch >= 2.0: ``self.flash``, SDPA with
-    ``is_causal=True`` between the fused c_attn projection and c_proj."""
-
-    def __init__(self, config):
-        super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
-                                           is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
 
 
 def make_nanogpt_case(provider, cfg, dtype, mode="fwd+bwd", seed=0):
@@ -170,7 +151,7 @@ def make_nanogpt_case(provider, cfg, dtype, mode="fwd+bwd", seed=0):
     and the module."""
     torch.manual_seed(seed)
     config = SimpleNamespace(n_embd=cfg["n_embd"], n_head=cfg["n_head"], block_size=cfg["T"], dropout=0.0, bias=True)
-    nano = NanoGPTCausalSelfAttention(config).to(dtype)
+    nano = reference.NanoGPTCausalSelfAttention(config, flash=True).to(dtype)  # nanoGPT on torch >= 2.0
     if provider == "attnext":
         module = attnext.nn.CausalSelfAttention(config).to(dtype)
         module.load_state_dict(nano.state_dict())
@@ -179,20 +160,7 @@ def make_nanogpt_case(provider, cfg, dtype, mode="fwd+bwd", seed=0):
     else:
         raise ValueError(provider)
     module.train()
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(cfg["B"], cfg["T"], cfg["n_embd"], generator=g).to(dtype).requires_grad_(mode != "fwd")
-    grad = torch.randn(cfg["B"], cfg["T"], cfg["n_embd"], generator=g).to(dtype)
-
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                return module(x)
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        out = module(x)
-        out.backward(grad)
-        return out
-
+    step, _ = _module_step(module, cfg, dtype, mode, seed, zero_grad=True)
     return step, module
 
 

@@ -232,22 +232,10 @@ def _print(rows: List[Dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="S = 1024 (prefill 512), float32, short timings")
-    ap.add_argument("--dtype", action="append", choices=list(DTYPES), help="default: float32 and bfloat16")
+    common.add_cli_args(ap, "S = 1024 (prefill 512), float32, short timings", DTYPES)
     ap.add_argument("--seq-len", action="append", type=int, metavar="S", help="KV lengths instead of the defaults")
-    ap.add_argument("--csv", default=None,
-                    help="where rows are appended (default benchmarks/results/cpu-<model>.csv; "
-                         "--quick runs append only here)")
-    ap.add_argument("--no-csv", action="store_true", help="print only")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(args.quick, args.dtype, args.seq_len)
-    _print(rows)
-    if not args.no_csv and (args.csv or not args.quick):
-        print(f"appended {len(rows)} rows to {common.append_csv(rows, 'cpu', args.csv)}")
-    return 0
+    return common.run_cli(args, lambda: run(args.quick, args.dtype, args.seq_len), _print)
 
 
 if __name__ == "__main__":

@@ -164,21 +164,10 @@ def run(quick: bool = False, dtypes=None) -> List[Dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, short timings (a smoke check)")
-    ap.add_argument("--dtype", action="append", choices=list(DTYPES), help="default: float32 and bfloat16")
-    ap.add_argument("--csv", default=None,
-                    help="where rows are appended (default benchmarks/results/cpu-<model>.csv; "
-                         "--quick runs append only here)")
-    ap.add_argument("--no-csv", action="store_true", help="print only")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    common.add_cli_args(ap, "small sizes, short timings (a smoke check)", DTYPES)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(args.quick, args.dtype)
-    common.print_table(rows, "attnext's SDPA-compatible entries vs torch's SDPA (CPU)")
-    if not args.no_csv and (args.csv or not args.quick):
-        print(f"appended {len(rows)} rows to {common.append_csv(rows, 'cpu', args.csv)}")
-    return 0
+    return common.run_cli(args, lambda: run(args.quick, args.dtype),
+                          lambda rows: common.print_table(rows, "attnext's SDPA-compatible entries vs torch's SDPA (CPU)"))
 
 
 if __name__ == "__main__":

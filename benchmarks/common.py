@@ -283,3 +283,30 @@ def plot_speedups(rows: List[Dict], path: str) -> Optional[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- a script's command line
+
+
+def add_cli_args(ap, quick_help: str, dtypes) -> None:
+    """The options every inference benchmark script takes: --quick, --dtype, --csv,
+    --no-csv, --threads (see :func:`run_cli`)."""
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--dtype", action="append", choices=list(dtypes), help="default: float32 and bfloat16")
+    ap.add_argument("--csv", default=None,
+                    help="where rows are appended (default benchmarks/results/cpu-<model>.csv; "
+                         "--quick runs append only here)")
+    ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+
+
+def run_cli(args, run: Callable[[], List[Dict]], show: Callable[[List[Dict]], None]) -> int:
+    """Sets the thread count, runs the benchmark, prints its rows and appends them to the
+    CSV (a --quick run only where --csv names a file)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run()
+    show(rows)
+    if not args.no_csv and (args.csv or not args.quick):
+        print(f"appended {len(rows)} rows to {append_csv(rows, 'cpu', args.csv)}")
+    return 0

@@ -1,5 +1,4 @@
 """attnext.nn modules against eager copies of the lecture's and nanoGPT's classes."""
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +7,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import attnext
+from attnext import reference
 from attnext.nn import CausalSelfAttention, Head, MultiHeadAttention
 
 # ---- eager originals, as in karpathy/ng-video-lecture gpt.py (globals made arguments)
@@ -46,38 +46,8 @@ class LectureMultiHeadAttention(nn.Module):
         return self.dropout(self.proj(out))
 
 
-# ---- eager original, as in karpathy/nanoGPT model.py (the non-flash path)
-
-
-class NanoCausalSelfAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
-        self.register_buffer(
-            "bias",
-            torch.tril(torch.ones(config.block_size, config.block_size)).view(1, 1, config.block_size, config.block_size),
-        )
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
-        att = self.attn_dropout(att)
-        y = att @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+# ---- nanoGPT's original (its eager, non-flash path): attnext.reference.NanoGPTCausalSelfAttention
+NanoCausalSelfAttention = reference.NanoGPTCausalSelfAttention
 
 
 def _compare(ours, theirs, x):
