@@ -275,7 +275,8 @@ def _bench(argv: List[str]) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile peers (they compile for minutes)")
     p.add_argument("--csv", help="append rows here instead of benchmarks/results/<device>.csv (cpu-<model>.csv for a CPU)")
     p.add_argument("--plot", default=None,
-                   help="speedup plot path (default benchmarks/results/speedup_<device>.png, <device> as in the CSV)")
+                   help="speedup plot path (default speedup_<device>.png beside the CSV the rows go to, "
+                        "<device> as in the CSV)")
     args = p.parse_args(argv)
     if not os.path.isdir(bench_dir):
         print("attnext bench: the benchmarks/ folder of the source checkout is needed "
@@ -315,7 +316,9 @@ def _bench(argv: List[str]) -> int:
                                      f"{torch.get_num_threads()} threads ('attnext x' = peer time / attnext time)")
         path = common.append_csv(all_rows, dev, args.csv)
         print(f"rows appended to {path}")
-        plot_path = args.plot or os.path.join(bench_dir, "results", f"speedup_{common.device_name(dev)}.png")
+        # beside the CSV the rows went to: a run aimed at another file never replaces the committed figure
+        plot_path = args.plot or os.path.join(os.path.dirname(os.path.abspath(path)),
+                                              f"speedup_{common.device_name(dev)}.png")
         saved = common.plot_speedups(all_rows, plot_path)
         print(f"speedup plot: {saved}" if saved else "(no plot: matplotlib missing or no ratios)")
     return 0
