@@ -1046,11 +1046,39 @@ void backward_native(const at::Tensor& grad_out_in, const at::Tensor& q_in, cons
 // hs_v, float32 or bfloat16, finite inputs. ATTNEXT_ATTENTION_KERNEL=0 forces ATen
 // where it can run, =1 attnext's kernels.
 
-// The (..., T, hs) tensor as the 4-D (B, H, T, hs) view ATen's kernel takes.
-at::Tensor as4d(const at::Tensor& t) {
+// The (..., T, hs) tensor as a 4-D (B, H, T, hs) view for ATen's kernel, whose
+// outputs are laid out (B, T, H, .). `flat`: every batch dim folded into B and H = 1
+// where a view can do it (always for at most 3 dims), so that layout is the contiguous
+// (..., T, .) attnext returns and the results are used without a copy; otherwise the
+// leading dims are kept (the packed layout (..., T, nh, hs) is then ATen's own).
+at::Tensor as4d(const at::Tensor& t, bool flat) {
+  if (flat && t.dim() <= 3) return t.dim() == 3 ? t.unsqueeze(1) : t.view({1, 1, t.size(0), t.size(1)});
+  if (flat) {
+    const std::vector<int64_t> shape{t.size(0) * t.size(1), 1, t.size(2), t.size(3)};
+    if (at::detail::computeStride(t.sizes(), t.strides(), shape)) return t.view(shape);
+  }
   at::Tensor r = t;
   while (r.dim() < 4) r = r.unsqueeze(0);
   return r;
+}
+
+// Whether all of q, k, v (and the backward's extra tensors) fold flat: one decision
+// for them all, so their 4-D shapes agree.
+bool folds_flat(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    if (t->dim() == 4 && t->size(0) > 1 && t->size(1) > 1 && t->stride(0) != t->size(1) * t->stride(1)) return false;
+  }
+  return true;
+}
+
+// ATen's result `r` reshaped to `sizes`: itself where that is a contiguous view (no
+// copy), else copied into a fresh contiguous output.
+at::Tensor adopt(const at::Tensor& r, at::IntArrayRef sizes) {
+  at::Tensor v = r.reshape(sizes);
+  if (v.is_contiguous()) return v;
+  at::Tensor out = empty_output(sizes, r.options());
+  out.copy_(v);
+  return out;
 }
 
 bool aten_can_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g,
@@ -1075,7 +1103,12 @@ bool aten_can_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // almost never is): checked on lse (BH x T floats, nothing beside the attention),
 // and the call rerun on attnext's kernels when one is found.
 bool lse_plain(const at::Tensor& lse) {
-  return at::isfinite(lse).all().item<bool>() && at::ne(lse, 0).all().item<bool>();
+  const at::Tensor l = lse.contiguous();
+  const float* p = l.data_ptr<float>();
+  const int64_t n = l.numel();
+  bool plain = true;
+  for (int64_t i = 0; i < n; ++i) plain &= std::isfinite(p[i]) && p[i] != 0.0f;
+  return plain;
 }
 
 // ATen's mask for a bottom-right call with T != S (ATen's is_causal is top-left):
@@ -1127,21 +1160,20 @@ bool use_aten(bool backward, at::ScalarType st, const Geometry& call) {
   return !choose_kernel(what, "attnext tiles", "ATen flash attention", own, lib, forced).own;
 }
 
-void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                  const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
-  if (lse.numel() == 0) return;
-  if (aten_can_run(q, k, v, g, dropout_p) && use_aten(false, q.scalar_type(), g)) {
-    const auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(as4d(q), as4d(k), as4d(v), 0.0, g.shift == 0,
-                                                                        aten_mask(g, q.scalar_type()), scale);
-    if (lse_plain(l)) {
-      out.copy_(o.reshape(out.sizes()));
-      lse.copy_(l.reshape(lse.sizes()));
-      return;
-    }
-  }
-  forward_native(q, k, v, out, lse, g, scale, dropout_p, ds);
+// ATen's forward where it can run and is chosen and its logsumexp is plain: (out,
+// lse) in ATen's 4-D shapes (as4d with `flat`), else nothing (attnext's kernels run).
+std::optional<std::tuple<at::Tensor, at::Tensor>> aten_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                const at::Tensor& v, const Geometry& g, double scale,
+                                                                double dropout_p, bool flat) {
+  if (g.BH * g.T == 0 || !aten_can_run(q, k, v, g, dropout_p) || !use_aten(false, q.scalar_type(), g)) return {};
+  flat = flat && folds_flat({&q, &k, &v});
+  auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(as4d(q, flat), as4d(k, flat), as4d(v, flat), 0.0,
+                                                                g.shift == 0, aten_mask(g, q.scalar_type()), scale);
+  if (!lse_plain(l)) return {};
+  return std::make_tuple(std::move(o), std::move(l));
 }
 
+// attnext's backward kernels; empty problems give zero gradients.
 void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                    const Geometry& g, double scale, double dropout_p, const DropoutSeed& ds) {
@@ -1151,17 +1183,21 @@ void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
     dv.zero_();
     return;
   }
-  if (aten_can_run(q, k, v, g, dropout_p) && lse_plain(lse) && use_aten(true, q.scalar_type(), g)) {
-    const at::Tensor q4 = as4d(q);
-    const at::Tensor lse4 = lse.reshape(q4.sizes().slice(0, 3));
-    const auto [gq, gk, gv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        as4d(grad_out), q4, as4d(k), as4d(v), as4d(out), lse4, 0.0, g.shift == 0, aten_mask(g, q.scalar_type()), scale);
-    dq.copy_(gq.reshape(dq.sizes()));
-    dk.copy_(gk.reshape(dk.sizes()));
-    dv.copy_(gv.reshape(dv.sizes()));
-    return;
-  }
   backward_native(grad_out, q, k, v, out, lse, dq, dk, dv, g, scale, dropout_p, ds);
+}
+
+// ATen's backward on the same terms: (dq, dk, dv) in ATen's 4-D shapes, or nothing.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> aten_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const Geometry& g, double scale, double dropout_p, bool flat) {
+  if (g.BH * g.T == 0 || g.BH * g.S == 0) return {};
+  if (!aten_can_run(q, k, v, g, dropout_p) || !lse_plain(lse) || !use_aten(true, q.scalar_type(), g)) return {};
+  flat = flat && folds_flat({&q, &k, &v, &grad_out, &out});
+  const at::Tensor q4 = as4d(q, flat);
+  const at::Tensor lse4 = lse.reshape(q4.sizes().slice(0, 3));
+  return at::_scaled_dot_product_flash_attention_for_cpu_backward(as4d(grad_out, flat), q4, as4d(k, flat),
+                                                                  as4d(v, flat), as4d(out, flat), lse4, 0.0,
+                                                                  g.shift == 0, aten_mask(g, q.scalar_type()), scale);
 }
 
 // The checks of the backward's extra inputs: grad_out and out shaped (..., T, hs_v)
@@ -1197,9 +1233,12 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, con
   std::vector<int64_t> out_sizes = q.sizes().vec();
   out_sizes.back() = g.hsv;
   std::vector<int64_t> lse_sizes(q.sizes().begin(), q.sizes().end() - 1);
+  if (auto r = aten_forward(q, k, v, g, scale, dropout_p, /*flat=*/true)) {
+    return {adopt(std::get<0>(*r), out_sizes), std::get<1>(*r).reshape(lse_sizes)};
+  }
   at::Tensor out = empty_output(out_sizes, q.options());
   at::Tensor lse = at::empty(lse_sizes, q.options().dtype(compute_type(q.scalar_type())));
-  forward_into(q, k, v, out, lse, g, scale, dropout_p, host_dropout_seed(seed, offset, rng));
+  if (lse.numel() != 0) forward_native(q, k, v, out, lse, g, scale, dropout_p, host_dropout_seed(seed, offset, rng));
   return {out, lse};
 }
 
@@ -1209,6 +1248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const std::optional<at::Tensor>& rng, int64_t window_left, int64_t window_right) {
   const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right, window_left, window_right);
   check_backward_inputs(grad_out, out, lse, q, g);
+  if (auto r = aten_backward(grad_out, q, k, v, out, lse, g, scale, dropout_p, /*flat=*/true)) {
+    return {adopt(std::get<0>(*r), q.sizes()), adopt(std::get<1>(*r), k.sizes()), adopt(std::get<2>(*r), v.sizes())};
+  }
   at::Tensor dq = empty_output(q.sizes(), q.options());
   at::Tensor dk = empty_output(k.sizes(), q.options());
   at::Tensor dv = empty_output(v.sizes(), q.options());
@@ -1232,11 +1274,17 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_qkvpacked_cpu(const at::Tens
   const Geometry g = check_qkv(q, k, v, scale, dropout_p, bottom_right, window_left, window_right);
   std::vector<int64_t> out_sizes = qkv.sizes().vec();
   out_sizes.erase(out_sizes.end() - 3);  // (..., T, nh, hs)
+  std::vector<int64_t> lse_sizes(q.sizes().begin(), q.sizes().end() - 1);  // (..., nh, T)
+  // ATen lays its output out (B, T, nh, hs): the packed output's own layout
+  if (auto r = aten_forward(q, k, v, g, scale, dropout_p, /*flat=*/false)) {
+    return {adopt(std::get<0>(*r).transpose(1, 2), out_sizes), std::get<1>(*r).reshape(lse_sizes)};
+  }
   at::Tensor out = empty_output(out_sizes, qkv.options());
   at::Tensor out_rows = out.transpose(-3, -2);  // (..., nh, T, hs) view
-  std::vector<int64_t> lse_sizes(q.sizes().begin(), q.sizes().end() - 1);  // (..., nh, T)
   at::Tensor lse = at::empty(lse_sizes, qkv.options().dtype(compute_type(qkv.scalar_type())));
-  forward_into(q, k, v, out_rows, lse, g, scale, dropout_p, host_dropout_seed(seed, offset, rng));
+  if (lse.numel() != 0) {
+    forward_native(q, k, v, out_rows, lse, g, scale, dropout_p, host_dropout_seed(seed, offset, rng));
+  }
   return {out, lse};
 }
 
@@ -1254,6 +1302,12 @@ at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, c
   check_backward_inputs(grad_rows, out_rows, lse, q, g);
   at::Tensor dqkv = empty_output(qkv.sizes(), qkv.options());
   auto [dq, dk, dv] = unpack_qkv(dqkv);
+  if (auto r = aten_backward(grad_rows, q, k, v, out_rows, lse, g, scale, dropout_p, /*flat=*/false)) {
+    dq.copy_(std::get<0>(*r).reshape(dq.sizes()));
+    dk.copy_(std::get<1>(*r).reshape(dk.sizes()));
+    dv.copy_(std::get<2>(*r).reshape(dv.sizes()));
+    return dqkv;
+  }
   backward_into(grad_rows, q, k, v, out_rows, lse, dq, dk, dv, g, scale, dropout_p,
                 host_dropout_seed(seed, offset, rng));
   return dqkv;
