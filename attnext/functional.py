@@ -358,9 +358,8 @@ def varlen_attention(
             take part (a KV-cache slot larger than the sequence). Unlike torch's, the
             backward works too (the unused keys get zero gradient).
         block_table: paged KV caches are not supported (an error).
-        num_splits: accepted and ignored: every sequence is computed on its own, so a
-            sequence's result never depends on the rest of the batch (what
-            ``num_splits=1`` asks of torch).
+        num_splits: accepted and ignored: a sequence's result never depends on the rest
+            of the batch (what ``num_splits=1`` asks of torch).
         dropout_p, generator: attention dropout, an attnext extension (torch's varlen has
             none): as :func:`attnext.causal_attention`, one (seed, offset) draw per call
             of it (per run of equal-length sequences).
@@ -369,13 +368,18 @@ def varlen_attention(
         ``(total_q, H, Ev)`` in query's dtype (and the lse, see ``return_aux``).
         Differentiable in query, key and value.
 
-    Cost: one :func:`attnext.causal_attention` call per run of adjacent sequences with equal
-    lengths (those are one strided batch, read in place), so a batch of equal lengths is
-    a single call, and N different lengths N calls: each call parallelises over its own
-    heads and query tiles only, so many short sequences of different lengths leave
-    threads idle and pay ~tens of microseconds of Python per call. Output: one copy
-    (the per-run outputs are concatenated). The offsets are read on the host once (a
-    device sync on accelerators).
+    Cost: on the CPU (no dropout), one kernel call for the whole batch
+    (``attnext::_varlen_attention``): the work of every sequence is cut into units (a
+    sequence, a query head, a range of its rows) of at most ~1/8 of a thread's share of
+    the visible query-key pairs, and the threads take them longest first, so the batch is
+    balanced by tokens, not by sequence count; each unit runs the kernel the measured
+    choice gives for its shape (``attnext.explain``'s ``.kernels``). Elsewhere, with
+    dropout, under torch.func transforms, forward-mode AD or torch.compile: one
+    :func:`attnext.causal_attention` call per run of adjacent sequences with equal
+    lengths (those are one strided batch, read in place). Output: written in place (CPU
+    kernel) or one copy. The offsets are read on the host once (a device sync on
+    accelerators). A backward that is itself differentiated recomputes through the
+    per-run calls.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
@@ -436,6 +440,62 @@ def varlen_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else ops._check_scale(scale)
     want_lse = return_aux is not None and return_aux.lse
 
+    args = (cq, ck, lq, span, lk, scale, (wl, wr), enable_gqa)
+    if _native_varlen(query, key, value, dropout_p):
+        used = seqused_k if seqused_k is not None else None
+        out, lse = _VarlenNative.apply(query, key, value, cu_seq_q.cpu(), cu_seq_k.cpu(), used, scale, wl, wr, args)
+        return (out, lse) if want_lse else out
+    return _varlen_runs(query, key, value, *args, dropout_p, generator, want_lse)
+
+
+def _native_varlen(query: Tensor, key: Tensor, value: Tensor, dropout_p: float) -> bool:
+    """Whether the one-call CPU kernel takes this varlen call: CPU tensors of a kernel dtype,
+    no dropout, and no transform that needs the per-run composition (torch.func,
+    forward-mode AD, torch.compile)."""
+    return (
+        dropout_p == 0.0
+        and query.device.type == "cpu"
+        and ops._has_op("_varlen_attention")
+        and not ops._fallback_reasons("causal_attention", (query, key, value), window=(-1, -1))
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and torch.autograd.forward_ad._current_level < 0
+    )
+
+
+class _VarlenNative(torch.autograd.Function):
+    """The CPU kernel of a whole varlen batch (``attnext::_varlen_attention``) and its
+    backward. A backward that is itself differentiated (``create_graph=True``) recomputes
+    through the per-run composition, whose every op has its derivatives."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, used, scale, wl, wr, args):
+        out, lse = torch.ops.attnext._varlen_attention(q, k, v, cu_q, cu_k, used, scale, wl, wr)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used)
+        ctx.params = (scale, wl, wr, args)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, cu_q, cu_k, used = ctx.saved_tensors
+        scale, wl, wr, args = ctx.params
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients, recomputed
+            with torch.enable_grad():
+                o = _varlen_runs(q, k, v, *args, 0.0, None, False)
+                grads = torch.autograd.grad(o, (q, k, v), grad_out, create_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v))]
+        else:
+            grads = torch.ops.attnext._varlen_attention_backward(
+                grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, used, scale, wl, wr
+            )
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _varlen_runs(query, key, value, cq, ck, lq, span, lk, scale, window, enable_gqa, dropout_p, generator, want_lse):
+    """varlen_attention as one :func:`causal_attention` call per run of adjacent sequences
+    of equal lengths (every device; dropout; torch.func and forward-mode AD)."""
+    (wl, wr), Hq, Hkv = window, query.shape[1], key.shape[1]
     outs, lses = [], []
     for i, j in _runs(list(zip(lq, span, lk))):
         n, Tq, Tk = j - i, lq[i], lk[i]

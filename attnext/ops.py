@@ -933,6 +933,25 @@ def _save_nothing(ctx, inputs, output):
     pass
 
 
+def _varlen_attention_fake(q, k, v, cu_seq_q, cu_seq_k, seqused_k, scale, window_left=-1, window_right=-1):
+    torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "attnext: query, key and value must be 3-D")
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+def _varlen_attention_backward_fake(grad_out, q, k, v, out, lse, cu_seq_q, cu_seq_k, seqused_k, scale,
+                                    window_left=-1, window_right=-1):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _no_vmap(name: str, public: str):
+    def rule(info, in_dims, *args):
+        raise RuntimeError(f"attnext: torch.ops.attnext.{name} has no vmap rule; call attnext.{public} under vmap")
+
+    return rule
+
+
 def causal_attention_qkvpacked(
     qkv: Tensor,
     *,
@@ -1184,3 +1203,13 @@ if _C is not None:
 _CPU_DTYPES = _KERNEL_DTYPES["cpu"]
 _matmul_cpu_ok = "cpu" in _DEVICES.get("matmul", ())
 _matmul_op = torch.ops.attnext.matmul.default if _matmul_cpu_ok else None
+if _has_op("_varlen_attention"):
+    # the one-call CPU kernel of attnext.varlen_attention, whose autograd.Function
+    # (attnext/functional.py) gives its derivatives; called on their own they have none
+    torch.library.register_fake("attnext::_varlen_attention")(_varlen_attention_fake)
+    torch.library.register_fake("attnext::_varlen_attention_backward")(_varlen_attention_backward_fake)
+    for _name in ("_varlen_attention", "_varlen_attention_backward"):
+        _autograd.register(
+            _name, setup_context=_save_nothing, backward=_no_derivative(_name, "varlen_attention"),
+            jvp=_no_derivative(_name, "varlen_attention"), vmap=_no_vmap(_name, "varlen_attention"),
+        )

@@ -64,6 +64,18 @@ TORCH_LIBRARY(attnext, m) {
       "_causal_attention_qkvpacked_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, float scale, "
       "float dropout_p=0.0, bool bottom_right=False, SymInt seed=0, SymInt offset=0, Tensor? rng=None, "
       "int window_left=-1, int window_right=0) -> Tensor");
+  // Variable-length batches (CPU): sequences packed end to end, q (total_q, H, E), k
+  // (total_k, Hkv, E), v (total_k, Hkv, Ev), int32 offsets cu_seq_q/cu_seq_k (N + 1,),
+  // optional seqused_k (N,); each sequence bottom-right aligned, window as above.
+  // out (total_q, H, Ev), lse (H, total_q). attnext.varlen_attention is the public entry.
+  m.def(
+      "_varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seq_q, Tensor cu_seq_k, Tensor? seqused_k, "
+      "float scale, int window_left=-1, int window_right=-1) -> (Tensor out, Tensor lse)");
+  // (grad_q, grad_k, grad_v), grad_k/grad_v summed over each group of query heads.
+  m.def(
+      "_varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seq_q, Tensor cu_seq_k, Tensor? seqused_k, float scale, int window_left=-1, int window_right=-1) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // y = x * keep / (1 - p), keep[n] a counter-based hash of (seed, offset, n) >= p * 2^32
   // for the row-major index n of x: a pure function of its arguments, so its own
   // backward (the same mask applied to the gradient) is dropout again.

@@ -216,3 +216,104 @@ def test_signature_matches_torch():
     ours = inspect.signature(attnext.varlen_attention).parameters
     assert list(ours)[: len(theirs)] == list(theirs)
     assert [p.kind for p in ours.values()][: len(theirs)] == [p.kind for p in theirs.values()]
+
+
+# ---- the one-call CPU kernel (attnext::_varlen_attention) and its schedule
+
+needs_native = pytest.mark.skipif(
+    not attnext.ops._has_op("_varlen_attention"), reason="needs the compiled CPU kernel (attnext._C)"
+)
+
+
+def _no_runs(*_args, **_kw):
+    raise AssertionError("the per-run composition ran where the one-call kernel should")
+
+
+@needs_native
+def test_one_call_kernel_runs_on_cpu(monkeypatch):
+    """On the CPU without dropout, forward and first-order backward take the one-call kernel:
+    with the per-run composition made to fail, they still run (and match the loop); with
+    dropout the per-run composition runs."""
+    import attnext.functional as fn
+
+    lq, lk = [3, 0, 9, 1], [5, 2, 9, 4]
+    q, k, v = _inputs(lq, lk, 4, 2, 8, 8, torch.float64)
+    monkeypatch.setattr(fn, "_varlen_runs", _no_runs)
+    out = varlen_attention(q, k, v, _cu(lq), _cu(lk), 9, 9, window_size=(-1, 0), enable_gqa=True)
+    ref, _ = _loop(q, k, v, lq, lk, (-1, 0))
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    gout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), gout), torch.autograd.grad(ref, (q, k, v), gout)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    with pytest.raises(AssertionError, match="per-run composition ran"):
+        varlen_attention(q, k, v, _cu(lq), _cu(lk), 9, 9, dropout_p=0.1, enable_gqa=True)
+
+
+@needs_native
+@pytest.mark.parametrize("window", [(-1, 0), (40, 0), (-1, -1), (30, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_long_and_short_sequences(window, dtype):
+    """One long sequence among short ones: its rows are cut into several units (at
+    multiples of the query tile; a tail of decode size stays with the previous unit),
+    run on the threads beside the short ones: forward, lse and gradients equal the
+    per-sequence loop; T_q < T_k (a KV cache) in the long one too."""
+    lq, lk = [2, 300, 1, 17, 5, 81], [2, 340, 3, 17, 9, 81]
+    q, k, v = _inputs(lq, lk, 4, 2, 16, 8, dtype)
+    out, lse = varlen_attention(q, k, v, _cu(lq), _cu(lk), 300, 340, window_size=window, enable_gqa=True,
+                                return_aux=AuxRequest(lse=True))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = _loop(q64, k64, v64, lq, lk, window)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    gout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), gout)
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), gout.double())):
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m: f"d{name}: {m}")
+
+
+@needs_native
+def test_batch_invariant_bits_with_cut_rows():
+    """A long sequence whose rows are cut into units when the batch is large gives the
+    same bits as alone (the cuts keep its query tiles), forward and backward."""
+    lq = [260, 3, 3, 3]
+    q, k, v = _inputs(lq, lq, 2, 2, 16, 16, torch.float32)
+    cu = _cu(lq)
+    both = varlen_attention(q, k, v, cu, cu, 260, 260, window_size=(-1, 0))
+    alone = varlen_attention(q[:260], k[:260], v[:260], _cu([260]), _cu([260]), 260, 260, window_size=(-1, 0))
+    torch.testing.assert_close(both[:260], alone, atol=0, rtol=0)
+
+
+@needs_native
+def test_double_backward_recomputes():
+    """A differentiated backward of the one-call kernel (create_graph) recomputes through
+    the per-run composition: gradgradcheck in float64."""
+    lq, lk = [3, 4], [4, 4]
+    q, k, v = _inputs(lq, lk, 2, 1, 4, 4, torch.float64)
+    f = lambda q, k, v: varlen_attention(q, k, v, _cu(lq), _cu(lk), 4, 4, window_size=(-1, 0), enable_gqa=True)
+    assert torch.autograd.gradgradcheck(f, (q, k, v))
+
+
+@needs_native
+def test_private_ops_errors_and_opcheck():
+    """The private ops check their own arguments (they are reachable as torch.ops), have
+    no derivative of their own (a clear error), and pass opcheck."""
+    lq = [2, 3]
+    q, k, v = _inputs(lq, lq, 2, 2, 8, 8, torch.float32)
+    op = torch.ops.attnext._varlen_attention
+    with pytest.raises(RuntimeError, match="cu_seq_q must be a 1-D int32"):
+        op(q, k, v, _cu(lq).long(), _cu(lq), None, 0.5, -1, -1)
+    with pytest.raises(RuntimeError, match="cu_seq_k must be non-decreasing"):
+        op(q, k, v, _cu(lq), torch.tensor([0, 4, 3], dtype=torch.int32), None, 0.5, -1, -1)
+    with pytest.raises(RuntimeError, match="must start at 0 and end at total_q"):
+        op(q, k, v, torch.tensor([0, 2, 4], dtype=torch.int32), _cu(lq), None, 0.5, -1, -1)
+    with pytest.raises(RuntimeError, match="multiple of the key/value heads"):
+        op(torch.randn(5, 3, 8), k, v, _cu(lq), _cu(lq), None, 0.5, -1, -1)
+    out, lse = op(q, k, v, _cu(lq), _cu(lq), None, 0.5, -1, 0)
+    with pytest.raises(RuntimeError, match="not differentiable on its own"):
+        out.sum().backward()
+    args = (q.detach(), k.detach(), v.detach(), _cu(lq), _cu(lq), None, 0.5, -1, 0)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = op(*args)
+    bargs = (torch.randn_like(out), *args[:3], out, lse, *args[3:])
+    torch.library.opcheck(torch.ops.attnext._varlen_attention_backward, bargs, test_utils=("test_schema", "test_faketensor"))

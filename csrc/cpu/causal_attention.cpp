@@ -442,6 +442,7 @@ std::vector<T> rowsum_dout_out(const Rows2D<in_t>& dO, const Rows2D<in_t>& O, co
 // thread busy with whole batches, one (dQ accumulated in place); otherwise the key
 // tiles of a batch are split into chunks, each with its own dQ copy, summed after.
 int64_t backward_chunks(const Geometry& g) {
+  if (at::in_parallel_region()) return 1;  // one unit of a varlen batch: its thread is the only one
   const int64_t nkt = ceil_div(g.S, kBk);
   const int64_t nthreads = at::get_num_threads();
   if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
@@ -1313,11 +1314,284 @@ at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, c
   return dqkv;
 }
 
+// ---- variable-length batches: q (total_q, H, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev)
+//
+// Sequence i has queries [cu_q[i], cu_q[i + 1]) and keys [cu_k[i], cu_k[i] + Tk_i), Tk_i
+// = cu_k[i + 1] - cu_k[i] or seqused_k[i]; its queries are aligned bottom-right on its keys
+// and see the (window_left, window_right) band. The work of all sequences is one list of
+// units (sequence, query head, rows) cut so that no unit costs more than a slice of the
+// total (visible query-key pairs), taken longest first by the threads from one counter:
+// a batch of one long and many short sequences keeps every thread busy, where a call per
+// sequence would leave them idle. Each unit runs the kernels of a one-head call (attnext's
+// tiles or ATen's flash attention, whichever the measured choice gives for its shape) on
+// its thread; their own at::parallel_for runs inline there.
+
+struct VarlenSeq {
+  int64_t q0, k0, Tq, Tk;
+};
+
+std::vector<VarlenSeq> varlen_sequences(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
+                                        const at::Tensor& cu_k, const std::optional<at::Tensor>& seqused_k) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&cu_q, "cu_seq_q"}, {&cu_k, "cu_seq_k"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->device().is_cpu(), "attnext: ", name,
+                " must be a 1-D int32 CPU tensor, got ", t->scalar_type(), " of shape ", t->sizes(), " on ",
+                t->device());
+  }
+  TORCH_CHECK(cu_q.numel() >= 1 && cu_k.numel() == cu_q.numel(),
+              "attnext: cu_seq_q and cu_seq_k must have the same length N + 1 >= 1, got ", cu_q.numel(), " and ",
+              cu_k.numel());
+  const int64_t N = cu_q.numel() - 1;
+  const at::Tensor cq = cu_q.contiguous(), ck = cu_k.contiguous();
+  const int32_t* a = cq.const_data_ptr<int32_t>();
+  const int32_t* c = ck.const_data_ptr<int32_t>();
+  const int32_t* used = nullptr;
+  at::Tensor su;
+  if (seqused_k) {
+    TORCH_CHECK(seqused_k->scalar_type() == at::kInt && seqused_k->dim() == 1 && seqused_k->numel() == N &&
+                    seqused_k->device().is_cpu(),
+                "attnext: seqused_k must be an int32 CPU tensor of shape (N,) = (", N, "), got ",
+                seqused_k->scalar_type(), " of shape ", seqused_k->sizes());
+    su = seqused_k->contiguous();
+    used = su.const_data_ptr<int32_t>();
+  }
+  TORCH_CHECK(a[0] == 0 && a[N] == q.size(0), "attnext: cu_seq_q must start at 0 and end at total_q = ", q.size(0),
+              ", got ", a[0], " ... ", a[N]);
+  std::vector<VarlenSeq> seqs(N);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(a[i + 1] >= a[i], "attnext: cu_seq_q must be non-decreasing, got ", a[i], " then ", a[i + 1]);
+    TORCH_CHECK(c[i + 1] >= c[i] && c[i] >= 0 && c[i + 1] <= k.size(0),
+                "attnext: cu_seq_k must be non-decreasing within [0, total_k = ", k.size(0), "], got ", c[i],
+                " then ", c[i + 1]);
+    int64_t tk = c[i + 1] - c[i];
+    if (used) {
+      TORCH_CHECK(used[i] >= 0 && used[i] <= tk, "attnext: seqused_k[", i, "] = ", used[i], " must lie within [0, ",
+                  tk, "]");
+      tk = used[i];
+    }
+    seqs[i] = VarlenSeq{a[i], c[i], a[i + 1] - a[i], tk};
+  }
+  return seqs;
+}
+
+Geometry varlen_geometry(const VarlenSeq& s, int64_t E, int64_t Ev, int64_t wl, int64_t wr) {
+  Geometry g{};
+  g.BH = 1;
+  g.T = s.Tq;
+  g.S = s.Tk;
+  g.hs = E;
+  g.hsv = Ev;
+  g.shift = s.Tk - s.Tq;
+  g.wl = wl;
+  g.wr = wr;
+  return g;
+}
+
+void check_varlen_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_input(q, "query", "(total_q, H, E)");
+  check_input(k, "key", "(total_k, Hkv, E)");
+  check_input(v, "value", "(total_k, Hkv, Ev)");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "attnext: query, key and value must be 3-D, got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  check_same(q, "query", k, "key");
+  check_same(q, "query", v, "value");
+  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && q.size(2) == k.size(2),
+              "attnext: key and value must have the same total length and heads, and query and key the same head "
+              "size, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attnext: the query heads (", q.size(1),
+              ") must be a multiple of the key/value heads (", k.size(1), ")");
+}
+
+// The rows [t0, t0 + nt) of sequence s, head h of x (total, heads, d): a (nt, d) view.
+at::Tensor varlen_rows(const at::Tensor& x, int64_t start, int64_t nt, int64_t h) {
+  return x.narrow(0, start, nt).select(1, h);
+}
+
+struct VarlenUnit {
+  int64_t seq, head, t0, nt, cost;
+};
+
+// The units of a pass: per sequence with queries and keys, per head, rows cut (where
+// split_rows[seq]) so that a unit costs at most ~1/8 of a thread's share, at multiples of
+// the kernels' query tile. Sequences on ATen's kernel and every backward keep whole
+// sequences (the backward's dK, dV sum over every row): a sequence's result is the same
+// whatever else is in the batch.
+std::vector<VarlenUnit> varlen_units(const std::vector<VarlenSeq>& seqs, int64_t H, int64_t E, int64_t Ev,
+                                     int64_t wl, int64_t wr, const std::vector<char>& split_rows) {
+  std::vector<std::vector<int64_t>> row_cost(seqs.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (seqs[i].Tq == 0 || seqs[i].Tk == 0) continue;
+    const Geometry g = varlen_geometry(seqs[i], E, Ev, wl, wr);
+    auto& rc = row_cost[i];
+    rc.resize(g.T);
+    for (int64_t t = 0; t < g.T; ++t) {
+      rc[t] = std::max<int64_t>(g.visible(t) - g.first(t), 0) + 16;  // + a row's fixed work
+      total += rc[t] * H;
+    }
+  }
+  const int64_t slice = std::max<int64_t>(total / (8 * std::max(at::get_num_threads(), 1)), 1);
+  std::vector<VarlenUnit> units;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const auto& rc = row_cost[i];
+    for (int64_t t0 = 0; t0 < static_cast<int64_t>(rc.size());) {
+      int64_t t1 = t0, cost = 0;
+      while (t1 < static_cast<int64_t>(rc.size())) {
+        const int64_t end = std::min<int64_t>(t1 + kBq, rc.size());
+        int64_t c = 0;
+        for (int64_t t = t1; t < end; ++t) c += rc[t];
+        // a cut at a multiple of the query tile keeps every row's tiles (and so its bits)
+        // those of a whole-sequence call; a tail of decode size is never cut off
+        if (split_rows[i] && t1 > t0 && cost + c > slice && static_cast<int64_t>(rc.size()) - t1 > kDecodeMaxRows) {
+          break;
+        }
+        cost += c;
+        t1 = end;
+      }
+      for (int64_t h = 0; h < H; ++h) units.push_back(VarlenUnit{static_cast<int64_t>(i), h, t0, t1 - t0, cost});
+      t0 = t1;
+    }
+  }
+  std::stable_sort(units.begin(), units.end(),
+                   [](const VarlenUnit& x, const VarlenUnit& y) { return x.cost > y.cost; });
+  return units;
+}
+
+// Runs body(unit) for every unit on torch's intra-op threads, the next unit from a counter.
+template <typename Body>
+void run_units(const std::vector<VarlenUnit>& units, Body body) {
+  const int64_t n = static_cast<int64_t>(units.size());
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) body(units[u]);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& cu_seq_q,
+                                                        const at::Tensor& cu_seq_k,
+                                                        const std::optional<at::Tensor>& seqused_k, double scale,
+                                                        int64_t window_left, int64_t window_right) {
+  check_varlen_qkv(q, k, v);
+  check_scale(scale);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "attnext: window_size must be a pair of ints >= -1 (-1: no limit on that side), got (",
+                    window_left, ", ", window_right, ")");
+  const std::vector<VarlenSeq> seqs = varlen_sequences(q, k, cu_seq_q, cu_seq_k, seqused_k);
+  const int64_t H = q.size(1), E = q.size(2), Ev = v.size(2), G = H / k.size(1);
+  at::Tensor out = empty_output({q.size(0), H, Ev}, q.options());
+  at::Tensor lse = at::empty({H, q.size(0)}, q.options().dtype(compute_type(q.scalar_type())));
+  // rows that see no key: sequences without keys here (the kernels write the others)
+  for (const VarlenSeq& s : seqs) {
+    if (s.Tq > 0 && s.Tk == 0) {
+      out.narrow(0, s.q0, s.Tq).zero_();
+      lse.narrow(1, s.q0, s.Tq).fill_(-INFINITY);
+    }
+  }
+  // the measured kernel choices, per sequence (whole rows), made before the threads start
+  (void)own_gemm<float>();
+  std::vector<char> aten(seqs.size(), 0), split(seqs.size(), 0);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const VarlenSeq& s = seqs[i];
+    if (s.Tq == 0 || s.Tk == 0) continue;
+    const Geometry g = varlen_geometry(s, E, Ev, window_left, window_right);
+    const at::Tensor qs = varlen_rows(q, s.q0, s.Tq, 0), ks = varlen_rows(k, s.k0, s.Tk, 0),
+                     vs = varlen_rows(v, s.k0, s.Tk, 0);
+    aten[i] = aten_can_run(qs, ks, vs, g, 0.0) && use_aten(false, q.scalar_type(), g);
+    split[i] = !aten[i];
+  }
+  const std::vector<VarlenUnit> units = varlen_units(seqs, H, E, Ev, window_left, window_right, split);
+  const at::Tensor q_ = q, k_ = k, v_ = v;
+  run_units(units, [&](const VarlenUnit& unit) {
+    const VarlenSeq& s = seqs[unit.seq];
+    Geometry g = varlen_geometry(s, E, Ev, window_left, window_right);
+    g.T = unit.nt;
+    g.shift += unit.t0;
+    const at::Tensor qu = varlen_rows(q_, s.q0 + unit.t0, unit.nt, unit.head);
+    const at::Tensor ku = varlen_rows(k_, s.k0, s.Tk, unit.head / G), vu = varlen_rows(v_, s.k0, s.Tk, unit.head / G);
+    at::Tensor ou = varlen_rows(out, s.q0 + unit.t0, unit.nt, unit.head);
+    at::Tensor lu = lse.select(0, unit.head).narrow(0, s.q0 + unit.t0, unit.nt);
+    if (aten[unit.seq]) {
+      if (auto r = aten_forward(qu, ku, vu, g, scale, 0.0, /*flat=*/true)) {
+        ou.copy_(std::get<0>(*r).reshape(ou.sizes()));
+        lu.copy_(std::get<1>(*r).reshape(lu.sizes()));
+        return;
+      }
+    }
+    forward_native(qu, ku, vu, ou, lu, g, scale, 0.0, DropoutSeed{});
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seq_q, const at::Tensor& cu_seq_k,
+    const std::optional<at::Tensor>& seqused_k, double scale, int64_t window_left, int64_t window_right) {
+  check_varlen_qkv(q, k, v);
+  check_scale(scale);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "attnext: window_size must be a pair of ints >= -1 (-1: no limit on that side), got (",
+                    window_left, ", ", window_right, ")");
+  const std::vector<VarlenSeq> seqs = varlen_sequences(q, k, cu_seq_q, cu_seq_k, seqused_k);
+  const int64_t H = q.size(1), E = q.size(2), Ev = v.size(2), Hkv = k.size(1), G = H / Hkv;
+  check_input(grad_out, "grad_out", "(total_q, H, Ev)");
+  check_same(q, "query", grad_out, "grad_out");
+  check_same(q, "query", out, "out");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({q.size(0), H, Ev}) && out.sizes() == grad_out.sizes(),
+              "attnext: grad_out and out must have shape (total_q, H, Ev) = ", at::IntArrayRef({q.size(0), H, Ev}),
+              ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({H, q.size(0)}) && lse.scalar_type() == compute_type(q.scalar_type()),
+              "attnext: lse must be a ", compute_type(q.scalar_type()), " tensor of shape (H, total_q) = ",
+              at::IntArrayRef({H, q.size(0)}), ", got ", lse.scalar_type(), " ", lse.sizes());
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  // dK, dV per query head (the group's sum is taken after): keys of no sequence stay 0
+  at::Tensor dk = at::zeros({k.size(0), H, E}, q.options()), dv = at::zeros({k.size(0), H, Ev}, q.options());
+  (void)own_gemm<float>();
+  std::vector<char> aten(seqs.size(), 0);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const VarlenSeq& s = seqs[i];
+    if (s.Tq == 0 || s.Tk == 0) continue;
+    const Geometry g = varlen_geometry(s, E, Ev, window_left, window_right);
+    const at::Tensor qs = varlen_rows(q, s.q0, s.Tq, 0), ks = varlen_rows(k, s.k0, s.Tk, 0),
+                     vs = varlen_rows(v, s.k0, s.Tk, 0);
+    aten[i] = aten_can_run(qs, ks, vs, g, 0.0) && use_aten(true, q.scalar_type(), g);
+  }
+  const std::vector<VarlenUnit> units =
+      varlen_units(seqs, H, E, Ev, window_left, window_right, std::vector<char>(seqs.size(), 0));
+  run_units(units, [&](const VarlenUnit& unit) {
+    const VarlenSeq& s = seqs[unit.seq];
+    const Geometry g = varlen_geometry(s, E, Ev, window_left, window_right);
+    const int64_t h = unit.head;
+    const at::Tensor qu = varlen_rows(q, s.q0, s.Tq, h), gu = varlen_rows(grad_out, s.q0, s.Tq, h);
+    const at::Tensor ou = varlen_rows(out, s.q0, s.Tq, h), lu = lse_c.select(0, h).narrow(0, s.q0, s.Tq);
+    const at::Tensor ku = varlen_rows(k, s.k0, s.Tk, h / G), vu = varlen_rows(v, s.k0, s.Tk, h / G);
+    at::Tensor dqu = varlen_rows(dq, s.q0, s.Tq, h), dku = varlen_rows(dk, s.k0, s.Tk, h),
+               dvu = varlen_rows(dv, s.k0, s.Tk, h);
+    if (aten[unit.seq]) {
+      if (auto r = aten_backward(gu, qu, ku, vu, ou, lu, g, scale, 0.0, /*flat=*/true)) {
+        dqu.copy_(std::get<0>(*r).reshape(dqu.sizes()));
+        dku.copy_(std::get<1>(*r).reshape(dku.sizes()));
+        dvu.copy_(std::get<2>(*r).reshape(dvu.sizes()));
+        return;
+      }
+    }
+    backward_into(gu, qu, ku, vu, ou, lu, dqu, dku, dvu, g, scale, 0.0, DropoutSeed{});
+  });
+  if (G > 1) {
+    return {dq, dk.view({k.size(0), Hkv, G, E}).sum(2), dv.view({k.size(0), Hkv, G, Ev}).sum(2)};
+  }
+  return {dq, dk, dv};
+}
+
 TORCH_LIBRARY_IMPL(attnext, CPU, m) {
   m.impl("causal_attention", &causal_attention_cpu);
   m.impl("_causal_attention_backward", &causal_attention_backward_cpu);
   m.impl("causal_attention_qkvpacked", &causal_attention_qkvpacked_cpu);
   m.impl("_causal_attention_qkvpacked_backward", &causal_attention_qkvpacked_backward_cpu);
+  m.impl("_varlen_attention", &varlen_attention_cpu);
+  m.impl("_varlen_attention_backward", &varlen_attention_backward_cpu);
 }
 
 }  // namespace attnext
