@@ -16,7 +16,9 @@ against the float64 reference before anything is timed. Timing:
 torch.utils.benchmark.Timer with num_threads=torch.get_num_threads(), the providers
 of a case measured in turn over several rounds (fair ratios on a shared machine),
 median and IQR of all their blocked_autorange samples; FLOP/s count causal attention as half the dense work
-(fwd 2 matmuls of 2*T*T*hs flops each, halved; bwd 2.5x the fwd). Default
+(fwd 2 matmuls of 2*T*T*hs flops each, halved; bwd 2.5x the fwd). The compute ceiling
+of the same run: a "gemm-ceiling" row per case, the time its FLOPs take at torch.mm's
+GFLOP/s on 2048^3 in that dtype (not a peer). Default
 allocator settings (what a user has). Peak memory: each (provider, case) runs once
 in a fresh subprocess that reports the growth of its peak RSS (VmHWM) over the step.
 
@@ -262,6 +264,7 @@ def run(quick: bool = False, shapes=None, dtypes=None) -> list:
     )
     rows = []
     providers = ["attnext"] + PEERS
+    ceiling = {d: _gemm_ceiling(DTYPES[d], quick, rounds) for d in dtypes}  # GFLOP/s of torch.mm, this run
     for shape in cases:
         B, nh, T, hs = shape
         ref_q, ref_k, ref_v = (None,) * 3
@@ -288,6 +291,11 @@ def run(quick: bool = False, shapes=None, dtypes=None) -> list:
                                 rows.append(dict(base, ratio_vs=round(times[peer][0] / med, 3), peer=peer))
                     else:
                         rows.append(dict(base, ratio_vs="", peer=""))
+                # the time these FLOPs take at torch.mm's rate (not a peer: a ceiling)
+                rows.append(dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}",
+                                 dtype=dtype_name, mode=mode, provider="gemm-ceiling",
+                                 median_ms=round(flops / (ceiling[dtype_name] * 1e9) * 1e3, 3), iqr_ms=0.0,
+                                 gflops_or_gbs=round(ceiling[dtype_name], 1), ratio_vs="", peer="", seq_len=T))
                 if not quick:
                     for p in providers:
                         mb = _peak_memory_mb("attention", p, shape, dtype_name, mode)
@@ -348,6 +356,18 @@ def run(quick: bool = False, shapes=None, dtypes=None) -> list:
                                  mode=mode + ":peak_rss_mb", provider=p, median_ms=round(mb, 2), iqr_ms=NAN,
                                  gflops_or_gbs=NAN, ratio_vs="", peer="", peak_mb=round(mb, 2), seq_len=cfg["T"]))
     return rows
+
+
+def _gemm_ceiling(dtype, quick: bool, rounds: int) -> float:
+    """GFLOP/s of torch.mm on (n, n) @ (n, n) in `dtype` (n = 2048; 512 with --quick),
+    measured in this run: the compute ceiling the attention rows' GFLOP/s are read
+    against (MKL's sgemm for float32, oneDNN for bfloat16, AMX where the CPU has it)."""
+    n = 512 if quick else 2048
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    c = torch.empty(n, n, dtype=dtype)
+    med, _ = _time_interleaved({"mm": lambda: torch.mm(a, b, out=c)}, 0.2 if quick else 1.0, rounds)["mm"]
+    return 2 * n**3 / (med * 1e-3) / 1e9
 
 
 def _print(rows):

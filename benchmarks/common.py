@@ -256,7 +256,7 @@ def plot_speedups(rows: List[Dict], path: str) -> Optional[str]:
             if r["provider"] == "attnext"}
     for r in rows:
         key = (r["op"], r["shape"], r["dtype"], r["mode"])
-        if r["mode"] != "fwd+bwd" or r["provider"] in ("attnext", "bandwidth-floor") or key not in ours:
+        if r["mode"] != "fwd+bwd" or r["provider"] in ("attnext", "bandwidth-floor", "gemm-ceiling") or key not in ours:
             continue
         x = r.get("seq_len") or r["shape"]
         x = str(x) if len(str(x)) <= 24 else str(x)[:10] + ".." + str(x)[-12:]

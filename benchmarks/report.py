@@ -42,7 +42,7 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 FIGURES = RESULTS  # where figures go (--figures-dir)
 MEM_SUFFIX = ":peak_rss_mb"
-NOT_A_PEER = ("bandwidth-floor",)  # a bound measured in the same run, not a competitor
+NOT_A_PEER = ("bandwidth-floor", "gemm-ceiling")  # bounds measured in the same run, not competitors
 # The unit of the gflops_or_gbs column, as each benchmark script writes it.
 RATE_UNIT = {"causal_softmax": "GB/s", "dropout": "GB/s", "causal_mean": "GB/s", "matmul": "GFLOP/s",
              "causal_attention": "GFLOP/s", "decode": "GB/s", "decode_gqa": "GB/s", "chunked_prefill": "GFLOP/s",
