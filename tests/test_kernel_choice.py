@@ -152,3 +152,39 @@ def test_attention_route_not_for_what_aten_cannot_compute():
         assert_python_ok(f"OUT = {b!r}\n" + code, ATTNEXT_ATTENTION_KERNEL="1")
         for x, y in zip(torch.load(a), torch.load(b)):
             assert torch.equal(x, y)
+
+
+AMX_FORWARD = (
+    "import torch, attnext\n"
+    "from attnext import reference\n"
+    "g = torch.Generator().manual_seed(3)\n"
+    "errs = []\n"
+    "# (q rows, keys, head size, head size of v, bottom-right): odd lengths, key tiles cut\n"
+    "# at the causal boundary and at odd widths, T < S, several key tiles of 256\n"
+    "for T, S, hs, hsv, br in ((1, 1, 16, 16, False), (77, 77, 64, 32, False), (300, 300, 64, 64, False),\n"
+    "                          (33, 517, 128, 64, True), (600, 600, 32, 48, False)):\n"
+    "    q = torch.randn(2, 3, T, hs, generator=g).bfloat16()\n"
+    "    k = torch.randn(2, 3, S, hs, generator=g).bfloat16()\n"
+    "    v = torch.randn(2, 3, S, hsv, generator=g).bfloat16()\n"
+    "    out = attnext.causal_attention(q, k, v, align='bottom_right' if br else 'top_left')\n"
+    "    ref = reference.causal_attention(q.double(), k.double(), v.double(), hs ** -0.5, 0.0, br)[0]\n"
+    "    errs.append((out.double() - ref).abs().max().item())\n"
+    "kernels = attnext.explain('causal_attention', q, k, v).kernels\n"
+    "torch.save((errs, kernels), OUT)\n"
+    "print('ok')\n"
+)
+
+
+@needs_native
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="this CPU has no AMX")
+def test_amx_forward_matches_the_avx512_bf16_tiles(tmp_path):
+    # The bfloat16 forward on AMX (ATen's brgemm) against the float64 oracle, within the
+    # error of the AVX512-BF16 tiles it replaces (ATTNEXT_AMX=0) on the same inputs; the
+    # kernel note names it.
+    a, b = tmp_path / "amx.pt", tmp_path / "dot.pt"
+    assert_python_ok(f"OUT = {str(a)!r}\n" + AMX_FORWARD, ATTNEXT_ATTENTION_KERNEL="1")
+    assert_python_ok(f"OUT = {str(b)!r}\n" + AMX_FORWARD, ATTNEXT_ATTENTION_KERNEL="1", ATTNEXT_AMX="0")
+    (amx, notes), (dot, dot_notes) = torch.load(a), torch.load(b)
+    assert any("AMX brgemm" in n for n in notes) and not any("AMX" in n for n in dot_notes)
+    for e_amx, e_dot in zip(amx, dot):
+        assert e_amx <= 1.5 * e_dot + 4e-3, (amx, dot)

@@ -54,6 +54,7 @@
 // Inputs are read through their strides (nanoGPT's q.transpose(1, 2) views)
 // when their rows are unit-stride; otherwise a contiguous copy is made.
 #include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -945,6 +946,152 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   reduce_dq_chunks(dq_acc, dq);
 }
 
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+// ---- bfloat16 forward on AMX: the tile products by ATen's brgemm micro-kernel
+//
+// fwd_bf16dot's algorithm with its two products, S = Q K^T and O += P V, run by
+// at::native::cpublas::brgemm (oneDNN's ukernel: AMX tiles where the CPU has them) on
+// operands packed once per batch and key tile by cpublas::pack. Runs where the packing
+// says the CPU has AMX (cpublas::could_pack); the forward's kernel choice then measures
+// it against ATen's flash attention as for the other tiles. ATTNEXT_AMX=0 turns it off.
+bool amx_available() {
+  static const bool ok = [] {
+    const char* env = std::getenv("ATTNEXT_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
+    return at::native::cpublas::could_pack(at::kBFloat16);
+  }();
+  return ok;
+}
+
+void fwd_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+             const Geometry& g, double scale_d, const Dropout& drop) {
+  namespace cpublas = at::native::cpublas;
+  const Rows2D<at::BFloat16> Q(q), K(k), V(v);
+  const OutRows<at::BFloat16> Out(out);
+  float* lp = lse.mutable_data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  const float inv_keep = static_cast<float>(drop.inv_keep);
+  const int64_t nqt = ceil_div(g.T, kBq), nkt = ceil_div(g.S, kBkF);
+  // brgemm's packed B holds at most 64 columns (16, 32, 48 or 64): K^T is packed in
+  // blocks of 64 keys, V in blocks of 64 of its columns, each block padded to 16.
+  constexpr int64_t kNB = 64;
+  const auto r16 = [](int64_t n) { return (n + 15) / 16 * 16; };
+  const auto even = [](int64_t n) { return n + (n & 1); };
+  const int64_t hsv16 = r16(g.hsv), nvb = ceil_div(g.hsv, kNB);
+  const int64_t kpack = g.hs * kBkF, vpack = nvb * kBkF * kNB;  // packed elements per key tile
+  // Per thread: K^T and V of the batch last seen, packed per key tile (reused by the
+  // next query tiles of that batch: items run batch by batch, longest tile first).
+  struct Scratch {
+    std::vector<float> s, m, l, alpha, o;
+    std::vector<at::BFloat16> qa, pa, kp, vp, tmp;
+    std::vector<int64_t> vis;
+    std::vector<uint32_t> row_keys;
+    int64_t batch = -1, packed = 0;  // key tiles packed
+    ~Scratch() {
+      if (!kp.empty()) at::native::cpublas::brgemm_release();
+    }
+  };
+  auto make_scratch = [&] {
+    Scratch sc;
+    sc.s.resize(kBq * kBkF);
+    sc.m.resize(kBq);
+    sc.l.resize(kBq);
+    sc.alpha.resize(kBq);
+    sc.o.resize(kBq * g.hsv);
+    sc.qa.resize(kBq * g.hs);
+    sc.pa.resize(kBq * kBkF);
+    sc.kp.resize(nkt * kpack);
+    sc.vp.resize(nkt * vpack);
+    sc.tmp.resize(std::max(g.hs * kBkF, kBkF * hsv16));
+    sc.vis.resize(kBq);
+    sc.row_keys.resize(kBq);
+    return sc;
+  };
+  const at::BFloat16 zero(0.0f);
+  parallel_items(g.BH * nqt, make_scratch, [&](Scratch& sc, int64_t item) {
+    const int64_t b = item / nqt;
+    const int64_t t0 = (nqt - 1 - item % nqt) * kBq;
+    const int64_t nr = std::min(kBq, g.T - t0);
+    const int64_t kv_end = g.visible(t0 + nr - 1);
+    if (sc.batch != b) {
+      sc.batch = b;
+      sc.packed = 0;
+    }
+    for (; sc.packed < ceil_div(kv_end, kBkF); ++sc.packed) {
+      const int64_t c0 = sc.packed * kBkF, n = std::min(kBkF, g.S - c0), ne = even(n);
+      at::BFloat16* t = sc.tmp.data();
+      // K^T (hs, kBkF) row-major, zero past the tile's n keys
+      for (int64_t d = 0; d < g.hs; ++d) std::fill(t + d * kBkF + n, t + d * kBkF + std::min(r16(n), kBkF), zero);
+      for (int64_t c = 0; c < n; ++c) {
+        const at::BFloat16* row = K.at(b, c0 + c);
+        for (int64_t d = 0; d < g.hs; ++d) t[d * kBkF + c] = row[d];
+      }
+      at::BFloat16* kp = sc.kp.data() + sc.packed * kpack;
+      for (int64_t j = 0; j < n; j += kNB) {
+        cpublas::pack(g.hs, r16(std::min(kNB, n - j)), kBkF, r16(std::min(kNB, n - j)), at::kBFloat16,
+                      at::kBFloat16, t + j, kp + j * g.hs);
+      }
+      // V (ne, hsv16) row-major, zero past hsv and in an odd tile's padding row
+      for (int64_t r = 0; r < ne; ++r) {
+        at::BFloat16* row = t + r * hsv16;
+        if (r < n) {
+          std::memcpy(row, V.at(b, c0 + r), sizeof(at::BFloat16) * g.hsv);
+          std::fill(row + g.hsv, row + hsv16, zero);
+        } else {
+          std::fill(row, row + hsv16, zero);
+        }
+      }
+      at::BFloat16* vp = sc.vp.data() + sc.packed * vpack;
+      for (int64_t c = 0; c < g.hsv; c += kNB) {
+        const int64_t w = r16(std::min(kNB, g.hsv - c));
+        cpublas::pack(ne, w, hsv16, w, at::kBFloat16, at::kBFloat16, t + c, vp + (c / kNB) * kBkF * kNB);
+      }
+    }
+    float* o = sc.o.data();
+    float* s = sc.s.data();
+    std::fill(o, o + nr * g.hsv, 0.0f);
+    std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<float>::infinity());
+    std::fill(sc.l.begin(), sc.l.end(), 0.0f);
+    if (drop.on) {
+      for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
+    }
+    for (int64_t r = 0; r < nr; ++r) std::memcpy(sc.qa.data() + r * g.hs, Q.at(b, t0 + r), sizeof(at::BFloat16) * g.hs);
+    for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
+      const int64_t nc = std::min(kBkF, kv_end - k0), nce = even(nc);
+      const int64_t n_tile = std::min(kBkF, g.S - k0);
+      const at::BFloat16* kp = sc.kp.data() + (k0 / kBkF) * kpack;
+      for (int64_t j = 0; j < nc; j += kNB) {  // S = Q K^T, 64 keys at a time
+        const int64_t w = std::min(kNB, nce - j), ld = r16(std::min(kNB, n_tile - j));
+        cpublas::brgemm(nr, w, g.hs, g.hs, ld, kBkF, false, sc.qa.data(), kp + j * g.hs, s + j);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+        float* row = s + r * kBkF;
+        for (int64_t c = 0; c < sc.vis[r]; ++c) row[c] *= scale;
+      }
+      fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
+      if (drop.on) {
+        dropout_tile(s, static_cast<float*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
+                     drop.threshold, inv_keep);
+      }
+      if (k0 > 0) rescale_rows(o, nr, g.hsv, g.hsv, sc.alpha.data());
+      // P in bfloat16 (an odd nc gets a zero column: whole key pairs), O += P V
+      isa_bf16::float_rows_to_bf16(s, kBkF, nr, nc, reinterpret_cast<uint16_t*>(sc.pa.data()), kBkF);
+      const at::BFloat16* vp = sc.vp.data() + (k0 / kBkF) * vpack;
+      for (int64_t c = 0; c < g.hsv; c += kNB) {
+        const int64_t w = std::min(kNB, g.hsv - c);
+        cpublas::brgemm(nr, w, nce, kBkF, r16(w), g.hsv, true, sc.pa.data(), vp + (c / kNB) * kBkF * kNB, o + c);
+      }
+    }
+    finish_rows(o, nr, g.hsv, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0,
+                [&](int64_t r) { return g.sees_none(t0 + r); });
+    for (int64_t r = 0; r < nr; ++r) {
+      narrow_bf16_row(o + r * g.hsv, reinterpret_cast<uint16_t*>(Out.at(b, t0 + r)), g.hsv);
+    }
+  });
+}
+#endif
+
 // Whether the bfloat16 fast path applies: the CPU has the instructions, head
 // sizes are even (whole pairs) and row strides fit the gather's 32-bit offsets.
 bool use_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g) {
@@ -1005,6 +1152,12 @@ void forward_native(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   const Dropout drop(dropout_p, ds.seed, ds.offset);
 #if ATTNEXT_X86_SIMD
   if (use_bf16dot(q, k, v, g)) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+    if (amx_available()) {
+      fwd_amx(q, k, v, out, lse, g, scale, drop);
+      return;
+    }
+#endif
     fwd_bf16dot(q, k, v, out, lse, g, scale, drop);
     return;
   }
@@ -1158,7 +1311,13 @@ bool use_aten(bool backward, at::ScalarType st, const Geometry& call) {
     own = [=]() mutable { forward_native(q, k, v, out, lse, g, scale, 0.0, ds); };
     lib = [=] { at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, mask, scale); };
   }
-  return !choose_kernel(what, "attnext tiles", "ATen flash attention", own, lib, forced).own;
+  bool amx = false;
+#if ATTNEXT_X86_SIMD && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  amx = !backward && st == at::kBFloat16 && use_bf16dot(q, k, v, g) && amx_available();
+#endif
+  return !choose_kernel(what, amx ? "attnext tiles (AMX brgemm)" : "attnext tiles", "ATen flash attention", own, lib,
+                        forced)
+              .own;
 }
 
 // ATen's forward where it can run and is chosen and its logsumexp is plain: (out,
