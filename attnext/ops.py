@@ -44,7 +44,7 @@ _ATTENTION_DTYPES = {
     "meta": frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16}),
 }
 # Device types whose attention kernels take window_size other than causal (-1, 0).
-_WINDOW_DEVICES = frozenset({"cpu", "meta"})
+_WINDOW_DEVICES = frozenset({"cpu", "cuda", "meta"})
 _OP_KERNEL_DTYPES = {"causal_attention": _ATTENTION_DTYPES, "causal_attention_qkvpacked": _ATTENTION_DTYPES}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
@@ -131,7 +131,7 @@ def _fallback_reasons(op: str, tensors: Sequence[Tensor], window: Tuple[int, int
         elif tuple(window) != (-1, 0) and dev not in _WINDOW_DEVICES:
             reasons.append(
                 f"attnext::{op} has no native {dev} kernel for window_size={tuple(window)} (only causal, (-1, 0)); "
-                "the CPU kernels take any window"
+                "the CPU and CUDA kernels take any window"
             )
     return list(dict.fromkeys(reasons))
 

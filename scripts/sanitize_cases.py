@@ -189,6 +189,53 @@ def attention_mma_cases():
             os.environ["ATTNEXT_CUDA_MMA"] = old
 
 
+def attention_window_cases():
+    # window_size on both kernel families (ATTNEXT_CUDA_MMA=0: CUDA cores, every dtype;
+    # =require: tensor cores, 16-bit types, sm_80+): sliding windows narrower and wider
+    # than a key tile (key tiles skipped, query ranges of the dK/dV blocks cut on both
+    # sides), full attention, a band right of the diagonal, rows that see no key (bottom-
+    # right T > S; (3, -1) top-left with T > S), grouped-query stride-0 k/v, packed qkv.
+    if "cuda" not in attnext.ops._DEVICES.get("causal_attention", ()):
+        return
+    windows = ((10, 0), (70, 0), (-1, -1), (7, 5), (3, -1))
+    paths = [("0", DTYPES)]
+    if torch.cuda.get_device_capability()[0] >= 8:
+        paths.append(("require", (torch.bfloat16, torch.float16)))
+    old = os.environ.get("ATTNEXT_CUDA_MMA")
+    try:
+        for mode, dtypes in paths:
+            os.environ["ATTNEXT_CUDA_MMA"] = mode
+            for dtype in dtypes:
+                opts = dict(device="cuda", dtype=dtype)
+                for T, S, align in ((150, 150, "top_left"), (70, 200, "bottom_right"), (150, 70, "bottom_right"),
+                                    (150, 70, "top_left")):
+                    for window in windows:
+                        q, k, v = (torch.randn(2, n, 64, **opts).requires_grad_() for n in (T, S, S))
+                        native_window("causal_attention", window, q, k, v)
+                        out = attnext.causal_attention(q, k, v, align=align, window_size=window, dropout_p=0.1)
+                        out.backward(torch.randn_like(out))
+                        assert not torch.isnan(out).any() and not torch.isnan(k.grad).any(), (mode, dtype, window)
+                # grouped-query heads: k, v expanded over each group with stride 0
+                q = torch.randn(1, 4, 90, 64, **opts).requires_grad_()
+                k, v = (torch.randn(1, 2, 90, 64, **opts).requires_grad_() for _ in range(2))
+                out = attnext.causal_attention(q, k, v, enable_gqa=True, window_size=(20, 0))
+                out.backward(torch.randn_like(out))
+                qkv = torch.randn(2, 90, 3, 2, 64, **opts).requires_grad_()
+                native_window("causal_attention_qkvpacked", (16, 0), qkv)
+                out = attnext.causal_attention_qkvpacked(qkv, window_size=(16, 0))
+                out.backward(torch.randn_like(out))
+    finally:
+        if old is None:
+            os.environ.pop("ATTNEXT_CUDA_MMA", None)
+        else:
+            os.environ["ATTNEXT_CUDA_MMA"] = old
+
+
+def native_window(op, window, *tensors):
+    reasons = attnext.explain(op, *tensors, window_size=window)
+    assert not reasons, f"{op} with window_size={window} would not run its CUDA kernel: {reasons}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-cublas", action="store_true", help="leave out matmul (cuBLAS kernels)")
@@ -200,6 +247,7 @@ def main() -> None:
     mean_cases()
     attention_cases()
     attention_mma_cases()
+    attention_window_cases()
     if not args.no_cublas:
         matmul_cases()
     torch.cuda.synchronize()

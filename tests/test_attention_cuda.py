@@ -597,3 +597,140 @@ def test_rejects_mixed_devices():
     q, k, v = make_qkv((2,), 8, 8, 4, 4, torch.float32)
     with pytest.raises(RuntimeError, match="same device"):
         torch.ops.attnext.causal_attention(q, k.cpu(), v, 0.5, 0.0, False, 0, 0)
+
+
+# ------------------------------------------------------------------ windows (window_size)
+# Both kernel families take every window (the mask first(t) <= key < visible(t), tiles
+# outside every row's window skipped). Cases: sliding windows narrower and wider than a
+# key tile (16..64 keys) and not a multiple of it, full attention, bands right of the
+# diagonal, bottom-right with T < S and T > S, rows that see no key on either side.
+WINDOWS = [
+    # (T, S, align, window)
+    (300, 300, "top_left", (10, 0)),  # W < a tile: most key tiles skipped
+    (300, 300, "top_left", (100, 0)),  # W > a tile, not a multiple of it
+    (70, 300, "bottom_right", (40, 0)),  # T < S: keys 0..189 seen by no row
+    (150, 70, "bottom_right", (20, 0)),  # T > S: rows 0..79 see no key
+    (130, 70, "top_left", (-1, -1)),  # full attention
+    (200, 200, "top_left", (7, 5)),  # a band right of the diagonal
+    (200, 90, "top_left", (3, -1)),  # rows from 93 on start past the last key: no key
+    (90, 90, "top_left", (0, 0)),  # the diagonal key only
+]
+
+
+def window_ref(align, window, p=0.0, seed=0, offset=0):
+    br = align == "bottom_right"
+    return lambda q, k, v: reference.causal_attention(
+        q, k, v, q.shape[-1] ** -0.5, p, br, seed, offset, window=window
+    )[0]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,S,align,window", WINDOWS)
+def test_both_paths_windows(monkeypatch, path, dtype, T, S, align, window):
+    use_path(monkeypatch, path)
+    q64, k64, v64 = make_qkv((2,), T, S, 64, 64, seed=T + S)
+    g64 = torch.randn(2, T, 64, device="cuda", dtype=torch.float64)
+    assert not attnext.explain("causal_attention", q64.to(dtype), k64.to(dtype), v64.to(dtype), window_size=window)
+    assert_within_twice_eager(
+        lambda *a: attnext.causal_attention(*a, align=align, window_size=window), q64, k64, v64, g64, dtype,
+        ref=window_ref(align, window),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,S,align,window", WINDOWS)
+def test_windows_cuda_core_match_reference_and_cpu_kernel(monkeypatch, dtype, T, S, align, window):
+    # The exact kernel against the float64 reference; rows that see no key exactly as the CPU
+    # kernel gives them (zeros, lse -inf, zero gradients).
+    monkeypatch.setenv("ATTNEXT_CUDA_MMA", "0")
+    br = align == "bottom_right"
+    q, k, v = make_qkv((2,), T, S, 32, 24, dtype, seed=T * 3 + S)
+    g = torch.randn(2, T, 24, device="cuda", dtype=dtype)
+    out, lse = torch.ops.attnext.causal_attention(q, k, v, 0.2, 0.0, br, 0, 0, None, *window)
+    qc, kc, vc = (t.detach().cpu() for t in (q, k, v))
+    cpu_out, cpu_lse = torch.ops.attnext.causal_attention(qc, kc, vc, 0.2, 0.0, br, 0, 0, None, *window)
+    ref_out, ref_lse = reference.causal_attention(qc.double(), kc.double(), vc.double(), 0.2, 0.0, br, window=window)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=tol, rtol=tol)
+    none = torch.isinf(cpu_lse)
+    assert torch.equal(none, torch.isinf(lse.cpu())) and (lse.cpu()[none] < 0).all()
+    assert (out.cpu()[none] == 0).all()
+    torch.testing.assert_close(out.cpu(), cpu_out, atol=tol, rtol=tol)
+    got = torch.autograd.grad(attnext.causal_attention(q, k, v, scale=0.2, align=align, window_size=window), (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_out = reference.causal_attention(q64, k64, v64, 0.2, 0.0, br, window=window)[0]
+    ref = torch.autograd.grad(ref_out, (q64, k64, v64), g.double())
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, atol=tol * 10, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("window", [(-1, 0), (20, 0), (-1, -1), (5, 9)])
+def test_both_paths_gqa_gradients_sum_over_each_group(monkeypatch, path, window):
+    # enable_gqa: k, v reach the kernels as stride-0 views over each group; the gradient of each
+    # key/value head is the sum over its query heads (autograd's expand backward).
+    use_path(monkeypatch, path)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(3)
+    q64 = torch.randn(2, 6, 90, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    k64 = torch.randn(2, 2, 90, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    v64 = torch.randn(2, 2, 90, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    g64 = torch.randn(2, 6, 90, 64, device="cuda", dtype=torch.float64)
+
+    def ref(q, k, v):  # heads repeated, as SDPA's enable_gqa
+        kr, vr = (t.repeat_interleave(3, dim=-3) for t in (k, v))
+        return reference.causal_attention(q, kr, vr, 0.125, window=window)[0]
+
+    assert_within_twice_eager(
+        lambda *a: attnext.causal_attention(*a, enable_gqa=True, window_size=window), q64, k64, v64, g64, dtype,
+        ref=ref,
+    )
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("window", [(30, 0), (10, 10)])
+def test_both_paths_window_dropout_mask_is_the_cpu_mask(monkeypatch, path, window):
+    use_path(monkeypatch, path)
+    dtype, p, seed, offset = torch.bfloat16, 0.3, 99, 5
+    q64, k64, v64 = make_qkv((2,), 150, 150, 64, 64, seed=9)
+    g64 = torch.randn(2, 150, 64, device="cuda", dtype=torch.float64)
+
+    def op(q, k, v):
+        return torch.ops.attnext.causal_attention(q, k, v, 0.125, p, False, seed, offset, None, *window)[0]
+
+    def eager(q, k, v):
+        return reference.causal_attention(q, k, v, 0.125, p, False, seed, offset, window=window)[0]
+
+    qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q64, k64, v64))
+    cpu = fwd_bwd(op, qc, kc, vc, g64.cpu())  # CPU kernel, float64
+    qh, kh, vh = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
+    got = fwd_bwd(op, qh, kh, vh, g64.to(dtype))
+    eag = fwd_bwd(eager, qh, kh, vh, g64.to(dtype))
+    for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eag, cpu):
+        err = (a.double().cpu() - o).abs().max().item()
+        eager_err = (e.double().cpu() - o).abs().max().item()
+        assert err <= 2 * eager_err + 1e-4, (name, err, eager_err)
+
+
+@pytest.mark.parametrize("window", [(16, 0), (-1, -1)])
+def test_qkvpacked_windows(window):
+    qkv = torch.randn(2, 100, 3, 2, 32, device="cuda", dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 100, 2, 32, device="cuda", dtype=torch.float64)
+    assert not attnext.explain("causal_attention_qkvpacked", qkv, window_size=window)
+    out = attnext.causal_attention_qkvpacked(qkv, window_size=window)
+    (gq,) = torch.autograd.grad(out, qkv, g)
+    x = qkv.detach().requires_grad_()
+    ref = reference.causal_attention_qkvpacked(x, 32**-0.5, window=window)[0]
+    (gr,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(gq, gr, atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_window_float64():
+    q, k, v = make_qkv((1,), 40, 50, 8, 8, torch.float64)
+    for window in [(5, 0), (3, 4), (-1, -1)]:
+        torch.autograd.gradcheck(
+            lambda q, k, v: attnext.causal_attention(q, k, v, align="bottom_right", window_size=window), (q, k, v)
+        )

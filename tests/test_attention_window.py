@@ -140,3 +140,21 @@ def test_explain_window_on_cpu_runs_native():
     q = torch.randn(1, 4, 8)
     assert attnext.explain("causal_attention", q, q, q, window_size=(3, 0)) == ([] if attnext.native_available()
                                                                               else attnext.explain("causal_attention", q, q, q))
+
+
+@pytest.mark.skipif(not attnext.native_available(), reason="attnext._C not built")
+def test_explain_window_reason_for_a_device_whose_kernels_are_causal_only(monkeypatch):
+    # CPU and CUDA kernels take every window; the reason stays for a device whose kernels
+    # would not (here the CPU, made causal-only by hand): it names the window.
+    monkeypatch.setattr(ops, "_WINDOW_DEVICES", frozenset({"meta"}))
+    q = torch.randn(1, 4, 8)
+    reasons = attnext.explain("causal_attention", q, q, q, window_size=(3, 0))
+    assert any("window_size=(3, 0)" in r for r in reasons)
+    assert not attnext.explain("causal_attention", q, q, q)  # the causal window is unaffected
+    out = attnext.causal_attention(q, q, q, window_size=(3, 0))  # the fallback runs it
+    torch.testing.assert_close(out, reference.causal_attention(q, q, q, 8**-0.5, window=(3, 0))[0])
+
+
+def test_window_devices_include_cuda():
+    # the CUDA kernels (both families) take every window: no fallback for CUDA windows
+    assert {"cpu", "cuda"} <= ops._WINDOW_DEVICES

@@ -1,4 +1,7 @@
 // Fused causal attention on CUDA: host side (checks, path and tile choice, launches).
+// Every window_size (left, right) of the op, forward and backward, in both families:
+// the kernels mask by the row's window [first(t), visible(t)) and skip key tiles
+// outside every row's window (Geometry's wl, wr go into their params).
 // Two kernel families:
 //  * tensor cores (causal_attention_mma.cuh / .h) on sm_80+: float16 and bfloat16
 //    (mma.sync m16n8k16), and float32 as TF32 (m16n8k8, operands rounded to TF32) when
@@ -45,8 +48,8 @@ void check_cuda_input(const at::Tensor& t, const char* name, const char* shape) 
 using Geometry = AttnGeometry;
 
 Geometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double dropout_p,
-                   bool bottom_right) {
-  const Geometry g = check_attention_args(q, k, v, scale, dropout_p, bottom_right);
+                   bool bottom_right, int64_t window_left, int64_t window_right) {
+  const Geometry g = check_attention_args(q, k, v, scale, dropout_p, bottom_right, window_left, window_right);
   check_cuda_input(q, "q", "(..., T, hs)");
   check_cuda_input(k, "k", "(..., S, hs)");
   check_cuda_input(v, "v", "(..., S, hs_v)");
@@ -73,6 +76,8 @@ cuda::AttnParams<T, typename cuda::AccOf<T>::type> make_params(const at::Tensor&
   p.hs = g.hs;
   p.hsv = g.hsv;
   p.shift = g.shift;
+  p.wl = g.wl;
+  p.wr = g.wr;
   p.scale = static_cast<A>(scale);
   p.drop = dropout_p > 0.0;
   p.stream_key = p.drop ? dropout_stream_key(ds.seed, ds.offset) : 0u;
@@ -261,6 +266,8 @@ mma::Params mma_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.T = g.T;
   p.S = g.S;
   p.shift = g.shift;
+  p.wl = g.wl;
+  p.wr = g.wr;
   p.hs = static_cast<int>(g.hs);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
@@ -405,8 +412,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q_in,
                                                          bool bottom_right, int64_t seed, int64_t offset,
                                                          const std::optional<at::Tensor>& rng, int64_t window_left,
                                                          int64_t window_right) {
-  check_causal_window(window_left, window_right);
-  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
+  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right, window_left, window_right);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const DropoutSeed ds = device_dropout_seed(seed, offset, rng, q_in);
   const auto opts = q_in.options().memory_format(at::MemoryFormat::Contiguous);
@@ -429,8 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p, bool bottom_right,
     int64_t seed, int64_t offset, const std::optional<at::Tensor>& rng, int64_t window_left, int64_t window_right) {
-  check_causal_window(window_left, window_right);
-  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right);
+  const Geometry g = check_qkv(q_in, k_in, v_in, scale, dropout_p, bottom_right, window_left, window_right);
   check_same(q_in, "q", grad_out_in, "grad_out");
   check_same(q_in, "q", out_in, "out");
   check_cuda_input(grad_out_in, "grad_out", "(..., T, hs_v)");

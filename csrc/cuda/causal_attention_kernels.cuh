@@ -1,7 +1,9 @@
 // Fused causal attention on NVIDIA GPUs: the kernels (no ATen includes here).
 //
-// out = dropout(softmax(scale * q k^T, causal)) v, lse = logsumexp per query row,
-// the (T, S) matrix never stored. A first, exact implementation on CUDA cores:
+// out = dropout(softmax(scale * q k^T, window)) v, lse = logsumexp per query row,
+// the (T, S) matrix never stored. The window (FlashAttention's window_size (left,
+// right), relative to the diagonal t + shift): row t sees keys [first(t), visible(t));
+// the causal default (-1, 0) is first = 0. A first, exact implementation on CUDA cores:
 // every product in the accumulation type (float, or double for double), so
 // float32 is exact (no TF32) and float64 serves gradcheck. float16 / bfloat16 on
 // sm_80+ normally take the tensor-core kernels (causal_attention_mma.cuh); these are
@@ -13,16 +15,20 @@
 // accumulation type (rows padded by one element where lanes read across rows).
 //
 // Forward: one block per (batch, query tile), longest tiles first. Key tiles
-// from 0 to the causal boundary of the tile's last row, online softmax (running
+// from the one holding the tile's first row's first key to the last row's last
+// visible key (tiles wholly outside every row's window are skipped: cost T x W
+// for a sliding window of W keys), online softmax (running
 // max m and sum l per row, the output accumulator rescaled by exp(m_old - m_new)),
 // O += P V; at the end O /= l and lse = m + log(l). A row that sees no key has
 // O = 0 and lse = -inf. NaN in the visible scores makes the row NaN (as torch).
 //
 // Backward, deterministic, no atomics: D = rowsum(dO * O) (host side), then
 //   dkdv kernel: one block per (batch, key tile); walks the query tiles that see
-//     it, recomputes P = exp(S - lse), accumulates dV += P_drop^T dO and
+//     it (from the first row whose window reaches the tile to the last whose
+//     window starts before the tile's end), recomputes P = exp(S - lse), accumulates dV += P_drop^T dO and
 //     dK += scale dS^T Q with dS = P (dP z - D), dP = dO V^T, z the dropout factor;
-//   dq kernel: one block per (batch, query tile); walks its key tiles and
+//   dq kernel: one block per (batch, query tile); walks its key tiles (as the
+//     forward) and
 //     accumulates dQ += scale dS K.
 // S and dP are computed twice (once per kernel): the price of determinism.
 //
@@ -51,7 +57,10 @@ struct AttnParams {
   const E* v;
   RowAddr qa, ka, va;
   int64_t BH, T, S, hs, hsv;
-  int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
+  int64_t shift;  // row t's diagonal key: t + shift
+  // window_size (left, right) around the diagonal, -1 = unbounded on that side; the
+  // defaults are the causal window (the host sets both)
+  int64_t wl = -1, wr = 0;
   A scale;
   bool drop;
   uint32_t stream_key, threshold;
@@ -60,9 +69,36 @@ struct AttnParams {
 
   // The dropout stream: from rng when the call drew its seed on the device.
   __device__ __forceinline__ uint32_t key() const { return rng ? dropout_stream_key(rng[0], rng[1]) : stream_key; }
+  // The keys row t sees: [first(t), visible(t)), both clamped to [0, S] (as the CPU
+  // kernels' AttnGeometry); nondecreasing in t.
   __device__ __forceinline__ int64_t visible(int64_t t) const {
-    const int64_t v = t + 1 + shift;
+    if (wr < 0) return S;
+    const int64_t v = t + shift + wr + 1;
     return v < 0 ? 0 : (v > S ? S : v);
+  }
+  __device__ __forceinline__ int64_t first(int64_t t) const {
+    if (wl < 0) return 0;
+    const int64_t f = t + shift - wl;
+    return f < 0 ? 0 : (f > S ? S : f);
+  }
+  __device__ __forceinline__ bool sees(int64_t t, int64_t j) const { return first(t) <= j && j < visible(t); }
+  // whether row t sees no key at all: its output is 0 and its lse -inf
+  __device__ __forceinline__ bool sees_none(int64_t t) const { return first(t) >= visible(t); }
+  // The first key tile (of width tile) a query tile starting at row t0 needs: its first
+  // row has the leftmost window.
+  __device__ __forceinline__ int64_t first_key_tile(int64_t t0, int64_t tile) const { return first(t0) / tile * tile; }
+  // The query rows that see some key of [k0, k1): from first_query(k0) (the first row
+  // whose window reaches past k0) to before end_query(k1) (the first row whose window
+  // starts at or after k1).
+  __device__ __forceinline__ int64_t first_query(int64_t k0) const {
+    if (wr < 0) return 0;
+    const int64_t t = k0 - shift - wr;
+    return t < 0 ? 0 : (t > T ? T : t);
+  }
+  __device__ __forceinline__ int64_t end_query(int64_t k1) const {
+    if (wl < 0) return T;
+    const int64_t t = k1 + wl - shift;
+    return t < 0 ? 0 : (t > T ? T : t);
   }
   // The factor dropout applies to weight (b, t, j): 1/(1-p) if kept, else 0.
   __device__ __forceinline__ A drop_factor(uint32_t row_key, int64_t j) const {
@@ -128,7 +164,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     row_key[r] = p.drop ? dropout_row_key(p.key(), b, t0 + warp * kRows + r) : 0u;
   }
   const int64_t kv_end = p.visible(t0 + nr - 1);
-  for (int64_t k0 = 0; k0 < kv_end; k0 += kBk) {
+  for (int64_t k0 = p.first_key_tile(t0, kBk); k0 < kv_end; k0 += kBk) {
     const int64_t nc = min(static_cast<int64_t>(kBk), kv_end - k0);
     __syncthreads();  // the previous tile's K, V and P are no longer read
     stage_rows<T, A>(Ks, p.hs + 1, p.k, p.ka, b, k0, nc, kBk, p.hs);
@@ -148,7 +184,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int64_t t = t0 + warp * kRows + r;
-      const bool vis = t < p.T && k0 + lane < p.visible(t);
+      const bool vis = t < p.T && p.sees(t, k0 + lane);
       const A z = vis ? s[r] * p.scale : A(-INFINITY);
       const A mx = warp_max(z);
       const A m_new = mx != mx ? mx : max(m[r], mx);
@@ -187,7 +223,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     const bool any = l[r] != A(0);  // NaN != 0: a NaN row stays NaN
     // l == 0: a row that sees no key is 0 (lse -inf); one whose scores were all -inf
     // is NaN, as torch.softmax of it
-    const bool blind = p.visible(t) == 0;
+    const bool blind = p.sees_none(t);
     const A inv = any ? A(1) / l[r] : A(0);
     const A empty = blind ? A(0) : A(NAN);
     T* orow = out + (b * p.T + t) * p.hsv;
@@ -234,7 +270,8 @@ struct DqSmem {
 
 // For this warp's rows (query rows t0 + warp * kRows + r, staged in Qs / dOs) and
 // lane's key k0 + lane (staged in Ks / Vs): P (undropped), the dropout factor z
-// and dS = P (dP z - D). Scores outside the causal pattern give P = dS = 0.
+// and dS = P (dP z - D). Scores outside the window give P = dS = 0, and so do the
+// rows that see no key (lse -inf).
 template <typename T, typename A, int kRows>
 __device__ __forceinline__ void recompute_p_ds(const AttnParams<T, A>& p, int64_t b, int64_t t0, int64_t k0,
                                                const A* Qs, const A* dOs, const A* Ks, const A* Vs,
@@ -259,7 +296,7 @@ __device__ __forceinline__ void recompute_p_ds(const AttnParams<T, A>& p, int64_
   for (int r = 0; r < kRows; ++r) {
     const int rr = warp * kRows + r;
     const int64_t t = t0 + rr;
-    const bool vis = t < p.T && k0 + lane < p.S && k0 + lane < p.visible(t) && lse_s[rr] != A(-INFINITY);
+    const bool vis = t < p.T && k0 + lane < p.S && p.sees(t, k0 + lane) && lse_s[rr] != A(-INFINITY);
     const A pr = vis ? exp_acc(s[r] * p.scale - lse_s[rr]) : A(0);
     const A z = p.drop ? p.drop_factor(dropout_row_key(p.key(), b, t), k0 + lane) : A(1);
     P[r] = pr;
@@ -293,9 +330,9 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int64_t i = threadIdx.x; i < kBk * p.hs; i += blockDim.x) dKs[i] = A(0);
   for (int64_t i = threadIdx.x; i < kBk * p.hsv; i += blockDim.x) dVs[i] = A(0);
 
-  // the first query row that sees key k0: t + 1 + shift > k0
-  const int64_t t_first = max(static_cast<int64_t>(0), k0 - p.shift);
-  for (int64_t t0 = t_first; t0 < p.T; t0 += kBq) {
+  // the query rows that see some key of this tile
+  const int64_t t_first = p.first_query(k0), t_end = p.end_query(k0 + nc);
+  for (int64_t t0 = t_first; t0 < t_end; t0 += kBq) {
     const int64_t nr = min(static_cast<int64_t>(kBq), p.T - t0);
     __syncthreads();  // the previous query tile is no longer read
     stage_rows<T, A>(Qs, p.hs + 1, p.q, p.qa, b, t0, nr, kBq, p.hs);
@@ -364,7 +401,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     D_s[i] = i < nr ? D[b * p.T + t0 + i] : A(0);
   }
   const int64_t kv_end = p.visible(t0 + nr - 1);
-  for (int64_t k0 = 0; k0 < kv_end; k0 += kBk) {
+  for (int64_t k0 = p.first_key_tile(t0, kBk); k0 < kv_end; k0 += kBk) {
     const int64_t nc = min(static_cast<int64_t>(kBk), kv_end - k0);
     __syncthreads();  // the previous key tile and dS are no longer read
     stage_rows<T, A>(Ks, p.hs + 1, p.k, p.ka, b, k0, nc, kBk, p.hs);

@@ -28,12 +28,14 @@
 //           shared memory (V(j) is fetched while S(j) = Q K(j)^T is computed, K(j+1) while
 //           P V(j) is); online softmax in registers (row max by quad shuffles, log2
 //           domain); P goes from the S accumulators straight into the P V mma as A
-//           fragments; tiles above the diagonal are never visited, diagonal tiles masked.
+//           fragments; key tiles outside every row's window (above the diagonal, left
+//           of a sliding window) are never visited, tiles its edges cross are masked.
 //           out = O / l in the input dtype, lse = m + log(l) in float (natural log; -inf
 //           and a zero row for a row that sees no key), as the CUDA-core kernel.
 //  dK/dV    one block per (batch, 64 keys) (two above hs 128, each owning half of the
 //           columns), warp w owns keys 16w..16w+15 and accumulates its columns of
-//           dK, dV (16 x hs each) in registers over the query tiles that see its keys:
+//           dK, dV (16 x hs each) in registers over the query tiles that see its keys
+//           (the rows whose windows reach the key tile, nothing else):
 //           S^T = K Q^T, P^T = exp2(S^T scale log2e - lse log2e), dP^T = V dO^T,
 //           dV += (P Z)^T dO, dS^T = P^T (dP^T Z - D), dK += dS^T Q (scale at the end).
 //  dQ       one block per (batch, 64 query rows): S, dP, dS as above by rows, dQ += dS K.
@@ -190,7 +192,10 @@ struct Params {
   void* dk;
   void* dv;
   int64_t BH, T, S;
-  int64_t shift;  // visible keys of row t: t + 1 + shift, clamped to [0, S]
+  int64_t shift;  // row t's diagonal key: t + shift
+  // window_size (left, right) around the diagonal, -1 = unbounded on that side; the
+  // defaults are the causal window (the host sets both)
+  int64_t wl = -1, wr = 0;
   int hs;         // head size (q, k, v alike)
   float scale;
   float scale_log2;  // scale * log2(e): scores in the log2 domain
@@ -201,9 +206,37 @@ struct Params {
 
   // The dropout stream: from rng when the call drew its seed on the device.
   ATTNEXT_HD uint32_t key() const { return rng ? dropout_stream_key(rng[0], rng[1]) : stream_key; }
+  // The keys row t sees: [first(t), visible(t)), both clamped to [0, S] (as the CPU
+  // kernels' AttnGeometry); nondecreasing in t.
   ATTNEXT_HD int64_t visible(int64_t t) const {
-    const int64_t n = t + 1 + shift;
+    if (wr < 0) return S;
+    const int64_t n = t + shift + wr + 1;
     return n < 0 ? 0 : (n > S ? S : n);
+  }
+  ATTNEXT_HD int64_t first(int64_t t) const {
+    if (wl < 0) return 0;
+    const int64_t f = t + shift - wl;
+    return f < 0 ? 0 : (f > S ? S : f);
+  }
+  // whether row t sees no key at all: its output is 0 and its lse -inf
+  ATTNEXT_HD bool sees_none(int64_t t) const { return first(t) >= visible(t); }
+  // The query rows that see some key of [k0, k1): from first_query(k0) (the first row
+  // whose window reaches past k0) to before end_query(k1) (the first row whose window
+  // starts at or after k1).
+  ATTNEXT_HD int64_t first_query(int64_t k0) const {
+    if (wr < 0) return 0;
+    const int64_t t = k0 - shift - wr;
+    return t < 0 ? 0 : (t > T ? T : t);
+  }
+  ATTNEXT_HD int64_t end_query(int64_t k1) const {
+    if (wl < 0) return T;
+    const int64_t t = k1 + wl - shift;
+    return t < 0 ? 0 : (t > T ? T : t);
+  }
+  // Whether the rows [t_lo, t_hi] all see all keys [k_lo, k_hi] (windows are
+  // nondecreasing in t): a tile where this holds needs no mask.
+  ATTNEXT_HD bool all_see(int64_t t_lo, int64_t t_hi, int64_t k_lo, int64_t k_hi) const {
+    return visible(t_lo) > k_hi && first(t_hi) <= k_lo;
   }
 };
 
@@ -326,7 +359,8 @@ ATTNEXT_MMA_FN void store_pair(typename E::T* row, int c, int n, float x0, float
 }
 
 // Columns [k0, k0 + n) of the tile that row limit `vis` lets through: the index of the
-// first column it hides, clamped to [0, n].
+// first column it hides, clamped to [0, n]. With the row's first key as `vis`: the
+// first column it shows.
 ATTNEXT_MMA_HD int first_hidden(int64_t vis, int64_t k0, int n) {
   const int64_t d = vis - k0;
   return d < 0 ? 0 : (d > n ? n : static_cast<int>(d));
@@ -338,27 +372,28 @@ ATTNEXT_MMA_HD int first_hidden(int64_t vis, int64_t k0, int n) {
 // elements 2h, 2h + 1; key k0 + 8 nt + 2 (lane & 3) + (i & 1)). In place: s becomes the
 // unnormalised weights exp2(z - m) of the kept entries (dropped and hidden ones 0); m
 // (log2 units) and l (this thread's part of the row sum, all weights, dropout or not)
-// are updated and o is rescaled by exp2(m_old - m_new). Hidden entries (key >= the row's
-// visible count) count as absent, visible ones as they are: a NaN or +inf score makes l
-// and so the row NaN, as torch.softmax and the CUDA-core kernel do. While every visible
+// are updated and o is rescaled by exp2(m_old - m_new). Hidden entries (key outside the
+// row's window [fst, vis)) count as absent, visible ones as they are: a NaN or +inf
+// score makes l and so the row NaN, as torch.softmax and the CUDA-core kernel do. While every visible
 // score so far is -inf the step subtracts 0 instead of m (-inf - -inf would be NaN), so
 // the row stays empty until a finite score arrives; a row that saw keys but only -inf
 // scores ends NaN (see the end of the forward).
 template <class Ops, bool kMask, int kNt, int kDt>
 ATTNEXT_MMA_FN void softmax_step(float (&s)[kNt][4], float (&o)[kDt][4], float (&m)[2], float (&l)[2],
-                                 const Params& p, int64_t k0, const int64_t (&vis)[2], const uint32_t (&rkey)[2],
-                                 int lane) {
+                                 const Params& p, int64_t k0, const int64_t (&fst)[2], const int64_t (&vis)[2],
+                                 const uint32_t (&rkey)[2], int lane) {
   const int c0 = 2 * (lane & 3);
   ATTNEXT_UNROLL
   for (int h = 0; h < 2; ++h) {
-    const int lim = first_hidden(vis[h], k0, 8 * kNt);
+    const int lo = first_hidden(fst[h], k0, 8 * kNt), lim = first_hidden(vis[h], k0, 8 * kNt);
     float mx = m[h];
     ATTNEXT_UNROLL
     for (int nt = 0; nt < kNt; ++nt) {
       ATTNEXT_UNROLL
       for (int e = 0; e < 2; ++e) {
         float& x = s[nt][2 * h + e];
-        x = (kMask && 8 * nt + c0 + e >= lim) ? -INFINITY : x * p.scale_log2;
+        const int j = 8 * nt + c0 + e;
+        x = (kMask && (j >= lim || j < lo)) ? -INFINITY : x * p.scale_log2;
         mx = fmaxf(mx, x);
       }
     }
@@ -374,7 +409,7 @@ ATTNEXT_MMA_FN void softmax_step(float (&s)[kNt][4], float (&o)[kDt][4], float (
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * nt + c0 + e;
         float& x = s[nt][2 * h + e];
-        const float w = (kMask && j >= lim) ? 0.f : Ops::exp2(x - msub);
+        const float w = (kMask && (j >= lim || j < lo)) ? 0.f : Ops::exp2(x - msub);
         sum += w;
         const bool keep = !p.drop || dropout_keep(rkey[h], static_cast<uint32_t>(k0 + j), p.threshold);
         x = keep ? w : 0.f;
@@ -403,18 +438,20 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, typename E
   const int64_t b = item % p.BH;
   const int64_t t0 = (nqt - 1 - item / p.BH) * kBm;
   const int64_t nr = p.T - t0 < kBm ? p.T - t0 : kBm;
-  const int64_t kv_end = p.visible(t0 + nr - 1);  // keys [0, kv_end) are seen by some row
-  const int64_t nkt = (kv_end + kBn - 1) / kBn;
+  // keys [kt0 kBn, kv_end) are seen by some row: the first row has the leftmost window
+  // start, the last the rightmost end; nkt tiles from kt0 on
+  const int64_t kv_end = p.visible(t0 + nr - 1), kt0 = p.first(t0) / kBn;
+  const int64_t nkt = kv_end > kt0 * kBn ? (kv_end + kBn - 1) / kBn - kt0 : 0;
   const int64_t kb = p.ka.batch_offset(b), vb = p.va.batch_offset(b);
-  // the fewest keys a row of this warp sees: tiles below it need no mask
-  const int64_t warp_vis = p.visible(t0 + 16 * warp);
+  const int64_t wt0 = t0 + 16 * warp;  // this warp's rows: wt0 .. wt0 + 15
 
-  int64_t row[2], vis[2];
+  int64_t row[2], vis[2], fst[2];
   uint32_t rkey[2];
   ATTNEXT_UNROLL
   for (int h = 0; h < 2; ++h) {
     row[h] = t0 + 16 * warp + c_row(lane, 2 * h);
     vis[h] = p.visible(row[h]);
+    fst[h] = p.first(row[h]);
     rkey[h] = p.drop ? dropout_row_key(p.key(), b, row[h]) : 0u;
   }
   float o[kDt][4];
@@ -424,11 +461,13 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, typename E
 
   if (nkt > 0) {
     load_rows<Ops, E, kBm, kHd>(Qs, p.q, p.qa.batch_offset(b) + t0 * p.qa.stride_t, p.qa.stride_t, nr, p.hs, tid);
-    load_rows<Ops, E, kBn, kHd>(Ks, p.k, kb, p.ka.stride_t, kv_end < kBn ? kv_end : kBn, p.hs, tid);
+    const int64_t ks = kt0 * kBn;
+    load_rows<Ops, E, kBn, kHd>(Ks, p.k, kb + ks * p.ka.stride_t, p.ka.stride_t, kv_end - ks < kBn ? kv_end - ks : kBn,
+                                p.hs, tid);
     Ops::cp_commit();
   }
   for (int64_t j = 0; j < nkt; ++j) {
-    const int64_t k0 = j * kBn;
+    const int64_t k0 = (kt0 + j) * kBn;
     Ops::template cp_wait<0>();
     Ops::sync();  // K(j) (and Q) landed; every warp is done with V(j - 1)
     const int64_t nv = kv_end - k0 < kBn ? kv_end - k0 : kBn;
@@ -438,10 +477,10 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, typename E
     ATTNEXT_UNROLL
     for (int nt = 0; nt < kNt; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
     gemm_abt<Ops, E, kLd, kBn, kHd / kK<E>>(s, Qs + 16 * warp * kLd, Ks, lane);
-    if (k0 + kBn > warp_vis) {
-      softmax_step<Ops, true>(s, o, m, l, p, k0, vis, rkey, lane);
+    if (!p.all_see(wt0, wt0 + 15, k0, k0 + kBn - 1)) {
+      softmax_step<Ops, true>(s, o, m, l, p, k0, fst, vis, rkey, lane);
     } else {
-      softmax_step<Ops, false>(s, o, m, l, p, k0, vis, rkey, lane);
+      softmax_step<Ops, false>(s, o, m, l, p, k0, fst, vis, rkey, lane);
     }
     Ops::template cp_wait<0>();
     Ops::sync();  // V(j) landed; every warp is done with K(j)
@@ -468,7 +507,7 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, typename E
     // l == 0: a row that sees no key is 0 (lse -inf), whatever the tile's P V products
     // made of its zero weights (0 * inf in v is NaN); one whose scores were all -inf is
     // NaN, as torch.softmax of it
-    const bool blind = p.visible(row[h]) == 0;
+    const bool blind = p.sees_none(row[h]);
     const float inv = any ? p.inv_keep / lsum[h] : NAN;
     T* orow = static_cast<T*>(p.out) + (b * p.T + row[h]) * p.hs;
     ATTNEXT_UNROLL
@@ -488,19 +527,19 @@ ATTNEXT_MMA_FN void fwd_block(const Params& p, int64_t item, int tid, typename E
 // becomes dS = P (dP Z - D) with P = exp2(s scale log2e - lse log2e), hidden entries 0.
 template <class Ops, bool kMask, int kNt>
 ATTNEXT_MMA_FN void ds_rows(float (&s)[kNt][4], const float (&dp)[kNt][4], const Params& p, int64_t k0,
-                            const int64_t (&vis)[2], const uint32_t (&rkey)[2], const float (&lse2)[2],
-                            const float (&Dr)[2], int lane) {
+                            const int64_t (&fst)[2], const int64_t (&vis)[2], const uint32_t (&rkey)[2],
+                            const float (&lse2)[2], const float (&Dr)[2], int lane) {
   const int c0 = 2 * (lane & 3);
   ATTNEXT_UNROLL
   for (int h = 0; h < 2; ++h) {
-    const int lim = first_hidden(vis[h], k0, 8 * kNt);
+    const int lo = first_hidden(fst[h], k0, 8 * kNt), lim = first_hidden(vis[h], k0, 8 * kNt);
     ATTNEXT_UNROLL
     for (int nt = 0; nt < kNt; ++nt) {
       ATTNEXT_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * nt + c0 + e;
         const int i = 2 * h + e;
-        const bool on = (!kMask || j < lim) && lse2[h] != -INFINITY;
+        const bool on = (!kMask || (j < lim && j >= lo)) && lse2[h] != -INFINITY;
         const float pr = on ? Ops::exp2(s[nt][i] * p.scale_log2 - lse2[h]) : 0.f;
         const float z = !p.drop ? 1.f
                         : dropout_keep(rkey[h], static_cast<uint32_t>(k0 + j), p.threshold) ? p.inv_keep
@@ -524,18 +563,20 @@ ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, typename E:
   const int64_t b = item % p.BH;
   const int64_t t0 = (nqt - 1 - item / p.BH) * kBm;
   const int64_t nr = p.T - t0 < kBm ? p.T - t0 : kBm;
-  const int64_t kv_end = p.visible(t0 + nr - 1);
-  const int64_t nkt = (kv_end + kBn - 1) / kBn;
+  // key tiles kt0 .. kt0 + nkt - 1, as in the forward
+  const int64_t kv_end = p.visible(t0 + nr - 1), kt0 = p.first(t0) / kBn;
+  const int64_t nkt = kv_end > kt0 * kBn ? (kv_end + kBn - 1) / kBn - kt0 : 0;
   const int64_t kb = p.ka.batch_offset(b), vb = p.va.batch_offset(b);
-  const int64_t warp_vis = p.visible(t0 + 16 * warp);
+  const int64_t wt0 = t0 + 16 * warp;  // this warp's rows: wt0 .. wt0 + 15
 
-  int64_t row[2], vis[2];
+  int64_t row[2], vis[2], fst[2];
   uint32_t rkey[2];
   float lse2[2], Dr[2];
   ATTNEXT_UNROLL
   for (int h = 0; h < 2; ++h) {
     row[h] = t0 + 16 * warp + c_row(lane, 2 * h);
     vis[h] = p.visible(row[h]);
+    fst[h] = p.first(row[h]);
     rkey[h] = p.drop ? dropout_row_key(p.key(), b, row[h]) : 0u;
     lse2[h] = row[h] < p.T ? p.lse[b * p.T + row[h]] * kLog2e : -INFINITY;
     Dr[h] = row[h] < p.T ? p.D[b * p.T + row[h]] : 0.f;
@@ -545,7 +586,7 @@ ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, typename E:
   for (int dt = 0; dt < kDt; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
 
   const auto load_kv = [&](int64_t j, int buf) {
-    const int64_t k0 = j * kBn, n = kv_end - k0 < kBn ? kv_end - k0 : kBn;
+    const int64_t k0 = (kt0 + j) * kBn, n = kv_end - k0 < kBn ? kv_end - k0 : kBn;
     T* Ks = KV + buf * 2 * kBn * kLd;
     load_rows<Ops, E, kBn, kHd>(Ks, p.k, kb + k0 * p.ka.stride_t, p.ka.stride_t, n, p.hs, tid);
     load_rows<Ops, E, kBn, kHd>(Ks + kBn * kLd, p.v, vb + k0 * p.va.stride_t, p.va.stride_t, n, p.hs, tid);
@@ -558,7 +599,7 @@ ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, typename E:
     Ops::cp_commit();
   }
   for (int64_t j = 0; j < nkt; ++j) {
-    const int64_t k0 = j * kBn;
+    const int64_t k0 = (kt0 + j) * kBn;
     const int buf = stages == 2 ? static_cast<int>(j & 1) : 0;
     if (stages == 2 && j + 1 < nkt) {
       load_kv(j + 1, buf ^ 1);  // that buffer was last read before the previous iteration's closing sync
@@ -578,10 +619,10 @@ ATTNEXT_MMA_FN void dq_block(const Params& p, int64_t item, int tid, typename E:
     }
     gemm_abt<Ops, E, kLd, kBn, kHd / kK<E>>(s, Qs + 16 * warp * kLd, Ks, lane);
     gemm_abt<Ops, E, kLd, kBn, kHd / kK<E>>(dp, dOs + 16 * warp * kLd, Vs, lane);
-    if (k0 + kBn > warp_vis) {
-      ds_rows<Ops, true>(s, dp, p, k0, vis, rkey, lse2, Dr, lane);
+    if (!p.all_see(wt0, wt0 + 15, k0, k0 + kBn - 1)) {
+      ds_rows<Ops, true>(s, dp, p, k0, fst, vis, rkey, lse2, Dr, lane);
     } else {
-      ds_rows<Ops, false>(s, dp, p, k0, vis, rkey, lse2, Dr, lane);
+      ds_rows<Ops, false>(s, dp, p, k0, fst, vis, rkey, lse2, Dr, lane);
     }
     gemm_pb<Ops, E, kLd, kHd, kBn / kK<E>>(dq, s, Ks, lane);  // dQ += dS K
     Ops::sync();  // every warp is done with tile j's buffer
@@ -618,7 +659,7 @@ ATTNEXT_MMA_FN void ds_cols(float (&st)[kNt][4], float (&dpt)[kNt][4], const Par
     for (int i = 0; i < 4; ++i) {
       const int qi = 8 * nt + c0 + (i & 1);
       const int64_t kj = key[i >> 1];
-      const bool on = (!kMask || kj < p.visible(t0 + qi)) && lse2[qi] != -INFINITY;
+      const bool on = (!kMask || (kj < p.visible(t0 + qi) && kj >= p.first(t0 + qi))) && lse2[qi] != -INFINITY;
       const float pr = on ? Ops::exp2(st[nt][i] * p.scale_log2 - lse2[qi]) : 0.f;
       const float z = !p.drop ? 1.f
                       : dropout_keep(rkey[qi], static_cast<uint32_t>(kj), p.threshold) ? p.inv_keep
@@ -646,11 +687,11 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, typename 
   const int col0 = static_cast<int>((item / p.BH) % L::kKvSplit) * kCols;  // this block's dK, dV columns
   const int64_t n0 = (item / p.BH / L::kKvSplit) * kBn;
   const int64_t nc = p.S - n0 < kBn ? p.S - n0 : kBn;
-  // the first query row that sees key n0: t + 1 + shift > n0
-  const int64_t t_first = n0 - p.shift > 0 ? n0 - p.shift : 0;
-  const int64_t nqt = t_first < p.T ? (p.T - t_first + kBq - 1) / kBq : 0;
+  // the query rows that see some key of [n0, n0 + nc): [t_first, t_end)
+  const int64_t t_first = p.first_query(n0), t_end = p.end_query(n0 + nc);
+  const int64_t nqt = t_first < t_end ? (t_end - t_first + kBq - 1) / kBq : 0;
   const int64_t qb = p.qa.batch_offset(b), db = p.da.batch_offset(b);
-  const int64_t warp_last_key = n0 + 16 * warp + 15;
+  const int64_t warp_key0 = n0 + 16 * warp;  // this warp's keys: warp_key0 .. warp_key0 + 15
 
   int64_t key[2];
   ATTNEXT_UNROLL
@@ -705,8 +746,9 @@ ATTNEXT_MMA_FN void dkdv_block(const Params& p, int64_t item, int tid, typename 
     }
     gemm_abt<Ops, E, kLd, kBq, kHd / kK<E>>(st, Ks + 16 * warp * kLd, Qs, lane);    // S^T = K Q^T
     gemm_abt<Ops, E, kLd, kBq, kHd / kK<E>>(dpt, Vs + 16 * warp * kLd, dOs, lane);  // dP^T = V dO^T
-    // every (query, key) of the tile is visible when the tile's first query sees the warp's last key
-    if (p.visible(t0) <= warp_last_key) {
+    // every (query, key) of the tile is visible when the tile's first query sees the
+    // warp's last key and its last query the warp's first key
+    if (!p.all_see(t0, t0 + kBq - 1, warp_key0, warp_key0 + 15)) {
       ds_cols<Ops, true>(st, dpt, p, t0, key, st_lse, st_lse + kBq,
                          reinterpret_cast<const uint32_t*>(st_lse + 2 * kBq), lane);
     } else {

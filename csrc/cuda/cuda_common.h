@@ -44,14 +44,6 @@ inline bool tf32_allowed() {
 #endif
 }
 
-// The CUDA attention kernels implement the causal window only; attnext/ops.py sends
-// other windows to the eager fallback (attnext.explain says so).
-inline void check_causal_window(int64_t window_left, int64_t window_right) {
-  TORCH_CHECK(window_left == -1 && window_right == 0,
-              "attnext: the CUDA causal_attention kernels support only the causal window (-1, 0), got (",
-              window_left, ", ", window_right, "); attnext.causal_attention runs other windows on the eager fallback");
-}
-
 // Row addressing (batch dims and the T dim, any strides) of a (..., T, C) tensor.
 inline cuda::RowAddr row_addr(const at::Tensor& t) {
   cuda::RowAddr a{};

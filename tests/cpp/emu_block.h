@@ -1,6 +1,6 @@
 // Pieces shared by the C++ tests that run GPU kernel code on the host (test_mma_layout,
 // test_cuda_core_attention): a reusable barrier for emulated threads, and a float64
-// attention reference (forward and backward, causal mask, dropout factors).
+// attention reference (forward and backward, any window, dropout factors).
 #pragma once
 
 #include <algorithm>
@@ -49,10 +49,14 @@ class Barrier {
   uint64_t gen_ = 0;
 };
 
-// float64 causal attention over BH batches: q (BH, T, hs), k (BH, S, hs), v (BH, S, hsv),
-// dout (BH, T, hsv), row-major values. Row t sees keys j < clamp(t + 1 + shift, 0, S);
-// zfac(b, t, j) is dropout's factor (1 / (1 - p) or 0; 1 without dropout). A row that
-// sees no key: out 0, lse -inf, no gradient.
+// float64 attention over BH batches: q (BH, T, hs), k (BH, S, hs), v (BH, S, hsv),
+// dout (BH, T, hsv), row-major values. Row t sees keys first(t) <= j < visible(t) of the
+// window (wl, wr) around the diagonal t + shift (-1: unbounded on that side; the default
+// (-1, 0) is causal): visible(t) = clamp(t + shift + wr + 1, 0, S) (S for wr = -1),
+// first(t) = clamp(t + shift - wl, 0, S) (0 for wl = -1), written here from the
+// definition, not from the kernels' helpers. zfac(b, t, j) is dropout's factor
+// (1 / (1 - p) or 0; 1 without dropout). A row that sees no key: out 0, lse -inf, no
+// gradient.
 struct AttnRef {
   std::vector<double> out, lse, dq, dk, dv;
 };
@@ -60,40 +64,42 @@ struct AttnRef {
 template <class Z>
 AttnRef attention_reference(const std::vector<double>& q, const std::vector<double>& k, const std::vector<double>& v,
                             const std::vector<double>& dout, int BH, int T, int S, int hs, int hsv, double scale,
-                            int64_t shift, Z zfac) {
+                            int64_t shift, Z zfac, int64_t wl = -1, int64_t wr = 0) {
   AttnRef r;
   r.out.assign(size_t(BH) * T * hsv, 0.0);
   r.lse.assign(size_t(BH) * T, -INFINITY);
   r.dq.assign(size_t(BH) * T * hs, 0.0);
   r.dk.assign(size_t(BH) * S * hs, 0.0);
   r.dv.assign(size_t(BH) * S * hsv, 0.0);
-  auto visible = [&](int64_t t) { return std::min<int64_t>(std::max<int64_t>(t + 1 + shift, 0), S); };
+  auto clampS = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), S); };
+  auto visible = [&](int64_t t) { return wr < 0 ? int64_t(S) : clampS(t + shift + wr + 1); };
+  auto first = [&](int64_t t) { return wl < 0 ? int64_t(0) : clampS(t + shift - wl); };
   std::vector<double> P;
   for (int b = 0; b < BH; ++b) {
     for (int t = 0; t < T; ++t) {
       const size_t bt = size_t(b) * T + t;
-      const int64_t n = visible(t);
-      if (n == 0) continue;
+      const int64_t j0 = first(t), n = visible(t);
+      if (j0 >= n) continue;
       P.assign(n, 0.0);
       double mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
+      for (int64_t j = j0; j < n; ++j) {
         double acc = 0;
         for (int c = 0; c < hs; ++c) acc += q[bt * hs + c] * k[(size_t(b) * S + j) * hs + c];
         P[j] = acc * scale;
         mx = std::max(mx, P[j]);
       }
       double sum = 0;
-      for (int64_t j = 0; j < n; ++j) sum += std::exp(P[j] - mx);
+      for (int64_t j = j0; j < n; ++j) sum += std::exp(P[j] - mx);
       const double lse = mx + std::log(sum);
       r.lse[bt] = lse;
-      for (int64_t j = 0; j < n; ++j) {
+      for (int64_t j = j0; j < n; ++j) {
         P[j] = std::exp(P[j] - lse);
         const double pd = P[j] * zfac(b, t, j);
         for (int c = 0; c < hsv; ++c) r.out[bt * hsv + c] += pd * v[(size_t(b) * S + j) * hsv + c];
       }
       double D = 0;
       for (int c = 0; c < hsv; ++c) D += dout[bt * hsv + c] * r.out[bt * hsv + c];
-      for (int64_t j = 0; j < n; ++j) {
+      for (int64_t j = j0; j < n; ++j) {
         const size_t bj = size_t(b) * S + j;
         const double z = zfac(b, t, j);
         double dp = 0;

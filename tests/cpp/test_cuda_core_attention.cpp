@@ -11,6 +11,13 @@
 // alignments (rows that see no key), hs != hs_v, head sizes that are not multiples of
 // 32, nanoGPT-strided inputs, dropout (the mask of dropout_hash.h); outputs in guard
 // zones; every forward and backward run twice and compared bit for bit.
+// Windows (wl, wr) other than causal: sliding windows narrower and wider than a key
+// tile, full attention, bands reaching right of the diagonal, rows that see no key on
+// either side. Key tiles that no row sees are filled with NaN (k and v): a forward or
+// dQ kernel that visits one (instead of skipping it) turns its rows NaN (0 * NaN in
+// P V and dS K), and the dK/dV blocks of such tiles must write zeros. Grouped-query
+// heads: k and v as stride-0 views over the head dim (enable_gqa's expand); each
+// head's dK, dV is its own slice (autograd sums the group).
 #include <cuda_runtime.h>  // tests/cpp/cuda_shim
 
 #include <cmath>
@@ -58,11 +65,19 @@ struct Problem {
   bool bottom_right;
   double p;      // dropout
   bool nanogpt;  // q, k, v, dout as (B, N, nh, C) memory viewed as (B, nh, N, C)
+  int wl = -1, wr = 0;  // window_size
+  bool gqa = false;     // k, v: one head expanded over nh (stride 0)
   std::string name() const {
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "B%d nh%d T%d S%d hs%d hsv%d %s p%.2f %s", B, nh, T, S, hs, hsv,
-                  bottom_right ? "bottom_right" : "top_left", p, nanogpt ? "nanogpt" : "contiguous");
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "B%d nh%d T%d S%d hs%d hsv%d %s p%.2f %s window(%d,%d)%s", B, nh, T, S, hs, hsv,
+                  bottom_right ? "bottom_right" : "top_left", p, nanogpt ? "nanogpt" : "contiguous", wl, wr,
+                  gqa ? " gqa" : "");
     return buf;
+  }
+  // the window, written from its definition (as the reference)
+  bool sees(int64_t t, int64_t j) const {
+    const int64_t d = t + (bottom_right ? S - T : 0);  // row t's diagonal key
+    return (wl < 0 || j >= d - wl) && (wr < 0 || j <= d + wr);
   }
 };
 
@@ -75,7 +90,7 @@ struct Input {
 };
 
 template <class T>
-Input<T> make_input(std::mt19937& rng, const Problem& pb, int N, int C) {
+Input<T> make_input(std::mt19937& rng, const Problem& pb, int N, int C, bool expanded = false) {
   Input<T> x;
   std::normal_distribution<double> nd;
   x.mem.resize(size_t(pb.B) * pb.nh * N * C);
@@ -92,6 +107,7 @@ Input<T> make_input(std::mt19937& rng, const Problem& pb, int N, int C) {
     x.rows.strides[1] = int64_t(N) * C;
     x.rows.stride_t = C;
   }
+  if (expanded) x.rows.strides[1] = 0;  // (B, 1, N, C).expand(B, nh, N, C)
   const int BH = pb.B * pb.nh;
   x.vals.resize(size_t(BH) * N * C);
   for (int b = 0; b < BH; ++b) {
@@ -102,20 +118,48 @@ Input<T> make_input(std::mt19937& rng, const Problem& pb, int N, int C) {
   return x;
 }
 
+// NaN into the rows of k or v (N = S keys) in every aligned block of `tile` keys that no
+// query row sees: they must never be read.
+template <class T>
+int poison_unseen_keys(Input<T>& x, const Problem& pb, int C, int tile) {
+  int n = 0;
+  for (int k0 = 0; k0 < pb.S; k0 += tile) {
+    bool seen = false;
+    for (int j = k0; j < std::min(pb.S, k0 + tile) && !seen; ++j) {
+      for (int t = 0; t < pb.T && !seen; ++t) seen = pb.sees(t, j);
+    }
+    if (seen) continue;
+    for (int b = 0; b < pb.B * pb.nh; ++b) {
+      for (int j = k0; j < std::min(pb.S, k0 + tile); ++j) {
+        for (int c = 0; c < C; ++c) {
+          x.mem[x.rows.offset(b, j) + c] = make<T>(NAN);
+          x.vals[(size_t(b) * pb.S + j) * C + c] = NAN;
+        }
+      }
+    }
+    n += std::min(pb.S, k0 + tile) - k0;
+  }
+  return n;
+}
+
 template <class T, int kRows>
 void run_problem(const Problem& pb, uint32_t seed) {
   using A = typename attnext::cuda::AccOf<T>::type;
   std::mt19937 rng(seed);
   const int BH = pb.B * pb.nh, T_ = pb.T, S = pb.S, hs = pb.hs, hsv = pb.hsv;
-  Input<T> q = make_input<T>(rng, pb, T_, hs), k = make_input<T>(rng, pb, S, hs), v = make_input<T>(rng, pb, S, hsv);
+  Input<T> q = make_input<T>(rng, pb, T_, hs), k = make_input<T>(rng, pb, S, hs, pb.gqa),
+           v = make_input<T>(rng, pb, S, hsv, pb.gqa);
   Input<T> dout = make_input<T>(rng, pb, T_, hsv);
+  const int poisoned = poison_unseen_keys(k, pb, hs, attnext::cuda::kBk);
+  poison_unseen_keys(v, pb, hsv, attnext::cuda::kBk);
   const double scale = 1.0 / std::sqrt(double(hs));
   const int64_t shift = pb.bottom_right ? S - T_ : 0;
   const uint32_t stream = attnext::dropout_stream_key(4321, int64_t(seed) * 3);
   const uint32_t threshold = attnext::dropout_threshold(pb.p);
   const attnext_emu::DropoutFactor zfac(stream, pb.p);
   const attnext_emu::AttnRef ref =
-      attnext_emu::attention_reference(q.vals, k.vals, v.vals, dout.vals, BH, T_, S, hs, hsv, scale, shift, zfac);
+      attnext_emu::attention_reference(q.vals, k.vals, v.vals, dout.vals, BH, T_, S, hs, hsv, scale, shift, zfac,
+                                       pb.wl, pb.wr);
 
   AttnParams<T, A> p{};
   p.q = q.mem.data();
@@ -130,6 +174,8 @@ void run_problem(const Problem& pb, uint32_t seed) {
   p.hs = hs;
   p.hsv = hsv;
   p.shift = shift;
+  p.wl = pb.wl;
+  p.wr = pb.wr;
   p.scale = A(scale);
   p.drop = pb.p > 0;
   p.stream_key = stream;
@@ -207,7 +253,8 @@ void run_problem(const Problem& pb, uint32_t seed) {
     return e;
   };
   const double edq = cmp(dq, dq2, ref.dq, "dq"), edk = cmp(dk, dk2, ref.dk, "dk"), edv = cmp(dv, dv2, ref.dv, "dv");
-  std::printf("  %s: out %.1e lse %.1e dq %.1e dk %.1e dv %.1e\n", name.c_str(), err, err_lse, edq, edk, edv);
+  std::printf("  %s: out %.1e lse %.1e dq %.1e dk %.1e dv %.1e (%d unseen keys NaN)\n", name.c_str(), err, err_lse, edq,
+              edk, edv, poisoned);
   std::fflush(stdout);
 }
 
@@ -234,5 +281,28 @@ int main() {
   // bfloat16 on CUDA cores (the tensor-core path's fallback): float accumulation
   run_problem<__nv_bfloat16, 4>({1, 2, 70, 70, 64, 64, false, 0.2, true}, 13);
   run_problem<__nv_bfloat16, 8>({1, 1, 60, 90, 48, 48, true, 0.0, false}, 14);
+  // Windows (..., wl, wr[, gqa]). Sliding (W, 0): W = 10 < a key tile (most tiles
+  // skipped, the first visited tile masked on the left), W = 45 > a tile and not a
+  // multiple of it, with dropout; bottom-right with T < S (keys 0..89 seen by no row:
+  // NaN, whole tiles skipped)
+  run_problem<float, 2>({1, 2, 100, 100, 32, 32, false, 0.0, false, 10, 0}, 15);
+  run_problem<float, 4>({1, 1, 130, 130, 40, 24, false, 0.2, true, 45, 0}, 16);
+  run_problem<float, 8>({1, 1, 40, 150, 32, 32, true, 0.0, false, 20, 0}, 17);
+  // full attention (-1, -1), T < S and T > S; a band (7, 5) right of the diagonal too
+  run_problem<float, 1>({1, 2, 40, 70, 16, 16, false, 0.0, false, -1, -1}, 18);
+  run_problem<float, 4>({1, 1, 90, 40, 24, 24, true, 0.1, true, -1, -1}, 19);
+  run_problem<double, 2>({1, 1, 70, 70, 24, 16, false, 0.0, true, 7, 5}, 20);
+  run_problem<float, 2>({1, 1, 75, 75, 32, 32, true, 0.0, false, 40, 33}, 21);
+  // rows that see no key: bottom-right T > S (rows 0..49 see nothing, and a window of
+  // 5); a window (3, -1) top-left with T > S (rows from 23 on start past the last key);
+  // (0, 0): each row sees its diagonal key only
+  run_problem<float, 4>({1, 1, 90, 40, 32, 32, true, 0.0, false, 5, 0}, 22);
+  run_problem<double, 1>({1, 1, 60, 20, 16, 16, false, 0.0, false, 3, -1}, 23);
+  run_problem<float, 2>({1, 1, 50, 50, 16, 16, false, 0.0, false, 0, 0}, 24);
+  // bfloat16 sliding window with dropout; grouped-query k, v (stride 0 over nh), causal
+  // and windowed
+  run_problem<__nv_bfloat16, 4>({1, 2, 70, 70, 64, 64, false, 0.2, true, 16, 0}, 25);
+  run_problem<float, 2>({2, 3, 50, 50, 32, 32, false, 0.0, false, -1, 0, true}, 26);
+  run_problem<float, 4>({1, 4, 70, 70, 32, 32, false, 0.1, true, 20, 0, true}, 27);
   return shim_test::finish("test_cuda_core_attention");
 }

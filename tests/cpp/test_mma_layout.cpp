@@ -471,6 +471,9 @@ void test_fragment_masks() {
   p.T = 200;
   p.S = 230;
   p.shift = 30;  // bottom-right
+  // window (35, 2): row t sees keys t + 25 .. t + 32, both edges cross the tiles below
+  p.wl = 35;
+  p.wr = 2;
   p.BH = 3;
   p.scale = 0.7f;
   p.scale_log2 = p.scale * attnext::mma::kLog2e;
@@ -478,9 +481,14 @@ void test_fragment_masks() {
   p.stream_key = attnext::dropout_stream_key(11, 5);
   p.threshold = attnext::dropout_threshold(0.4);
   p.inv_keep = 1.f / 0.6f;
-  // rows t_base + 0..15 see 95..110 keys: the tile of keys k0 + 0..63 straddles the diagonal.
-  // Transposed (dK/dV): keys k0 + 0..15 by rows, queries qt0 + 0..63 (seeing 51..114 keys) by columns.
+  // rows t_base + 0..15 see keys [59..74, 97..112): the tile of keys k0 + 0..63 straddles
+  // both edges of the window. Transposed (dK/dV): keys k0 + 0..15 by rows, queries
+  // qt0 + 0..63 (seeing [15..78, 53..116)) by columns.
   const int64_t b = 2, t_base = 64, k0 = 64, qt0 = 20;
+  // the window from its definition (not the kernels' first / visible)
+  auto sees = [&](int64_t t, int64_t j) {
+    return j >= 0 && j < p.S && j >= t + p.shift - p.wl && j <= t + p.shift + p.wr;
+  };
   constexpr int kNt = 8;
   auto score = [](int64_t t, int64_t j) { return 0.01f * float((t * 7 + j * 3) % 23) - 0.1f; };
   auto keep = [&](int64_t t, int64_t j) {
@@ -493,13 +501,14 @@ void test_fragment_masks() {
     stat_D[i] = 0.05f * i;
   }
   run_block(32, 16, [&](int lane, void*) {
-    int64_t vis[2], key[2];
+    int64_t vis[2], fst[2], key[2];
     uint32_t rkey[2];
     float s[kNt][4], o[1][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0}, dp[kNt][4], s2[kNt][4];
     float lse2[2], Dr[2];
     for (int h = 0; h < 2; ++h) {
       const int64_t t = t_base + c_row_doc(lane, 2 * h);
       vis[h] = p.visible(t);
+      fst[h] = p.first(t);
       rkey[h] = attnext::dropout_row_key(p.stream_key, b, t);
       lse2[h] = 1.0f + 0.1f * h;
       Dr[h] = 0.25f;
@@ -512,8 +521,8 @@ void test_fragment_masks() {
         dp[nt][i] = 0.5f;
       }
     }
-    attnext::mma::softmax_step<EmuOps, true>(s, o, m, l, p, k0, vis, rkey, lane);
-    attnext::mma::ds_rows<EmuOps, true>(s2, dp, p, k0, vis, rkey, lse2, Dr, lane);
+    attnext::mma::softmax_step<EmuOps, true>(s, o, m, l, p, k0, fst, vis, rkey, lane);
+    attnext::mma::ds_rows<EmuOps, true>(s2, dp, p, k0, fst, vis, rkey, lse2, Dr, lane);
     // dK/dV step: keys k0 + 0..15 by rows, queries t_base + 0..63 by columns
     float st[kNt][4], dpt[kNt][4];
     for (int nt = 0; nt < kNt; ++nt) {
@@ -541,7 +550,7 @@ void test_fragment_masks() {
     const int64_t t = t_base + r;
     for (int c = 0; c < 64; ++c) {
       const int64_t j = k0 + c;
-      const bool vis = j < p.visible(t);
+      const bool vis = sees(t, j);
       const bool kept = keep(t, j);
       hidden += !vis;
       dropped += vis && !kept;
@@ -553,7 +562,7 @@ void test_fragment_masks() {
       if (!(std::fabs(got_ds[r * 64 + c] - want_ds) <= 1e-5f)) ++bad_ds;
       // transposed: key k0 + r (row r), query qt0 + c (column c)
       const int64_t key = k0 + r, q = qt0 + c;
-      const bool vis_t = key < p.visible(q);
+      const bool vis_t = sees(q, key);
       hidden_t += !vis_t;
       const bool kept_t = keep(q, key);
       const float pr_t = std::exp2(0.1f * p.scale_log2 - stat_lse[c]);
@@ -565,7 +574,7 @@ void test_fragment_masks() {
     }
   }
   check(hidden > 100 && dropped > 100 && hidden_t > 100 && hidden_t < 900, "mask test covers hidden and dropped entries");
-  check(bad == 0, "softmax step: causal + dropout mask at the fragment's (row, col): " + std::to_string(bad) + " wrong");
+  check(bad == 0, "softmax step: window + dropout mask at the fragment's (row, col): " + std::to_string(bad) + " wrong");
   check(bad_ds == 0, "dQ step: dS at the fragment's (row, col): " + std::to_string(bad_ds) + " wrong");
   check(bad_t == 0, "dK/dV step: P^T Z and dS^T at (key, query): " + std::to_string(bad_t) + " wrong");
 }
@@ -579,11 +588,19 @@ struct Problem {
   bool nanogpt;     // q, k, v as (B, T, nh, hs) memory viewed as (B, nh, T, hs)
   int ld;           // row stride in memory (>= hs, multiple of 8): ld > hs is a sliced view
   int stages;       // backward pipelines: 1 or 2
+  int wl = -1, wr = 0;  // window_size
+  bool gqa = false;     // k, v: one head expanded over nh (stride 0)
   std::string name() const {
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "B%d nh%d T%d S%d hs%d %s p%.2f %s ld%d stages%d", B, nh, T, S, hs,
-                  bottom_right ? "bottom_right" : "top_left", p, nanogpt ? "nanogpt" : "3d", ld, stages);
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "B%d nh%d T%d S%d hs%d %s p%.2f %s ld%d stages%d window(%d,%d)%s", B, nh, T, S, hs,
+                  bottom_right ? "bottom_right" : "top_left", p, nanogpt ? "nanogpt" : "3d", ld, stages, wl, wr,
+                  gqa ? " gqa" : "");
     return buf;
+  }
+  // the window, written from its definition (as the reference)
+  bool sees(int64_t t, int64_t j) const {
+    const int64_t d = t + (bottom_right ? S - T : 0);  // row t's diagonal key
+    return (wl < 0 || j >= d - wl) && (wr < 0 || j <= d + wr);
   }
 };
 
@@ -597,7 +614,7 @@ struct TensorE {  // a (B, nh, N, hs) tensor of E::T in memory of either layout,
 };
 
 template <class E>
-TensorE<E> make_input(std::mt19937& rng, const Problem& pb, int N) {
+TensorE<E> make_input(std::mt19937& rng, const Problem& pb, int N, bool expanded = false) {
   using T = typename E::T;
   TensorE<E> x;
   const size_t n = size_t(pb.B) * pb.nh * N * pb.ld;
@@ -617,6 +634,7 @@ TensorE<E> make_input(std::mt19937& rng, const Problem& pb, int N) {
     x.rows.strides[1] = int64_t(N) * pb.ld;
     x.rows.stride_t = pb.ld;
   }
+  if (expanded) x.rows.strides[1] = 0;  // (B, 1, N, hs).expand(B, nh, N, hs)
   for (auto& e : x.mem) e = make<E>(nd(rng));  // the padding columns hold values that must not be read
   const int BH = pb.B * pb.nh;
   x.val.resize(size_t(BH) * N * pb.hs);
@@ -627,6 +645,33 @@ TensorE<E> make_input(std::mt19937& rng, const Problem& pb, int N) {
     }
   }
   return x;
+}
+
+// NaN into the rows of k or v (N = S keys) in every aligned block of `tile` keys that no
+// query row sees: they must never be read (a forward or dQ block that visits such a tile
+// instead of skipping it makes its rows NaN: 0 * NaN in P V and dS K).
+template <class E>
+int poison_unseen_keys(TensorE<E>& x, const Problem& pb, int tile) {
+  int n = 0;
+  for (int k0 = 0; k0 < pb.S; k0 += tile) {
+    const int k1 = std::min(pb.S, k0 + tile);
+    bool seen = false;
+    for (int j = k0; j < k1 && !seen; ++j) {
+      for (int t = 0; t < pb.T && !seen; ++t) seen = pb.sees(t, j);
+    }
+    if (seen) continue;
+    for (int b = 0; b < pb.B * pb.nh; ++b) {
+      const int64_t bo = x.rows.batch_offset(b);
+      for (int j = k0; j < k1; ++j) {
+        for (int c = 0; c < pb.hs; ++c) {
+          x.mem[x.off + bo + j * x.rows.stride_t + c] = make<E>(NAN);
+          x.val[(size_t(b) * pb.S + j) * pb.hs + c] = NAN;
+        }
+      }
+    }
+    n += k1 - k0;
+  }
+  return n;
 }
 
 // An output buffer of E::T with guard zones (0xAB bytes) before and after.
@@ -658,8 +703,13 @@ void run_problem(const Problem& pb, uint32_t seed) {
   g_kind = kind<E>();
   std::mt19937 rng(seed);
   const int BH = pb.B * pb.nh, T = pb.T, S = pb.S, hs = pb.hs;
-  TensorE<E> q = make_input<E>(rng, pb, T), k = make_input<E>(rng, pb, S), v = make_input<E>(rng, pb, S);
+  TensorE<E> q = make_input<E>(rng, pb, T), k = make_input<E>(rng, pb, S, pb.gqa), v = make_input<E>(rng, pb, S, pb.gqa);
   TensorE<E> dout = make_input<E>(rng, pb, T);
+  // every kernel's key tiles (kFwdBn, kDqBn, kKvBn) divide kKvBn: an unseen block of
+  // kKvBn keys is unseen tiles for each
+  static_assert(L::kKvBn % L::kFwdBn == 0 && L::kKvBn % L::kDqBn == 0, "tile sizes divide kKvBn");
+  const int poisoned = poison_unseen_keys(k, pb, L::kKvBn);
+  poison_unseen_keys(v, pb, L::kKvBn);
   const double scale = 1.0 / std::sqrt(double(hs));
   const int64_t shift = pb.bottom_right ? S - T : 0;
   const uint32_t stream = attnext::dropout_stream_key(1234, int64_t(seed) * 7);
@@ -668,7 +718,8 @@ void run_problem(const Problem& pb, uint32_t seed) {
 
   // float64 reference
   const attnext_emu::AttnRef ref =
-      attnext_emu::attention_reference(q.val, k.val, v.val, dout.val, BH, T, S, hs, hs, scale, shift, zfac);
+      attnext_emu::attention_reference(q.val, k.val, v.val, dout.val, BH, T, S, hs, hs, scale, shift, zfac, pb.wl,
+                                       pb.wr);
   const std::vector<double>& ref_out = ref.out;
   const std::vector<double>& ref_lse = ref.lse;
 
@@ -685,6 +736,8 @@ void run_problem(const Problem& pb, uint32_t seed) {
   p.T = T;
   p.S = S;
   p.shift = shift;
+  p.wl = pb.wl;
+  p.wr = pb.wr;
   p.hs = hs;
   p.scale = float(scale);
   p.scale_log2 = float(scale * 1.4426950408889634);
@@ -736,7 +789,8 @@ void run_problem(const Problem& pb, uint32_t seed) {
   check(out.guards_intact(n_out) && lse[0] == 12345.f && lse[size_t(BH) * T + 1] == 12345.f,
         name + ": forward writes stay inside out and lse");
 
-  std::printf("  %s: out err %.2e (max |ref| %.2f), lse err %.2e\n", name.c_str(), err, max_abs(ref_out), err_lse);
+  std::printf("  %s: out err %.2e (max |ref| %.2f), lse err %.2e (%d unseen keys NaN)\n", name.c_str(), err,
+              max_abs(ref_out), err_lse, poisoned);
   std::fflush(stdout);
 
   // backward from the kernel's out and lse, D = rowsum(dO * out) as the host computes it
@@ -832,6 +886,30 @@ int main() {
   run_problem<Tf32, 128>({1, 2, 66, 66, 128, false, 0.0, true, 128, 2}, 25);
   run_problem<Tf32, 192>({1, 1, 70, 70, 160, false, 0.0, true, 160, 2}, 27);
   run_problem<Tf32, 256>({1, 1, 70, 90, 256, true, 0.2, false, 256, 2}, 26);
+  // Windows (..., wl, wr[, gqa]). Sliding (W, 0): W = 20 < a key tile (whole tiles
+  // skipped: keys no row sees are NaN), W = 100 > a tile and not a multiple of it, with
+  // dropout, both pipelines; bottom-right with T < S (keys 0..129 seen by no row)
+  run_problem<Bf16, 64>({1, 2, 200, 200, 64, false, 0.0, false, 64, 2, 20, 0}, 40);
+  run_problem<F16, 64>({1, 1, 230, 230, 64, false, 0.2, true, 64, 1, 100, 0}, 41);
+  run_problem<Bf16, 64>({1, 1, 70, 230, 64, true, 0.0, false, 64, 2, 30, 0}, 42);
+  // full attention (-1, -1) both ways of T != S; bands (7, 5) and (40, 70) right of the diagonal
+  run_problem<F16, 64>({1, 1, 70, 130, 64, false, 0.0, false, 64, 2, -1, -1}, 43);
+  run_problem<Bf16, 64>({1, 1, 130, 70, 64, true, 0.1, true, 64, 1, -1, -1}, 44);
+  run_problem<Bf16, 64>({1, 1, 150, 150, 64, false, 0.0, false, 64, 2, 7, 5}, 45);
+  run_problem<F16, 64>({1, 1, 150, 150, 64, true, 0.0, false, 64, 1, 40, 70}, 46);
+  // rows that see no key: bottom-right T > S with a window; top-left (3, -1), T > S (rows
+  // from 83 on start past the last key); (0, 0): the diagonal key only
+  run_problem<Bf16, 64>({1, 1, 150, 70, 64, true, 0.0, false, 64, 2, 10, 0}, 47);
+  run_problem<F16, 64>({1, 1, 150, 80, 64, false, 0.0, false, 64, 2, 3, -1}, 48);
+  run_problem<Bf16, 64>({1, 1, 90, 90, 64, false, 0.0, false, 64, 1, 0, 0}, 49);
+  // other tile classes with windows: 32-key forward tiles and split dK/dV columns (kHd
+  // 256 16-bit), TF32 (kHd 64 and 128)
+  run_problem<Bf16, 256>({1, 1, 150, 150, 256, false, 0.0, false, 256, 2, 40, 0}, 50);
+  run_problem<Tf32, 64>({1, 1, 200, 200, 64, false, 0.0, true, 64, 2, 50, 0}, 51);
+  run_problem<Tf32, 128>({1, 1, 100, 130, 100, true, 0.0, false, 104, 1, 20, 10}, 52);
+  // grouped-query k, v (stride 0 over nh): causal and windowed
+  run_problem<Bf16, 64>({2, 3, 70, 70, 64, false, 0.0, false, 64, 2, -1, 0, true}, 53);
+  run_problem<F16, 64>({1, 4, 130, 130, 64, false, 0.1, true, 64, 1, 30, 0, true}, 54);
   if (g_failures == 0) {
     std::printf("test_mma_layout: all checks passed\n");
     return 0;
