@@ -154,7 +154,7 @@ def test_attention_route_not_for_what_aten_cannot_compute():
             assert torch.equal(x, y)
 
 
-AMX_FORWARD = (
+AMX_TILES = (
     "import torch, attnext\n"
     "from attnext import reference\n"
     "g = torch.Generator().manual_seed(3)\n"
@@ -163,12 +163,17 @@ AMX_FORWARD = (
     "# at the causal boundary and at odd widths, T < S, several key tiles of 256\n"
     "for T, S, hs, hsv, br in ((1, 1, 16, 16, False), (77, 77, 64, 32, False), (300, 300, 64, 64, False),\n"
     "                          (33, 517, 128, 64, True), (600, 600, 32, 48, False)):\n"
-    "    q = torch.randn(2, 3, T, hs, generator=g).bfloat16()\n"
-    "    k = torch.randn(2, 3, S, hs, generator=g).bfloat16()\n"
-    "    v = torch.randn(2, 3, S, hsv, generator=g).bfloat16()\n"
+    "    q = torch.randn(2, 3, T, hs, generator=g).bfloat16().requires_grad_()\n"
+    "    k = torch.randn(2, 3, S, hs, generator=g).bfloat16().requires_grad_()\n"
+    "    v = torch.randn(2, 3, S, hsv, generator=g).bfloat16().requires_grad_()\n"
     "    out = attnext.causal_attention(q, k, v, align='bottom_right' if br else 'top_left')\n"
-    "    ref = reference.causal_attention(q.double(), k.double(), v.double(), hs ** -0.5, 0.0, br)[0]\n"
+    "    go = torch.randn(out.shape, generator=g).bfloat16()\n"
+    "    grads = torch.autograd.grad(out, (q, k, v), go)\n"
+    "    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))\n"
+    "    ref = reference.causal_attention(q64, k64, v64, hs ** -0.5, 0.0, br)[0]\n"
+    "    refs = torch.autograd.grad(ref, (q64, k64, v64), go.double())\n"
     "    errs.append((out.double() - ref).abs().max().item())\n"
+    "    errs += [(a.double() - r).abs().max().item() / (r.abs().max().item() + 1.0) for a, r in zip(grads, refs)]\n"
     "kernels = attnext.explain('causal_attention', q, k, v).kernels\n"
     "torch.save((errs, kernels), OUT)\n"
     "print('ok')\n"
@@ -177,14 +182,15 @@ AMX_FORWARD = (
 
 @needs_native
 @pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="this CPU has no AMX")
-def test_amx_forward_matches_the_avx512_bf16_tiles(tmp_path):
-    # The bfloat16 forward on AMX (ATen's brgemm) against the float64 oracle, within the
-    # error of the AVX512-BF16 tiles it replaces (ATTNEXT_AMX=0) on the same inputs; the
-    # kernel note names it.
+def test_amx_tiles_match_the_avx512_bf16_tiles(tmp_path):
+    # The bfloat16 forward and backward on AMX (ATen's brgemm) against the float64
+    # oracle (gradients: relative to 1 + their largest entry), within the error of the
+    # AVX512-BF16 tiles they replace (ATTNEXT_AMX=0) on the same inputs; the kernel
+    # notes name them.
     a, b = tmp_path / "amx.pt", tmp_path / "dot.pt"
-    assert_python_ok(f"OUT = {str(a)!r}\n" + AMX_FORWARD, ATTNEXT_ATTENTION_KERNEL="1")
-    assert_python_ok(f"OUT = {str(b)!r}\n" + AMX_FORWARD, ATTNEXT_ATTENTION_KERNEL="1", ATTNEXT_AMX="0")
+    assert_python_ok(f"OUT = {str(a)!r}\n" + AMX_TILES, ATTNEXT_ATTENTION_KERNEL="1")
+    assert_python_ok(f"OUT = {str(b)!r}\n" + AMX_TILES, ATTNEXT_ATTENTION_KERNEL="1", ATTNEXT_AMX="0")
     (amx, notes), (dot, dot_notes) = torch.load(a), torch.load(b)
-    assert any("AMX brgemm" in n for n in notes) and not any("AMX" in n for n in dot_notes)
+    assert sum("AMX brgemm" in n for n in notes) == 2 and not any("AMX" in n for n in dot_notes)
     for e_amx, e_dot in zip(amx, dot):
         assert e_amx <= 1.5 * e_dot + 4e-3, (amx, dot)

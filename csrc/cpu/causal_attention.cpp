@@ -1090,6 +1090,175 @@ void fwd_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
     }
   });
 }
+
+// The backward on AMX (no dropout): per key tile of 64 keys, per query tile of 64 rows,
+// everything computed transposed, so that no product needs a transposed operand built
+// per tile pair: S^T = K Q^T and dP^T = V dO^T (A: the key tile's rows as they are,
+// B: Q^T and dO^T packed once per batch), then P^T and dS^T elementwise (lse and D
+// broadcast along rows), dV += P^T dO and dK += dS^T Q (B: Q and dO packed once per
+// batch), dQ^T += K^T dS^T (A: K^T once per key tile, B: dS^T packed per pair), and dQ^T
+// transposed into dQ once per item. Query tiles start at multiples of 64 so their
+// packed operands are the batch's; rows of a tile that see none of the key tile get
+// P = 0.
+void bwd_amx(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+             const Geometry& g, double scale_d) {
+  namespace cpublas = at::native::cpublas;
+  const Rows2D<at::BFloat16> Q(q), K(k), V(v), dO(dout), O(out);
+  const float* lp = lse.const_data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  const std::vector<float> D = rowsum_dout_out<at::BFloat16, float>(dO, O, g);
+  const int64_t nkt = ceil_div(g.S, kBk), nchunks = backward_chunks(g);
+  at::Tensor dq_acc = at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(at::kFloat));
+  float* dqp = dq_acc.mutable_data_ptr<float>();
+  const OutRows<at::BFloat16> dK(dk), dV(dv);
+  static_assert(kBq == 64 && kBk == 64, "the packed blocks below hold 64 columns");
+  constexpr int64_t kNB = 64;
+  const auto r16 = [](int64_t n) { return (n + 15) / 16 * 16; };
+  const auto even = [](int64_t n) { return n + (n & 1); };
+  const int64_t nqt = ceil_div(g.T, kBq), Tp = nqt * kBq;
+  const int64_t hs16 = r16(g.hs), hsv16 = r16(g.hsv), nhb = ceil_div(g.hs, kNB), nvb = ceil_div(g.hsv, kNB);
+  const int64_t qt_sz = g.hs * kBq, dot_sz = g.hsv * kBq, qp_sz = nhb * kBq * kNB, dop_sz = nvb * kBq * kNB;
+  const at::BFloat16 zero(0.0f);
+  struct Scratch {
+    std::vector<at::BFloat16> tmp, qT, dOT, qP, dOP, krows, vrows, kT, pT, dsT, dsTP;
+    std::vector<float> st, dpt, dkacc, dvacc, dqT, lse0;
+    std::vector<int64_t> visr, full;
+    ~Scratch() {
+      if (!qT.empty()) at::native::cpublas::brgemm_release();
+    }
+  };
+  auto make_scratch = [&] {
+    Scratch sc;
+    sc.tmp.resize(std::max(std::max(g.hs, g.hsv) * Tp, Tp * std::max(hs16, hsv16)));
+    sc.qT.resize(nqt * qt_sz);
+    sc.dOT.resize(nqt * dot_sz);
+    sc.qP.resize(nqt * qp_sz);
+    sc.dOP.resize(nqt * dop_sz);
+    sc.krows.resize(kBk * g.hs);
+    sc.vrows.resize(kBk * g.hsv);
+    sc.kT.resize(g.hs * kBk);
+    sc.pT.resize(kBk * kBq);
+    sc.dsT.resize(kBk * kBq);
+    sc.dsTP.resize(kBk * kBq);
+    sc.st.resize(kBk * kBq);
+    sc.dpt.resize(kBk * kBq);
+    sc.dkacc.resize(kBk * g.hs);
+    sc.dvacc.resize(kBk * g.hsv);
+    sc.dqT.resize(g.hs * Tp);
+    sc.lse0.assign(kBk, 0.0f);
+    sc.visr.resize(kBq);
+    sc.full.resize(kBk);
+    return sc;
+  };
+  // X (rows of one batch, width w) packed per query tile: transposed (K = w, N = the
+  // tile's rows) into xT, and as rows (K = the tile's rows, N = blocks of 64 of w) into xP
+  auto pack_batch = [&](Scratch& sc, const Rows2D<at::BFloat16>& X, int64_t b, int64_t w, int64_t w16,
+                        at::BFloat16* xT, int64_t t_sz, at::BFloat16* xP, int64_t p_sz) {
+    at::BFloat16* t = sc.tmp.data();
+    for (int64_t d = 0; d < w; ++d) std::fill(t + d * Tp + g.T, t + (d + 1) * Tp, zero);
+    for (int64_t r = 0; r < g.T; ++r) {
+      const at::BFloat16* row = X.at(b, r);
+      for (int64_t d = 0; d < w; ++d) t[d * Tp + r] = row[d];
+    }
+    for (int64_t i = 0; i < nqt; ++i) {
+      const int64_t n16 = r16(std::min(kBq, g.T - i * kBq));
+      cpublas::pack(w, n16, Tp, n16, at::kBFloat16, at::kBFloat16, t + i * kBq, xT + i * t_sz);
+    }
+    for (int64_t r = 0; r < Tp; ++r) {
+      at::BFloat16* row = t + r * w16;
+      if (r < g.T) {
+        std::memcpy(row, X.at(b, r), sizeof(at::BFloat16) * w);
+        std::fill(row + w, row + w16, zero);
+      } else {
+        std::fill(row, row + w16, zero);
+      }
+    }
+    for (int64_t i = 0; i < nqt; ++i) {
+      const int64_t ke = even(std::min(kBq, g.T - i * kBq));
+      for (int64_t c = 0; c < w; c += kNB) {
+        const int64_t n16 = r16(std::min(kNB, w - c));
+        cpublas::pack(ke, n16, w16, n16, at::kBFloat16, at::kBFloat16, t + i * kBq * w16 + c,
+                      xP + i * p_sz + (c / kNB) * kBq * kNB);
+      }
+    }
+  };
+  parallel_items(g.BH * nchunks, make_scratch, [&](Scratch& sc, int64_t item) {
+    const int64_t b = item / nchunks, chunk = item % nchunks;
+    pack_batch(sc, Q, b, g.hs, hs16, sc.qT.data(), qt_sz, sc.qP.data(), qp_sz);
+    pack_batch(sc, dO, b, g.hsv, hsv16, sc.dOT.data(), dot_sz, sc.dOP.data(), dop_sz);
+    std::fill(sc.dqT.begin(), sc.dqT.end(), 0.0f);
+    const float* lse_b = lp + b * g.T;
+    const float* D_b = D.data() + b * g.T;
+    for (int64_t i = 0;; ++i) {
+      const int64_t kt = chunk_key_tile(i, chunk, nchunks);
+      if (kt >= nkt) break;
+      const int64_t k0 = kt * kBk, nc = std::min(kBk, g.S - k0), nce = even(nc);
+      for (int64_t r = 0; r < nc; ++r) {
+        std::memcpy(sc.krows.data() + r * g.hs, K.at(b, k0 + r), sizeof(at::BFloat16) * g.hs);
+        std::memcpy(sc.vrows.data() + r * g.hsv, V.at(b, k0 + r), sizeof(at::BFloat16) * g.hsv);
+      }
+      at::BFloat16* kT = sc.kT.data();  // (hs, 64), zero past nc
+      for (int64_t d = 0; d < g.hs; ++d) std::fill(kT + d * kBk + nc, kT + (d + 1) * kBk, zero);
+      for (int64_t r = 0; r < nc; ++r) {
+        for (int64_t d = 0; d < g.hs; ++d) kT[d * kBk + r] = sc.krows[r * g.hs + d];
+      }
+      std::fill(sc.dkacc.begin(), sc.dkacc.end(), 0.0f);
+      std::fill(sc.dvacc.begin(), sc.dvacc.end(), 0.0f);
+      const int64_t t_first = first_query(g, k0) / kBq * kBq;
+      for (int64_t t0 = t_first; t0 < g.T; t0 += kBq) {
+        const int64_t ti = t0 / kBq, nr = std::min(kBq, g.T - t0), nr16 = r16(nr), nre = even(nr);
+        float* st = sc.st.data();
+        float* dpt = sc.dpt.data();
+        cpublas::brgemm(nc, nr16, g.hs, g.hs, nr16, kBq, false, sc.krows.data(), sc.qT.data() + ti * qt_sz, st);
+        cpublas::brgemm(nc, nr16, g.hsv, g.hsv, nr16, kBq, false, sc.vrows.data(), sc.dOT.data() + ti * dot_sz,
+                        dpt);
+        // P^T = exp(S^T scale - lse) where row t sees key k0 + c, else 0 (masked before exp)
+        int64_t* visr = sc.visr.data();
+        for (int64_t r = 0; r < nr; ++r) visr[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+        for (int64_t c = 0; c < nc; ++c) {
+          float* x = st + c * kBq;
+          for (int64_t r = 0; r < nr; ++r) {
+            const float y = x[r] * scale - lse_b[t0 + r];
+            x[r] = c < visr[r] ? y : -std::numeric_limits<float>::infinity();
+          }
+          sc.full[c] = nr;
+        }
+        bwd_p_tile(st, nc, nr16, kBq, sc.full.data(), sc.lse0.data());  // P^T, 0 past nr
+        // dS^T = P^T (dP^T - D) scale
+        for (int64_t c = 0; c < nc; ++c) {
+          const float* p = st + c * kBq;
+          float* d = dpt + c * kBq;
+          for (int64_t r = 0; r < nr; ++r) d[r] = p[r] * (d[r] - D_b[t0 + r]) * scale;
+          for (int64_t r = nr; r < nr16; ++r) d[r] = 0.0f;
+        }
+        isa_bf16::float_rows_to_bf16(st, kBq, nc, nr16, reinterpret_cast<uint16_t*>(sc.pT.data()), kBq);
+        isa_bf16::float_rows_to_bf16(dpt, kBq, nc, nr16, reinterpret_cast<uint16_t*>(sc.dsT.data()), kBq);
+        if (nce > nc) std::fill(sc.dsT.data() + nc * kBq, sc.dsT.data() + nc * kBq + nr16, zero);
+        for (int64_t c = 0; c < g.hsv; c += kNB) {  // dV += P^T dO
+          const int64_t w = std::min(kNB, g.hsv - c);
+          cpublas::brgemm(nc, w, nre, kBq, r16(w), g.hsv, true, sc.pT.data(),
+                          sc.dOP.data() + ti * dop_sz + (c / kNB) * kBq * kNB, sc.dvacc.data() + c);
+        }
+        for (int64_t c = 0; c < g.hs; c += kNB) {  // dK += dS^T Q
+          const int64_t w = std::min(kNB, g.hs - c);
+          cpublas::brgemm(nc, w, nre, kBq, r16(w), g.hs, true, sc.dsT.data(),
+                          sc.qP.data() + ti * qp_sz + (c / kNB) * kBq * kNB, sc.dkacc.data() + c);
+        }
+        // dQ^T += K^T dS^T
+        cpublas::pack(nce, nr16, kBq, nr16, at::kBFloat16, at::kBFloat16, sc.dsT.data(), sc.dsTP.data());
+        cpublas::brgemm(g.hs, nr16, nce, kBk, nr16, Tp, true, kT, sc.dsTP.data(), sc.dqT.data() + t0);
+      }
+      for (int64_t r = 0; r < nc; ++r) {
+        narrow_bf16_row(sc.dkacc.data() + r * g.hs, reinterpret_cast<uint16_t*>(dK.at(b, k0 + r)), g.hs);
+        narrow_bf16_row(sc.dvacc.data() + r * g.hsv, reinterpret_cast<uint16_t*>(dV.at(b, k0 + r)), g.hsv);
+      }
+    }
+    float* dqb = dqp + (chunk * g.BH + b) * g.T * g.hs;
+    transpose_block(sc.dqT.data(), Tp, g.hs, g.T, dqb, g.hs);
+  });
+  reduce_dq_chunks(dq_acc, dq);
+}
 #endif
 
 // Whether the bfloat16 fast path applies: the CPU has the instructions, head
@@ -1178,6 +1347,12 @@ void backward_native(const at::Tensor& grad_out_in, const at::Tensor& q_in, cons
   const Dropout drop(dropout_p, ds.seed, ds.offset);
 #if ATTNEXT_X86_SIMD
   if (use_bf16dot(q, k, v, g)) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+    if (!drop.on && amx_available()) {
+      bwd_amx(dout, q, k, v, out, lse, dq, dk, dv, g, scale);
+      return;
+    }
+#endif
     bwd_bf16dot(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop);
     return;
   }
@@ -1313,7 +1488,7 @@ bool use_aten(bool backward, at::ScalarType st, const Geometry& call) {
   }
   bool amx = false;
 #if ATTNEXT_X86_SIMD && defined(CPUBLAS_BRGEMM_BF16BF16F32)
-  amx = !backward && st == at::kBFloat16 && use_bf16dot(q, k, v, g) && amx_available();
+  amx = st == at::kBFloat16 && use_bf16dot(q, k, v, g) && amx_available();
 #endif
   return !choose_kernel(what, amx ? "attnext tiles (AMX brgemm)" : "attnext tiles", "ATen flash attention", own, lib,
                         forced)
