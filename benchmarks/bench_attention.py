@@ -63,6 +63,9 @@ PEERS = ["eager", "sdpa3d", "sdpa4d"]
 # (B, nh, T, hs): the targets' shapes
 CASES_FULL = [(1, 64, 256, 64), (1, 8, 2048, 64)]
 CASES_QUICK = [(1, 8, 256, 64)]
+# a training sweep in T at (1, 8, ., 64) beside CASES_FULL's T = 2048 (attnext against
+# SDPA 4-D only: the crossover figure, benchmarks/results/<cpu>_causal_attention_vs_T.png)
+SWEEP_FULL = [(1, 8, T, 64) for T in (512, 1024, 4096)]
 MHA_FULL = dict(B=64, T=256, n_embd=384, num_heads=6)
 MHA_QUICK = dict(B=4, T=128, n_embd=384, num_heads=6)
 # nanoGPT's CausalSelfAttention: GPT-2 small's layer (n_embd 768, 12 heads) at its block size
@@ -303,6 +306,29 @@ def run(quick: bool = False, shapes=None, dtypes=None) -> list:
                                          dtype=dtype_name, mode=mode + ":peak_rss_mb", provider=p,
                                          median_ms=round(mb, 2), iqr_ms=NAN, gflops_or_gbs=NAN, ratio_vs="",
                                          peer="", peak_mb=round(mb, 2), seq_len=T))
+    # the sweep in T: attnext and SDPA 4-D, checked against each other (a float64
+    # reference of T = 4096 would be the largest allocation of the run)
+    for shape in ([] if (quick or shapes) else SWEEP_FULL):
+        B, nh, T, hs = shape
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for mode in modes:
+                made = {p: make_attention_case(p, shape, dtype, mode) for p in ("attnext", "sdpa4d")}
+                outs = {p: step().detach() for p, (step, _) in made.items()}
+                _check({"attnext": outs["attnext"]}, outs["sdpa4d"].double(), dtype)
+                times = _time_interleaved({p: step for p, (step, _) in made.items()}, min_run_time * 2, rounds)
+                flops = _attention_flops(B, nh, T, hs, mode)
+                for p, (med, iqr) in times.items():
+                    rows.append(dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}",
+                                     dtype=dtype_name, mode=mode, provider=p, median_ms=round(med, 3),
+                                     iqr_ms=round(iqr, 3), gflops_or_gbs=round(flops / (med * 1e-3) / 1e9, 2),
+                                     ratio_vs=round(times["sdpa4d"][0] / med, 3) if p == "attnext" else "",
+                                     peer="sdpa4d" if p == "attnext" else "", seq_len=T))
+                rows.append(dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}",
+                                 dtype=dtype_name, mode=mode, provider="gemm-ceiling",
+                                 median_ms=round(flops / (ceiling[dtype_name] * 1e9) * 1e3, 3), iqr_ms=0.0,
+                                 gflops_or_gbs=round(ceiling[dtype_name], 1), ratio_vs="", peer="", seq_len=T))
+                del made, outs
     # the lecture's MultiHeadAttention module, eager vs fused; without dropout and with
     # the lecture's training dropout (0.2; the two then draw different masks)
     mha_cfgs = [] if shapes else ([MHA_QUICK] if quick else [MHA_FULL, dict(MHA_FULL, dropout=0.2)])
