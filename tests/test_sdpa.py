@@ -15,9 +15,6 @@ from attnext import reference
 from attnext.functional import explain_sdpa, match_band
 from conftest import assert_close_to_oracle
 
-# torch's own deprecation warning from code it runs for SDPA's math path, not attnext's
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-
 native_cpu = pytest.mark.skipif(not (attnext.native_available() and attnext.kernels_enabled()),
                                 reason="attnext._C not built or kernels disabled")
 
