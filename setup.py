@@ -11,6 +11,7 @@ import glob
 import os
 import sys
 
+import setuptools
 from setuptools import setup
 
 import torch
@@ -93,7 +94,14 @@ def _extension():
     )
 
 
+def _license():
+    """BSD-3-Clause as an SPDX expression (PEP 639, setuptools >= 77), else the old free-text field."""
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "BSD-3-Clause"} if major >= 77 else {"license": "BSD-3-Clause"}
+
+
 setup(
+    **_license(),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )
