@@ -76,6 +76,7 @@
 #include "cpu/causal_attention_decode.h"
 #include "cpu/gemm_f32.h"
 #include "cpu/kernel_choice.h"
+#include "cpu/parallel.h"
 #include "dropout_hash.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
@@ -426,7 +427,7 @@ using Geometry = AttnGeometry;
 template <typename in_t, typename T>
 std::vector<T> rowsum_dout_out(const Rows2D<in_t>& dO, const Rows2D<in_t>& O, const Geometry& g) {
   std::vector<T> D(g.BH * g.T);
-  at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
+  attnext::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const in_t* a = dO.at(i / g.T, i % g.T);
       const in_t* c = O.at(i / g.T, i % g.T);
