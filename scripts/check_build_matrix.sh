@@ -63,7 +63,7 @@ chmod +x "$work/bin/clang++"
 cxx="$work/bin/clang++"
 tree="$work/clang"
 copy_tree "$tree"
-(cd "$tree" && CXX="$cxx" CC=clang TORCH_NO_COMPILER_WRAPPER=1 CCACHE_BASEDIR="$tree" CCACHE_NOHASHDIR=1 \
+(cd "$tree" && ATTNEXT_REQUIRE_NATIVE=1 CXX="$cxx" CC=clang TORCH_NO_COMPILER_WRAPPER=1 CCACHE_BASEDIR="$tree" CCACHE_NOHASHDIR=1 \
     "$python" setup.py -q build_ext --inplace >"$work/clang-build.log" 2>&1) || {
   tail -50 "$work/clang-build.log"; echo "FAIL: the clang build failed"; exit 1; }
 grep "attnext setup" "$work/clang-build.log"
@@ -71,8 +71,8 @@ grep -q "no usable OpenMP" "$work/clang-build.log" || { echo "FAIL: setup.py did
 (cd "$tree" && PYTHONPATH="$tree" "$py" - <<'EOF'
 import os, torch, attnext
 assert os.path.dirname(attnext.__file__) == os.path.join(os.getcwd(), "attnext"), attnext.__file__
-assert attnext.ops._C.__file__.startswith(os.getcwd()), attnext.ops._C.__file__
 assert attnext.native_available(), attnext.ops._C_ERROR
+assert attnext.ops._C.__file__.startswith(os.getcwd()), attnext.ops._C.__file__
 assert torch.ops.attnext._cpu_parallel() == "threads", torch.ops.attnext._cpu_parallel()
 print("clang build:", attnext.ops._C.__file__, "parallel:", torch.ops.attnext._cpu_parallel())
 EOF
