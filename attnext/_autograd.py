@@ -40,13 +40,28 @@ def _fill_defaults(schema, args):
     return tuple(args) + tuple(a.default_value for a in schema.arguments[len(args):])
 
 
+def _any_requires_grad_py(*args) -> bool:
+    """torch._C._any_requires_grad for torch versions without it (2.5): any tensor argument,
+    also inside a list or tuple, that requires grad."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)) and _any_requires_grad_py(*a):
+            return True
+    return False
+
+
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+
+
 def needs_derivatives(args) -> bool:
     """Whether a call on ``args`` must go through the op's autograd.Function: a reverse-mode
     graph is being recorded, a forward-mode dual level is open, or a torch.func transform
     is active (it routes the Function through its own rules)."""
     if _fwAD._current_level >= 0:
         return True
-    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+    return torch.is_grad_enabled() and _any_requires_grad(*args)
 
 
 def derivative_context() -> bool:

@@ -83,6 +83,23 @@ def dropout_seed(generator_seed: int):
     return attnext.ops._draw_dropout_seed(generator(generator_seed))
 
 
+def _subnormals_flushed() -> bool:
+    """Whether this thread flushes subnormal floats to zero (FTZ/DAZ in the FPU's control
+    register): the smallest normal double halved is a subnormal, or zero when flushed."""
+    return sys.float_info.min / 2 == 0.0
+
+
+@pytest.fixture(autouse=True)
+def _ieee_subnormals():
+    """Every test starts and ends with IEEE subnormals. torch 2.5's inductor links its
+    compiled CPU kernels with -ffast-math, and loading one turns FTZ/DAZ on for the thread
+    that ran torch.compile; the tests after it (hypothesis refuses to draw floats when
+    subnormals flush) would otherwise depend on which test compiled first."""
+    yield
+    if _subnormals_flushed():
+        torch.set_flush_denormal(False)
+
+
 needs_native = pytest.mark.skipif(not attnext.native_available(), reason="attnext._C is not built")
 
 

@@ -1,5 +1,7 @@
 """The kernel-or-fallback choice: every reason, and parity between the two paths."""
 
+import os
+
 import pytest
 import torch
 
@@ -121,3 +123,17 @@ def test_narrower_instruction_sets_give_the_same_answers(isa):
     assert out.returncode == 0, out.stderr
     expected = {"default": "scalar", "avx2": ("avx2", "scalar")}[isa]
     assert out.stdout.strip() in expected
+
+
+@needs_native
+def test_cpu_parallel_backend_is_reported():
+    # How the CPU kernels' loops use several threads (setup.py's OpenMP decision):
+    # "native" exactly where torch itself uses its own thread pool, else "openmp" (compiled
+    # with OpenMP) or "threads" (no compiler OpenMP: csrc/cpu/parallel.h's std::threads).
+    mode = torch.ops.attnext._cpu_parallel()
+    native_pool = "parallel backend: native thread pool" in torch.__config__.parallel_info()
+    assert mode == "native" if native_pool else mode in ("openmp", "threads")
+    # scripts/check_build_matrix.sh builds with a compiler that has no OpenMP and says so here
+    expected = os.environ.get("ATTNEXT_EXPECT_CPU_PARALLEL")
+    if expected:
+        assert mode == expected

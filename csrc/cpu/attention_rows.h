@@ -17,6 +17,7 @@
 
 #include "common.h"
 #include "cpu/blas.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
 namespace attnext {
@@ -32,7 +33,7 @@ void parallel_items(int64_t n, MakeState make_state, Body body) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attnext::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const SingleThreadedBlas single_threaded_blas;
     auto state = make_state();
     for (int64_t item = next.fetch_add(1, std::memory_order_relaxed); item < n;

@@ -77,6 +77,7 @@
 #include "cpu/causal_attention_decode.h"
 #include "cpu/gemm_f32.h"
 #include "cpu/kernel_choice.h"
+#include "cpu/parallel.h"
 #include "dropout_hash.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
@@ -427,7 +428,7 @@ using Geometry = AttnGeometry;
 template <typename in_t, typename T>
 std::vector<T> rowsum_dout_out(const Rows2D<in_t>& dO, const Rows2D<in_t>& O, const Geometry& g) {
   std::vector<T> D(g.BH * g.T);
-  at::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
+  attnext::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const in_t* a = dO.at(i / g.T, i % g.T);
       const in_t* c = O.at(i / g.T, i % g.T);
@@ -443,7 +444,8 @@ std::vector<T> rowsum_dout_out(const Rows2D<in_t>& dO, const Rows2D<in_t>& O, co
 // thread busy with whole batches, one (dQ accumulated in place); otherwise the key
 // tiles of a batch are split into chunks, each with its own dQ copy, summed after.
 int64_t backward_chunks(const Geometry& g) {
-  if (at::in_parallel_region()) return 1;  // one unit of a varlen batch: its thread is the only one
+  // one unit of a varlen batch: its thread is the only one
+  if (at::in_parallel_region() || c10::ParallelGuard::is_enabled()) return 1;
   const int64_t nkt = ceil_div(g.S, kBk);
   const int64_t nthreads = at::get_num_threads();
   if (g.BH % nthreads != 0 && g.BH < 4 * nthreads) {
@@ -1658,7 +1660,7 @@ at::Tensor causal_attention_qkvpacked_backward_cpu(const at::Tensor& grad_out, c
 // a batch of one long and many short sequences keeps every thread busy, where a call per
 // sequence would leave them idle. Each unit runs the kernels of a one-head call (attnext's
 // tiles or ATen's flash attention, whichever the measured choice gives for its shape) on
-// its thread; their own at::parallel_for runs inline there.
+// its thread; their own parallel_for runs inline there.
 
 struct VarlenSeq {
   int64_t q0, k0, Tq, Tk;
@@ -1797,7 +1799,7 @@ void run_units(const std::vector<VarlenUnit>& units, Body body) {
   if (n == 0) return;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t u = next.fetch_add(1); u < n; u = next.fetch_add(1)) body(units[u]);
   });
 }

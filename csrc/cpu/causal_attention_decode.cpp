@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/attention_rows.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 #include "dropout_hash.h"  // the shared tile kernels include the dropout tile
 
@@ -237,7 +238,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   if (nsplit == 1) return;
   // merge the splits of every (key batch, row) through their logsumexps
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, BK, 1, [&](int64_t begin, int64_t end) {
+  attnext::parallel_for(0, BK, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> o(R * ldo), m(R), l(R);
     for (int64_t kb = begin; kb < end; ++kb) {
       for (int64_t r = 0; r < R; ++r) {

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace attnext {
@@ -53,7 +54,7 @@ void scan_impl(const at::Tensor& x, at::Tensor& y) {
   // A task streams T * w elements; a thread gets >= 2^18 of them (1 MiB of float32)
   // so that small inputs stay on one thread (the fork/join would cost more).
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, T * std::min(C, kBlock)));
-  at::parallel_for(0, B * nblocks, grain, [&](int64_t begin, int64_t end) {
+  attnext::parallel_for(0, B * nblocks, grain, [&](int64_t begin, int64_t end) {
     double acc[kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblocks, c0 = (task % nblocks) * kBlock;

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 #include "ops.h"
 
@@ -315,7 +316,7 @@ void fwd_impl(const at::Tensor& x, at::Tensor& y, double scale, bool bottom_righ
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
   const bool stream = static_cast<int64_t>(y.nbytes()) >= simd::stream_threshold_bytes();
-  at::parallel_for(0, rows, grain_rows(S), [&](int64_t begin, int64_t end) {
+  attnext::parallel_for(0, rows, grain_rows(S), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(Rows<scalar_t>::kBuffers * S);
     ZigzagCursor<1> cur({&xr}, T, begin);
     RowPrefetcher<1, scalar_t> pf({&xr}, {xp}, T, S, bottom_right, begin, end);
@@ -340,7 +341,7 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, double 
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
   const bool stream = static_cast<int64_t>(dx.nbytes()) >= simd::stream_threshold_bytes();
-  at::parallel_for(0, rows, grain_rows(S), [&](int64_t begin, int64_t end) {
+  attnext::parallel_for(0, rows, grain_rows(S), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(Rows<scalar_t>::kBuffers * S);
     ZigzagCursor<2> cur({&dyr, &yr}, T, begin);
     RowPrefetcher<2, scalar_t> pf({&dyr, &yr}, {dyp, yp}, T, S, bottom_right, begin, end);

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 #include "dropout_hash.h"
 #include "ops.h"
@@ -73,7 +74,7 @@ at::Tensor dropout_cpu(const at::Tensor& x_in, double p, int64_t seed, int64_t o
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
+    attnext::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
       // pieces that do not cross a 2^32-element block (one key each)
       for (int64_t n0 = begin; n0 < end;) {
         const int64_t block_end = std::min(end, ((n0 >> 32) + 1) << 32);

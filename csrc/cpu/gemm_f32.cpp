@@ -28,6 +28,7 @@
 
 #include "cpu/blas.h"
 #include "cpu/kernel_choice.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
 namespace attnext {
@@ -138,7 +139,7 @@ void f32_gemm_blocked(int64_t m, int64_t n, int64_t k, const float* a, int64_t s
   const int64_t nblocks = (m + kMc - 1) / kMc;
   // enough work per task that a thread is worth starting: about 2^22 multiply-adds
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, kMc * n * k));
-  at::parallel_for(0, nblocks, grain, [&](int64_t blk0, int64_t blk1) {
+  attnext::parallel_for(0, nblocks, grain, [&](int64_t blk0, int64_t blk1) {
     std::vector<float> packed(b_rows ? 0 : kKc * kNc);
     for (int64_t j0 = 0; j0 < n; j0 += kNc) {
       const int64_t nc = std::min(kNc, n - j0);

@@ -45,6 +45,7 @@
 #include "common.h"
 #include "cpu/blas.h"
 #include "cpu/gemm_f32.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace attnext {
@@ -345,7 +346,7 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     constexpr int64_t kFirst = kLowp ? 0 : 1;
     std::vector<acc_t> partial((S - kFirst) * E * mn);
     auto chunk_begin = [&](int64_t s) { return R * s / S; };
-    at::parallel_for(0, E * S, 1, [&](int64_t i0, int64_t i1) {
+    attnext::parallel_for(0, E * S, 1, [&](int64_t i0, int64_t i1) {
       SingleThreadedBlas guard(pin);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t e = i / S, s = i % S;
@@ -361,7 +362,7 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
       }
     });
     const int64_t total = E * mn;
-    at::parallel_for(0, total, 1 << 14, [&](int64_t j0, int64_t j1) {
+    attnext::parallel_for(0, total, 1 << 14, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         acc_t sum = kLowp ? acc_t(0) : static_cast<acc_t>(C[j]);
         for (int64_t s = 0; s < S - kFirst; ++s) {
@@ -373,7 +374,7 @@ void batched_gemm(int64_t nb, const int64_t* S, const bool* reduce, const MatArg
     return;
   }
   if (loop || ((can_pin || own) && E > 1 && E >= threads)) {
-    at::parallel_for(0, E, std::max<int64_t>(1, (int64_t(1) << 15) / (macs * std::max<int64_t>(R, 1))),
+    attnext::parallel_for(0, E, std::max<int64_t>(1, (int64_t(1) << 15) / (macs * std::max<int64_t>(R, 1))),
                      [&](int64_t e0, int64_t e1) {
                        SingleThreadedBlas guard(pin);
                        body(e0, e1);

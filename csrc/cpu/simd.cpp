@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
 namespace attnext {
@@ -76,6 +77,7 @@ int64_t stream_threshold_bytes() {
 
 namespace {
 std::string cpu_isa() { return isa_name(detected_isa()); }
+std::string cpu_parallel() { return parallel_backend(); }
 }  // namespace
 
 }  // namespace simd
@@ -84,4 +86,8 @@ std::string cpu_isa() { return isa_name(detected_isa()); }
 TORCH_LIBRARY_FRAGMENT(attnext, m) {
   // Which instruction set the CPU kernels use in this process: "avx512", "avx2" or "scalar".
   m.def("_cpu_isa() -> str", &attnext::simd::cpu_isa);
+  // How the CPU kernels' loops run on several threads in this build: "openmp" (compiled with
+  // OpenMP, torch's OpenMP pool), "native" (torch's own pool) or "threads" (no compiler
+  // OpenMP: std::thread, csrc/cpu/parallel.h).
+  m.def("_cpu_parallel() -> str", &attnext::simd::cpu_parallel);
 }
