@@ -39,7 +39,9 @@ def _kernel_table() -> None:
         print(f"  every op runs the eager reference; {ops._BUILD_HINT}")
         return
     isa = torch.ops.attnext._cpu_isa()
-    print(f"native extension: loaded ({os.path.basename(ops._C.__file__)}), CPU kernels use {isa}")
+    features = ", ".join(torch.ops.attnext._cpu_features()) or "none"
+    print(f"native extension: loaded ({os.path.basename(ops._C.__file__)}), CPU kernels use {isa}"
+          f" (CPU features: {features})")
     if not attnext.kernels_enabled():
         print("native kernels are DISABLED (ATTNEXT_DISABLE_KERNELS=1 or set_kernels_enabled(False))")
     cuda = torch.cuda.is_available()
