@@ -99,6 +99,7 @@ mkdir -p "$out"
 cxx=aarch64-linux-gnu-g++
 if command -v ccache >/dev/null; then
   export CCACHE_DIR="${CCACHE_DIR:-$cache/ccache}"
+  export CCACHE_BASEDIR="$root"  # paths in the tree hashed relative: hits from a clone elsewhere
   cxx="ccache $cxx"
 fi
 rpath=$(IFS=:; echo "${torch_libs[*]}")
