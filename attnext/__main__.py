@@ -41,8 +41,10 @@ def _kernel_table() -> None:
     isa = torch.ops.attnext._cpu_isa()
     # a build older than _cpu_parallel was compiled with OpenMP
     par = torch.ops.attnext._cpu_parallel() if hasattr(torch.ops.attnext, "_cpu_parallel") else "openmp"
-    print(f"native extension: loaded ({os.path.basename(ops._C.__file__)}), CPU kernels use {isa}, "
-          f"threads: {par}{' (no compiler OpenMP at build time)' if par == 'threads' else ''}")
+    features = ", ".join(torch.ops.attnext._cpu_features()) or "none"
+    print(f"native extension: loaded ({os.path.basename(ops._C.__file__)}), CPU kernels use {isa}"
+          f" (CPU features: {features}), threads: {par}"
+          f"{' (no compiler OpenMP at build time)' if par == 'threads' else ''}")
     if not attnext.kernels_enabled():
         print("native kernels are DISABLED (ATTNEXT_DISABLE_KERNELS=1 or set_kernels_enabled(False))")
     cuda = torch.cuda.is_available()

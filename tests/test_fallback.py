@@ -1,6 +1,7 @@
 """The kernel-or-fallback choice: every reason, and parity between the two paths."""
 
 import os
+import platform
 
 import pytest
 import torch
@@ -94,11 +95,28 @@ def test_missing_extension_warns_once_and_falls_back():
     assert_python_ok(code)
 
 
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 @needs_native
-@pytest.mark.parametrize("isa", ["default", "avx2"])
-def test_narrower_instruction_sets_give_the_same_answers(isa):
-    # ATEN_CPU_CAPABILITY caps the kernels' instruction set (as it does torch's own):
-    # checks the AVX2 and scalar row kernels on a machine that would pick AVX-512.
+@pytest.mark.parametrize(
+    "var, value, expected",
+    [
+        ("ATEN_CPU_CAPABILITY", "default", ("scalar",)),
+        ("ATTNEXT_CPU_ISA", "scalar", ("scalar",)),
+        ("ATTNEXT_CPU_ISA", "SCALAR", ("scalar",)),  # read case-insensitively
+        pytest.param("ATEN_CPU_CAPABILITY", "avx2", ("avx2", "scalar"),
+                     marks=pytest.mark.skipif(not _X86, reason="x86-64 only")),
+        pytest.param("ATTNEXT_CPU_ISA", "avx2", ("avx2", "scalar"),
+                     marks=pytest.mark.skipif(not _X86, reason="x86-64 only")),
+        pytest.param("ATTNEXT_CPU_ISA", "neon", ("neon",),
+                     marks=pytest.mark.skipif(platform.machine() != "aarch64", reason="AArch64 only")),
+    ],
+)
+def test_narrower_instruction_sets_give_the_same_answers(var, value, expected):
+    # ATEN_CPU_CAPABILITY caps the kernels' instruction set (as it does torch's own), and
+    # ATTNEXT_CPU_ISA caps attnext's alone: checks the AVX2 and scalar row kernels on a
+    # machine that would pick AVX-512 (or the scalar ones on an ARM one).
     code = (
         "import torch, attnext\n"
         "from attnext import reference\n"
@@ -119,9 +137,8 @@ def test_narrower_instruction_sets_give_the_same_answers(isa):
         "            assert (gx.double() - gref).abs().max() < 50 * tol, (shape, br, dt)\n"
         "print(torch.ops.attnext._cpu_isa())\n"
     )
-    out = run_python(code, ATEN_CPU_CAPABILITY=isa)
+    out = run_python(code, **{var: value})
     assert out.returncode == 0, out.stderr
-    expected = {"default": "scalar", "avx2": ("avx2", "scalar")}[isa]
     assert out.stdout.strip() in expected
 
 
@@ -137,3 +154,29 @@ def test_cpu_parallel_backend_is_reported():
     expected = os.environ.get("ATTNEXT_EXPECT_CPU_PARALLEL")
     if expected:
         assert mode == expected
+
+
+@needs_native
+def test_unknown_cpu_isa_setting_warns_and_keeps_the_best():
+    # The choice is made once, in C++ (a c10 warning on stderr), and falls back to the best.
+    code = "import torch, attnext\nprint(torch.ops.attnext._cpu_isa())\n"
+    best = run_python(code)
+    out = run_python(code, ATTNEXT_CPU_ISA="sse9")
+    assert out.returncode == 0, out.stderr
+    assert "ATTNEXT_CPU_ISA=sse9" in out.stderr
+    assert "ATTNEXT_CPU_ISA" not in best.stderr
+    assert out.stdout.strip() == best.stdout.strip() != ""
+
+
+@needs_native
+def test_cpu_features_name_what_the_isa_needs():
+    # The features are the CPU's (cpuid or hwcaps), the ISA is capped by settings:
+    # whatever the kernels use, the CPU must report.
+    feats = set(torch.ops.attnext._cpu_features())
+    isa = torch.ops.attnext._cpu_isa()
+    needs = {"avx512": {"avx2", "fma", "avx512f"}, "avx2": {"avx2", "fma"}, "neon": {"neon"}, "scalar": set()}
+    assert needs[isa] <= feats, (isa, feats)
+    if platform.machine() == "aarch64":
+        assert "neon" in feats and not any(f.startswith("avx") for f in feats)
+    elif _X86:
+        assert "neon" not in feats

@@ -101,6 +101,12 @@ namespace isa_avx2 {
 }  // namespace isa_avx2
 ATTNEXT_ISA_END
 #endif
+#if ATTNEXT_ARM_NEON
+namespace isa_neon {
+#include "cpu/simd_neon.inl"
+#include "cpu/causal_attention_tiles.inl"
+}  // namespace isa_neon
+#endif
 namespace isa_scalar {
 #include "cpu/simd_scalar.inl"
 #include "cpu/causal_attention_tiles.inl"
@@ -132,6 +138,11 @@ const TileKernels& tile_kernels() {
       case simd::Isa::kAvx2:
         return TileKernels{&isa_avx2::attn_fwd_tile_f32, &isa_avx2::attn_bwd_p_tile_f32,
                            &isa_avx2::attn_bwd_ds_tile_f32, &isa_avx2::attn_dropout_tile_f32};
+#endif
+#if ATTNEXT_ARM_NEON
+      case simd::Isa::kNeon:
+        return TileKernels{&isa_neon::attn_fwd_tile_f32, &isa_neon::attn_bwd_p_tile_f32,
+                           &isa_neon::attn_bwd_ds_tile_f32, &isa_neon::attn_dropout_tile_f32};
 #endif
       default:
         return TileKernels{&isa_scalar::attn_fwd_tile_f32, &isa_scalar::attn_bwd_p_tile_f32,

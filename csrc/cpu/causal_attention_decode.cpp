@@ -57,6 +57,13 @@ namespace isa_avx2 {
 }  // namespace isa_avx2
 ATTNEXT_ISA_END
 #endif
+#if ATTNEXT_ARM_NEON
+namespace isa_neon {
+#include "cpu/simd_neon.inl"
+#include "cpu/causal_attention_tiles.inl"
+#include "cpu/causal_attention_decode.inl"
+}  // namespace isa_neon
+#endif
 namespace isa_scalar {
 #include "cpu/simd_scalar.inl"
 #include "cpu/causal_attention_tiles.inl"
@@ -84,6 +91,10 @@ const DecodeKernels& decode_kernels() {
         return ATTNEXT_DECODE_KERNELS(isa_avx512);
       case simd::Isa::kAvx2:
         return ATTNEXT_DECODE_KERNELS(isa_avx2);
+#endif
+#if ATTNEXT_ARM_NEON
+      case simd::Isa::kNeon:
+        return ATTNEXT_DECODE_KERNELS(isa_neon);
 #endif
       default:
         return ATTNEXT_DECODE_KERNELS(isa_scalar);

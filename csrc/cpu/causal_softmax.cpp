@@ -13,7 +13,7 @@
 // Parallelism: at::parallel_for over rows. Row lengths grow with t, so rows
 // are visited in a zigzag order (0, T-1, 1, T-2, ...) within each matrix: any
 // contiguous chunk of the iteration space then holds about the same work.
-// SIMD: the float row loops exist per instruction set (AVX-512, AVX2, scalar)
+// SIMD: the float row loops exist per instruction set (AVX-512, AVX2, NEON, scalar)
 // and are chosen at run time; the dtype conversions are multiversioned
 // (see vec_math.h). Nothing is compiled with a global -mavx.
 #include <ATen/ATen.h>
@@ -50,6 +50,12 @@ namespace isa_avx2 {
 }  // namespace isa_avx2
 ATTNEXT_ISA_END
 #endif
+#if ATTNEXT_ARM_NEON
+namespace isa_neon {
+#include "cpu/simd_neon.inl"
+#include "cpu/causal_softmax_rows.inl"
+}  // namespace isa_neon
+#endif
 namespace isa_scalar {
 #include "cpu/simd_scalar.inl"
 #include "cpu/causal_softmax_rows.inl"
@@ -71,6 +77,10 @@ const RowKernels& row_kernels() {
         return RowKernels{&isa_avx512::fwd_row_f32, &isa_avx512::bwd_row_f32};
       case simd::Isa::kAvx2:
         return RowKernels{&isa_avx2::fwd_row_f32, &isa_avx2::bwd_row_f32};
+#endif
+#if ATTNEXT_ARM_NEON
+      case simd::Isa::kNeon:
+        return RowKernels{&isa_neon::fwd_row_f32, &isa_neon::bwd_row_f32};
 #endif
       default:
         return RowKernels{&isa_scalar::fwd_row_f32, &isa_scalar::bwd_row_f32};

@@ -3,9 +3,11 @@
 // The wheel must run on any x86-64 CPU, so nothing is compiled with -mavx2 or
 // -mavx512f globally. Two mechanisms, both chosen at run time:
 //  * hot loops with reductions and exp are written with explicit vector types
-//    (cpu/simd_avx512.inl, cpu/simd_avx2.inl, cpu/simd_scalar.inl), stamped out
-//    once per instruction set inside ATTNEXT_ISA_BEGIN/END regions and picked by
-//    attnext::simd::detected_isa() (which honours torch's ATEN_CPU_CAPABILITY);
+//    (cpu/simd_avx512.inl, cpu/simd_avx2.inl, cpu/simd_neon.inl,
+//    cpu/simd_scalar.inl), stamped out once per instruction set (x86: inside
+//    ATTNEXT_ISA_BEGIN/END regions; AArch64: NEON is baseline, so in plain
+//    #if ATTNEXT_ARM_NEON blocks) and picked by attnext::simd::detected_isa()
+//    (which honours ATTNEXT_CPU_ISA and torch's ATEN_CPU_CAPABILITY);
 //  * simple element-wise loops (dtype conversion) are plain C++ marked
 //    ATTNEXT_MULTIVERSION: GCC emits AVX-512, AVX2 and baseline clones and the
 //    loader picks one (an ifunc).
@@ -15,6 +17,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ATTNEXT_NO_MULTIVERSION)
 #define ATTNEXT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -44,6 +48,14 @@
 #endif
 #else
 #define ATTNEXT_X86_SIMD 0
+#endif
+
+// AArch64: Advanced SIMD (NEON) is part of the baseline, no target pragma needed.
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define ATTNEXT_ARM_NEON 1
+#include <arm_neon.h>
+#else
+#define ATTNEXT_ARM_NEON 0
 #endif
 
 namespace attnext {
@@ -113,13 +125,19 @@ ATTNEXT_INLINE uint16_t float_to_bf16(float f) {
 
 namespace simd {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
 
-// The widest instruction set both this CPU and torch's ATEN_CPU_CAPABILITY
-// setting allow (so ATEN_CPU_CAPABILITY=default or =avx2 selects the narrower
-// kernels, as it does for ATen's own). Decided once per process.
+// The widest instruction set this CPU has (x86-64: AVX-512, AVX2+FMA; AArch64:
+// NEON), capped by ATTNEXT_CPU_ISA (scalar, avx2, avx512, neon) and by torch's
+// ATEN_CPU_CAPABILITY (default or avx2 select the narrower kernels, as they do
+// for ATen's own). Decided once per process.
 Isa detected_isa();
 const char* isa_name(Isa isa);
+
+// The SIMD features this CPU reports that matter to attnext's kernels, whether
+// or not a kernel uses them yet: x86-64 avx2, fma, avx512f, avx512bf16, amx_bf16;
+// AArch64 neon (always), asimddp, sve, sve2, bf16, i8mm (getauxval(AT_HWCAP/2)).
+std::vector<std::string> cpu_features();
 
 // Whether the bfloat16 dot-product instructions (AVX512-BF16, vdpbf16ps) may be
 // used: the CPU has them, the AVX-512 kernels are selected (detected_isa), and

@@ -46,6 +46,7 @@
 #include "cuda/causal_attention_mma.h"
 #include "dropout_hash.h"
 #include "emu_block.h"
+#include "host_half.h"
 
 namespace {
 
@@ -85,13 +86,13 @@ float bf2f(uint16_t h) {
   return x;
 }
 uint16_t f2h(float x) {
-  const _Float16 h = static_cast<_Float16>(x);
+  const host_half h = static_cast<host_half>(x);
   uint16_t u;
   std::memcpy(&u, &h, 2);
   return u;
 }
 float h2f(uint16_t u) {
-  _Float16 h;
+  host_half h;
   std::memcpy(&h, &u, 2);
   return static_cast<float>(h);
 }

@@ -1,5 +1,5 @@
-// The float exp of every instruction set (vec::exp_f32 and VecF::exp for AVX2
-// and AVX-512) against double-precision std::exp: within 2 ulp on the normal
+// The float exp of every instruction set (vec::exp_f32 and VecF::exp for AVX2,
+// AVX-512 and NEON) against double-precision std::exp: within 2 ulp on the normal
 // range, 0 below it, +inf above it, NaN for NaN, on a dense sweep of floats.
 #include <cmath>
 #include <cstdint>
@@ -33,6 +33,14 @@ void exp_n(const float* x, float* y, int64_t n) {
 }
 }  // namespace test_isa_avx2
 ATTNEXT_ISA_END
+#endif
+#if ATTNEXT_ARM_NEON
+namespace test_isa_neon {
+#include "cpu/simd_neon.inl"
+void exp_n(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i + VecF::N <= n; i += VecF::N) VecF::exp(VecF::load(x + i)).store(y + i);
+}
+}  // namespace test_isa_neon
 #endif
 }  // namespace attnext
 
@@ -108,6 +116,10 @@ int main() {
   } else {
     std::printf("avx512: not supported by this CPU, not tested\n");
   }
+#endif
+#if ATTNEXT_ARM_NEON
+  attnext::test_isa_neon::exp_n(x.data(), y.data(), static_cast<int64_t>(x.size()));
+  check_exp("neon VecF::exp", x, y);
 #endif
   return attnext_test::failures() == 0 ? 0 : 1;
 }
