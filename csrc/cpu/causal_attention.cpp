@@ -757,8 +757,59 @@ void copy_rows(const Rows2D<at::BFloat16>& X, int64_t b, int64_t r0, int64_t n, 
 
 const uint32_t* words(const uint16_t* p) { return reinterpret_cast<const uint32_t*>(p); }
 
+// ---- AMX through ATen's brgemm micro-kernel (where the CPU has AMX)
+//
+// The pair layouts of gemm_bf16.inl (bf16_t32, bf16_vnni: rows of (x[2p][c], x[2p+1][c])
+// words) are the layout brgemm takes its packed B in on AMX CPUs; amx_available checks
+// that once against cpublas::pack, so a CPU or oneDNN that packs otherwise never gets
+// here. brgemm has no alpha: scale_rows applies the scale to the visible scores.
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+bool amx_layout_ok() {
+  constexpr int64_t K = 6, N = 32;
+  std::vector<uint16_t> rows(K * N), packed(K * N);
+  std::vector<uint32_t> mine(K / 2 * N);
+  for (int64_t i = 0; i < K * N; ++i) rows[i] = static_cast<uint16_t>(0x3f80 + i);
+  at::native::cpublas::pack(K, N, N, N, at::kBFloat16, at::kBFloat16, rows.data(), packed.data());
+  isa_bf16::bf16_vnni(rows.data(), N, K, N, mine.data(), N);
+  return std::memcmp(packed.data(), mine.data(), sizeof(uint16_t) * K * N) == 0;
+}
+
+bool amx_available() {
+  static const bool ok = [] {
+    const char* env = std::getenv("ATTNEXT_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
+    return at::native::cpublas::could_pack(at::kBFloat16) && amx_layout_ok();
+  }();
+  return ok;
+}
+
+// C (M, N) (ldc) = A B (+ C when accumulate): A bfloat16 rows (lda), B in pair layout
+// (K / 2 rows of N words, ldb words; K even).
+void amx_mm(int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c,
+            int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, static_cast<const at::BFloat16*>(a),
+                              reinterpret_cast<const at::BFloat16*>(b), c);
+}
+
+void release_amx(bool used) {
+  if (used) at::native::cpublas::brgemm_release();
+}
+#else
+bool amx_available() { return false; }
+void amx_mm(int64_t, int64_t, int64_t, const void*, int64_t, const uint32_t*, int64_t, float*, int64_t, bool) {}
+void release_amx(bool) {}
+#endif
+
+// s[r, j] *= scale on each row's visible prefix vis[r].
+void scale_rows(float* s, int64_t nr, int64_t ld, const int64_t* vis, float scale) {
+  for (int64_t r = 0; r < nr; ++r) {
+    float* row = s + r * ld;
+    for (int64_t j = 0; j < vis[r]; ++j) row[j] *= scale;
+  }
+}
+
 void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                 const Geometry& g, double scale_d, const Dropout& drop) {
+                 const Geometry& g, double scale_d, const Dropout& drop, bool amx = false) {
   const Rows2D<at::BFloat16> Q(q), K(k), V(v);
   const OutRows<at::BFloat16> Out(out);
   float* lp = lse.mutable_data_ptr<float>();
@@ -776,9 +827,12 @@ void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     std::vector<int64_t> vis;
     std::vector<uint32_t> row_keys;
     int64_t batch = -1, packed = 0;
+    bool amx = false;
+    ~Scratch() { release_amx(amx && !kt.empty()); }  // a moved-from Scratch has no kt
   };
   auto make_scratch = [&] {
     Scratch sc;
+    sc.amx = amx;
     sc.s.resize(kBq * kBkF);
     sc.m.resize(kBq);
     sc.l.resize(kBq);
@@ -824,8 +878,13 @@ void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     copy_rows(Q, b, t0, nr, g.hs, sc.qa.data());
     for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
       const int64_t nc = std::min(kBkF, kv_end - k0);
-      isa_bf16::gemm_bf16(nr, nc, hp, words(sc.qa.data()), hp, 1, sc.kt.data() + k0, ldk, s, kBkF, scale, false);
       for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+      if (amx) {  // the same pair layouts are brgemm's packed B (checked: amx_layout_ok)
+        amx_mm(nr, nc, g.hs, sc.qa.data(), g.hs, sc.kt.data() + k0, ldk, s, kBkF, false);
+        scale_rows(s, nr, kBkF, sc.vis.data(), scale);
+      } else {
+        isa_bf16::gemm_bf16(nr, nc, hp, words(sc.qa.data()), hp, 1, sc.kt.data() + k0, ldk, s, kBkF, scale, false);
+      }
       fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       if (drop.on) {
         dropout_tile(s, static_cast<float*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
@@ -833,8 +892,12 @@ void fwd_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       }
       if (k0 > 0) rescale_rows(o, nr, g.hsv, g.hsv, sc.alpha.data());
       isa_bf16::float_rows_to_bf16(s, kBkF, nr, nc, sc.pa.data(), kBkF);  // P, even-padded
-      isa_bf16::gemm_bf16(nr, g.hsv, half_up(nc), words(sc.pa.data()), kBkF / 2, 1, sc.vv.data() + (k0 / 2) * ldv,
-                          ldv, o, g.hsv, 1.0f, true);  // O += P V
+      if (amx) {
+        amx_mm(nr, g.hsv, 2 * half_up(nc), sc.pa.data(), kBkF, sc.vv.data() + (k0 / 2) * ldv, ldv, o, g.hsv, true);
+      } else {
+        isa_bf16::gemm_bf16(nr, g.hsv, half_up(nc), words(sc.pa.data()), kBkF / 2, 1, sc.vv.data() + (k0 / 2) * ldv,
+                            ldv, o, g.hsv, 1.0f, true);  // O += P V
+      }
     }
     finish_rows(o, nr, g.hsv, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0,
                 [&](int64_t r) { return g.sees_none(t0 + r); });
@@ -960,149 +1023,6 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
 }
 
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
-// ---- bfloat16 forward on AMX: the tile products by ATen's brgemm micro-kernel
-//
-// fwd_bf16dot's algorithm with its two products, S = Q K^T and O += P V, run by
-// at::native::cpublas::brgemm (oneDNN's ukernel: AMX tiles where the CPU has them) on
-// operands packed once per batch and key tile by cpublas::pack. Runs where the packing
-// says the CPU has AMX (cpublas::could_pack); the forward's kernel choice then measures
-// it against ATen's flash attention as for the other tiles. ATTNEXT_AMX=0 turns it off.
-bool amx_available() {
-  static const bool ok = [] {
-    const char* env = std::getenv("ATTNEXT_AMX");
-    if (env != nullptr && std::string(env) == "0") return false;
-    return at::native::cpublas::could_pack(at::kBFloat16);
-  }();
-  return ok;
-}
-
-void fwd_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-             const Geometry& g, double scale_d, const Dropout& drop) {
-  namespace cpublas = at::native::cpublas;
-  const Rows2D<at::BFloat16> Q(q), K(k), V(v);
-  const OutRows<at::BFloat16> Out(out);
-  float* lp = lse.mutable_data_ptr<float>();
-  const float scale = static_cast<float>(scale_d);
-  const float inv_keep = static_cast<float>(drop.inv_keep);
-  const int64_t nqt = ceil_div(g.T, kBq), nkt = ceil_div(g.S, kBkF);
-  // brgemm's packed B holds at most 64 columns (16, 32, 48 or 64): K^T is packed in
-  // blocks of 64 keys, V in blocks of 64 of its columns, each block padded to 16.
-  constexpr int64_t kNB = 64;
-  const auto r16 = [](int64_t n) { return (n + 15) / 16 * 16; };
-  const auto even = [](int64_t n) { return n + (n & 1); };
-  const int64_t hsv16 = r16(g.hsv), nvb = ceil_div(g.hsv, kNB);
-  const int64_t kpack = g.hs * kBkF, vpack = nvb * kBkF * kNB;  // packed elements per key tile
-  // Per thread: K^T and V of the batch last seen, packed per key tile (reused by the
-  // next query tiles of that batch: items run batch by batch, longest tile first).
-  struct Scratch {
-    std::vector<float> s, m, l, alpha, o;
-    std::vector<at::BFloat16> qa, pa, kp, vp, tmp;
-    std::vector<int64_t> vis;
-    std::vector<uint32_t> row_keys;
-    int64_t batch = -1, packed = 0;  // key tiles packed
-    ~Scratch() {
-      if (!kp.empty()) at::native::cpublas::brgemm_release();
-    }
-  };
-  auto make_scratch = [&] {
-    Scratch sc;
-    sc.s.resize(kBq * kBkF);
-    sc.m.resize(kBq);
-    sc.l.resize(kBq);
-    sc.alpha.resize(kBq);
-    sc.o.resize(kBq * g.hsv);
-    sc.qa.resize(kBq * g.hs);
-    sc.pa.resize(kBq * kBkF);
-    sc.kp.resize(nkt * kpack);
-    sc.vp.resize(nkt * vpack);
-    sc.tmp.resize(std::max(g.hs * kBkF, kBkF * hsv16));
-    sc.vis.resize(kBq);
-    sc.row_keys.resize(kBq);
-    return sc;
-  };
-  const at::BFloat16 zero(0.0f);
-  parallel_items(g.BH * nqt, make_scratch, [&](Scratch& sc, int64_t item) {
-    const int64_t b = item / nqt;
-    const int64_t t0 = (nqt - 1 - item % nqt) * kBq;
-    const int64_t nr = std::min(kBq, g.T - t0);
-    const int64_t kv_end = g.visible(t0 + nr - 1);
-    if (sc.batch != b) {
-      sc.batch = b;
-      sc.packed = 0;
-    }
-    for (; sc.packed < ceil_div(kv_end, kBkF); ++sc.packed) {
-      const int64_t c0 = sc.packed * kBkF, n = std::min(kBkF, g.S - c0), ne = even(n);
-      at::BFloat16* t = sc.tmp.data();
-      // K^T (hs, kBkF) row-major, zero past the tile's n keys
-      for (int64_t d = 0; d < g.hs; ++d) std::fill(t + d * kBkF + n, t + d * kBkF + std::min(r16(n), kBkF), zero);
-      for (int64_t c = 0; c < n; ++c) {
-        const at::BFloat16* row = K.at(b, c0 + c);
-        for (int64_t d = 0; d < g.hs; ++d) t[d * kBkF + c] = row[d];
-      }
-      at::BFloat16* kp = sc.kp.data() + sc.packed * kpack;
-      for (int64_t j = 0; j < n; j += kNB) {
-        cpublas::pack(g.hs, r16(std::min(kNB, n - j)), kBkF, r16(std::min(kNB, n - j)), at::kBFloat16,
-                      at::kBFloat16, t + j, kp + j * g.hs);
-      }
-      // V (ne, hsv16) row-major, zero past hsv and in an odd tile's padding row
-      for (int64_t r = 0; r < ne; ++r) {
-        at::BFloat16* row = t + r * hsv16;
-        if (r < n) {
-          std::memcpy(row, V.at(b, c0 + r), sizeof(at::BFloat16) * g.hsv);
-          std::fill(row + g.hsv, row + hsv16, zero);
-        } else {
-          std::fill(row, row + hsv16, zero);
-        }
-      }
-      at::BFloat16* vp = sc.vp.data() + sc.packed * vpack;
-      for (int64_t c = 0; c < g.hsv; c += kNB) {
-        const int64_t w = r16(std::min(kNB, g.hsv - c));
-        cpublas::pack(ne, w, hsv16, w, at::kBFloat16, at::kBFloat16, t + c, vp + (c / kNB) * kBkF * kNB);
-      }
-    }
-    float* o = sc.o.data();
-    float* s = sc.s.data();
-    std::fill(o, o + nr * g.hsv, 0.0f);
-    std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<float>::infinity());
-    std::fill(sc.l.begin(), sc.l.end(), 0.0f);
-    if (drop.on) {
-      for (int64_t r = 0; r < nr; ++r) sc.row_keys[r] = dropout_row_key(drop.stream, b, t0 + r);
-    }
-    for (int64_t r = 0; r < nr; ++r) std::memcpy(sc.qa.data() + r * g.hs, Q.at(b, t0 + r), sizeof(at::BFloat16) * g.hs);
-    for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
-      const int64_t nc = std::min(kBkF, kv_end - k0), nce = even(nc);
-      const int64_t n_tile = std::min(kBkF, g.S - k0);
-      const at::BFloat16* kp = sc.kp.data() + (k0 / kBkF) * kpack;
-      for (int64_t j = 0; j < nc; j += kNB) {  // S = Q K^T, 64 keys at a time
-        const int64_t w = std::min(kNB, nce - j), ld = r16(std::min(kNB, n_tile - j));
-        cpublas::brgemm(nr, w, g.hs, g.hs, ld, kBkF, false, sc.qa.data(), kp + j * g.hs, s + j);
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-        float* row = s + r * kBkF;
-        for (int64_t c = 0; c < sc.vis[r]; ++c) row[c] *= scale;
-      }
-      fwd_tile(s, nr, nc, kBkF, sc.vis.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
-      if (drop.on) {
-        dropout_tile(s, static_cast<float*>(nullptr), nr, nc, kBkF, sc.row_keys.data(), static_cast<uint32_t>(k0),
-                     drop.threshold, inv_keep);
-      }
-      if (k0 > 0) rescale_rows(o, nr, g.hsv, g.hsv, sc.alpha.data());
-      // P in bfloat16 (an odd nc gets a zero column: whole key pairs), O += P V
-      isa_bf16::float_rows_to_bf16(s, kBkF, nr, nc, reinterpret_cast<uint16_t*>(sc.pa.data()), kBkF);
-      const at::BFloat16* vp = sc.vp.data() + (k0 / kBkF) * vpack;
-      for (int64_t c = 0; c < g.hsv; c += kNB) {
-        const int64_t w = std::min(kNB, g.hsv - c);
-        cpublas::brgemm(nr, w, nce, kBkF, r16(w), g.hsv, true, sc.pa.data(), vp + (c / kNB) * kBkF * kNB, o + c);
-      }
-    }
-    finish_rows(o, nr, g.hsv, g.hsv, sc.m.data(), sc.l.data(), lp + b * g.T + t0,
-                [&](int64_t r) { return g.sees_none(t0 + r); });
-    for (int64_t r = 0; r < nr; ++r) {
-      narrow_bf16_row(o + r * g.hsv, reinterpret_cast<uint16_t*>(Out.at(b, t0 + r)), g.hsv);
-    }
-  });
-}
 
 // The backward on AMX (no dropout): per key tile of 64 keys, per query tile of 64 rows,
 // everything computed transposed, so that no product needs a transposed operand built
@@ -1334,13 +1254,7 @@ void forward_native(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   const Dropout drop(dropout_p, ds.seed, ds.offset);
 #if ATTNEXT_X86_SIMD
   if (use_bf16dot(q, k, v, g)) {
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
-    if (amx_available()) {
-      fwd_amx(q, k, v, out, lse, g, scale, drop);
-      return;
-    }
-#endif
-    fwd_bf16dot(q, k, v, out, lse, g, scale, drop);
+    fwd_bf16dot(q, k, v, out, lse, g, scale, drop, amx_available());
     return;
   }
 #endif
@@ -1803,6 +1717,23 @@ std::vector<VarlenUnit> varlen_units(const std::vector<VarlenSeq>& seqs, int64_t
   return units;
 }
 
+// Per sequence, whether its pass runs ATen's flash attention (the measured choice, on
+// its whole rows), decided before the threads start: a first use measures there.
+std::vector<char> varlen_aten_choices(const std::vector<VarlenSeq>& seqs, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, int64_t wl, int64_t wr, bool backward) {
+  (void)own_gemm<float>();
+  std::vector<char> aten(seqs.size(), 0);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const VarlenSeq& s = seqs[i];
+    if (s.Tq == 0 || s.Tk == 0) continue;
+    const Geometry g = varlen_geometry(s, q.size(2), v.size(2), wl, wr);
+    const at::Tensor qs = varlen_rows(q, s.q0, s.Tq, 0), ks = varlen_rows(k, s.k0, s.Tk, 0),
+                     vs = varlen_rows(v, s.k0, s.Tk, 0);
+    aten[i] = aten_can_run(qs, ks, vs, g, 0.0) && use_aten(backward, q.scalar_type(), g);
+  }
+  return aten;
+}
+
 // Runs body(unit) for every unit on torch's intra-op threads, the next unit from a counter.
 template <typename Body>
 void run_units(const std::vector<VarlenUnit>& units, Body body) {
@@ -1836,18 +1767,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
       lse.narrow(1, s.q0, s.Tq).fill_(-INFINITY);
     }
   }
-  // the measured kernel choices, per sequence (whole rows), made before the threads start
-  (void)own_gemm<float>();
-  std::vector<char> aten(seqs.size(), 0), split(seqs.size(), 0);
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const VarlenSeq& s = seqs[i];
-    if (s.Tq == 0 || s.Tk == 0) continue;
-    const Geometry g = varlen_geometry(s, E, Ev, window_left, window_right);
-    const at::Tensor qs = varlen_rows(q, s.q0, s.Tq, 0), ks = varlen_rows(k, s.k0, s.Tk, 0),
-                     vs = varlen_rows(v, s.k0, s.Tk, 0);
-    aten[i] = aten_can_run(qs, ks, vs, g, 0.0) && use_aten(false, q.scalar_type(), g);
-    split[i] = !aten[i];
-  }
+  const std::vector<char> aten = varlen_aten_choices(seqs, q, k, v, window_left, window_right, false);
+  std::vector<char> split(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) split[i] = !aten[i];
   const std::vector<VarlenUnit> units = varlen_units(seqs, H, E, Ev, window_left, window_right, split);
   const at::Tensor q_ = q, k_ = k, v_ = v;
   run_units(units, [&](const VarlenUnit& unit) {
@@ -1895,16 +1817,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
   at::Tensor dq = at::zeros(q.sizes(), q.options());
   // dK, dV per query head (the group's sum is taken after): keys of no sequence stay 0
   at::Tensor dk = at::zeros({k.size(0), H, E}, q.options()), dv = at::zeros({k.size(0), H, Ev}, q.options());
-  (void)own_gemm<float>();
-  std::vector<char> aten(seqs.size(), 0);
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const VarlenSeq& s = seqs[i];
-    if (s.Tq == 0 || s.Tk == 0) continue;
-    const Geometry g = varlen_geometry(s, E, Ev, window_left, window_right);
-    const at::Tensor qs = varlen_rows(q, s.q0, s.Tq, 0), ks = varlen_rows(k, s.k0, s.Tk, 0),
-                     vs = varlen_rows(v, s.k0, s.Tk, 0);
-    aten[i] = aten_can_run(qs, ks, vs, g, 0.0) && use_aten(true, q.scalar_type(), g);
-  }
+  const std::vector<char> aten = varlen_aten_choices(seqs, q, k, v, window_left, window_right, true);
   const std::vector<VarlenUnit> units =
       varlen_units(seqs, H, E, Ev, window_left, window_right, std::vector<char>(seqs.size(), 0));
   run_units(units, [&](const VarlenUnit& unit) {
