@@ -27,6 +27,20 @@ def make_qkv(batch, T, S, hs, hs_v, dtype=torch.float64, seed=0, device="cuda"):
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
 
 
+def assert_matches_cpu_mask(op, eager, q64, k64, v64, g64, dtype):
+    """op in `dtype` on the GPU against op in float64 on the CPU (the same dropout mask):
+    output and gradients within twice the error of the eager composite in `dtype`."""
+    qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q64, k64, v64))
+    cpu = fwd_bwd(op, qc, kc, vc, g64.cpu())  # CPU kernel, float64
+    qh, kh, vh = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
+    got = fwd_bwd(op, qh, kh, vh, g64.to(dtype))
+    eag = fwd_bwd(eager, qh, kh, vh, g64.to(dtype))
+    for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eag, cpu):
+        err = (a.double().cpu() - o).abs().max().item()
+        eager_err = (e.double().cpu() - o).abs().max().item()
+        assert err <= 2 * eager_err + 1e-4, (name, err, eager_err)
+
+
 def fwd_bwd(fn, q, k, v, g):
     out = fn(q, k, v)
     return (out, *torch.autograd.grad(out, (q, k, v), g))
@@ -192,15 +206,7 @@ def test_both_paths_dropout_mask_is_the_cpu_mask(monkeypatch, path, T, S, br, se
     def eager(q, k, v):
         return reference.causal_attention(q, k, v, 0.125, p, br, seed, offset)[0]
 
-    qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q64, k64, v64))
-    cpu = fwd_bwd(op, qc, kc, vc, g64.cpu())  # CPU kernel, float64
-    qh, kh, vh = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
-    got = fwd_bwd(op, qh, kh, vh, g64.to(dtype))
-    eag = fwd_bwd(eager, qh, kh, vh, g64.to(dtype))
-    for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eag, cpu):
-        err = (a.double().cpu() - o).abs().max().item()
-        eager_err = (e.double().cpu() - o).abs().max().item()
-        assert err <= 2 * eager_err + 1e-4, (name, err, eager_err)
+    assert_matches_cpu_mask(op, eager, q64, k64, v64, g64, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -703,15 +709,7 @@ def test_both_paths_window_dropout_mask_is_the_cpu_mask(monkeypatch, path, windo
     def eager(q, k, v):
         return reference.causal_attention(q, k, v, 0.125, p, False, seed, offset, window=window)[0]
 
-    qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q64, k64, v64))
-    cpu = fwd_bwd(op, qc, kc, vc, g64.cpu())  # CPU kernel, float64
-    qh, kh, vh = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
-    got = fwd_bwd(op, qh, kh, vh, g64.to(dtype))
-    eag = fwd_bwd(eager, qh, kh, vh, g64.to(dtype))
-    for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eag, cpu):
-        err = (a.double().cpu() - o).abs().max().item()
-        eager_err = (e.double().cpu() - o).abs().max().item()
-        assert err <= 2 * eager_err + 1e-4, (name, err, eager_err)
+    assert_matches_cpu_mask(op, eager, q64, k64, v64, g64, dtype)
 
 
 @pytest.mark.parametrize("window", [(16, 0), (-1, -1)])
