@@ -159,18 +159,28 @@ AMX_TILES = (
     "from attnext import reference\n"
     "g = torch.Generator().manual_seed(3)\n"
     "errs = []\n"
-    "# (q rows, keys, head size, head size of v, bottom-right): odd lengths, key tiles cut\n"
-    "# at the causal boundary and at odd widths, T < S, several key tiles of 256\n"
-    "for T, S, hs, hsv, br in ((1, 1, 16, 16, False), (77, 77, 64, 32, False), (300, 300, 64, 64, False),\n"
-    "                          (33, 517, 128, 64, True), (600, 600, 32, 48, False)):\n"
-    "    q = torch.randn(2, 3, T, hs, generator=g).bfloat16().requires_grad_()\n"
-    "    k = torch.randn(2, 3, S, hs, generator=g).bfloat16().requires_grad_()\n"
-    "    v = torch.randn(2, 3, S, hsv, generator=g).bfloat16().requires_grad_()\n"
-    "    out = attnext.causal_attention(q, k, v, align='bottom_right' if br else 'top_left')\n"
+    "# (batch, heads, q rows, keys, head size, head size of v, bottom-right, scale, q/k/v as\n"
+    "# nanoGPT's strided views of one qkv): odd lengths, key tiles cut at the causal boundary\n"
+    "# and at odd widths, T < S, T > S (rows that see no key), several key tiles of 256,\n"
+    "# enough batches for whole-batch work items, a negative scale\n"
+    "for B, H, T, S, hs, hsv, br, sc, views in (\n"
+    "        (2, 3, 1, 1, 16, 16, False, None, False), (2, 3, 77, 77, 64, 32, False, None, False),\n"
+    "        (2, 3, 300, 300, 64, 64, False, None, False), (2, 3, 33, 517, 128, 64, True, None, False),\n"
+    "        (2, 3, 600, 600, 32, 48, False, None, False), (4, 3, 130, 130, 64, 64, False, None, True),\n"
+    "        (3, 4, 97, 45, 32, 32, True, None, False), (3, 4, 70, 70, 32, 32, False, -0.3, False)):\n"
+    "    if views:\n"
+    "        qkv = torch.randn(B, T, 3 * H * hs, generator=g).bfloat16()\n"
+    "        q, k, v = (t.view(B, T, H, hs).transpose(1, 2).requires_grad_() for t in qkv.split(H * hs, 2))\n"
+    "    else:\n"
+    "        q = torch.randn(B, H, T, hs, generator=g).bfloat16().requires_grad_()\n"
+    "        k = torch.randn(B, H, S, hs, generator=g).bfloat16().requires_grad_()\n"
+    "        v = torch.randn(B, H, S, hsv, generator=g).bfloat16().requires_grad_()\n"
+    "    scale = hs ** -0.5 if sc is None else sc\n"
+    "    out = attnext.causal_attention(q, k, v, scale=scale, align='bottom_right' if br else 'top_left')\n"
     "    go = torch.randn(out.shape, generator=g).bfloat16()\n"
     "    grads = torch.autograd.grad(out, (q, k, v), go)\n"
     "    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))\n"
-    "    ref = reference.causal_attention(q64, k64, v64, hs ** -0.5, 0.0, br)[0]\n"
+    "    ref = reference.causal_attention(q64, k64, v64, scale, 0.0, br)[0]\n"
     "    refs = torch.autograd.grad(ref, (q64, k64, v64), go.double())\n"
     "    errs.append((out.double() - ref).abs().max().item())\n"
     "    errs += [(a.double() - r).abs().max().item() / (r.abs().max().item() + 1.0) for a, r in zip(grads, refs)]\n"
@@ -191,6 +201,8 @@ def test_amx_tiles_match_the_avx512_bf16_tiles(tmp_path):
     assert_python_ok(f"OUT = {str(a)!r}\n" + AMX_TILES, ATTNEXT_ATTENTION_KERNEL="1")
     assert_python_ok(f"OUT = {str(b)!r}\n" + AMX_TILES, ATTNEXT_ATTENTION_KERNEL="1", ATTNEXT_AMX="0")
     (amx, notes), (dot, dot_notes) = torch.load(a), torch.load(b)
-    assert sum("AMX brgemm" in n for n in notes) == 2 and not any("AMX" in n for n in dot_notes)
+    tiles = [n for n in notes if "attnext tiles" in n]
+    assert len(tiles) >= 2 and all("AMX brgemm" in n for n in tiles), notes
+    assert not any("AMX" in n for n in dot_notes), dot_notes
     for e_amx, e_dot in zip(amx, dot):
         assert e_amx <= 1.5 * e_dot + 4e-3, (amx, dot)

@@ -120,6 +120,14 @@ namespace isa_bf16 {
 }  // namespace isa_bf16
 ATTNEXT_ISA_END
 #endif
+#if ATTNEXT_X86_SIMD
+ATTNEXT_ISA_BEGIN_AVX512BF16
+namespace isa_amx {
+#include "cpu/simd_avx512.inl"
+#include "cpu/attention_amx_rows.inl"
+}  // namespace isa_amx
+ATTNEXT_ISA_END
+#endif
 
 struct TileKernels {
   decltype(&isa_scalar::attn_fwd_tile_f32) fwd;
@@ -1194,6 +1202,92 @@ void bwd_amx(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
 }
 #endif
 
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+// The forward on AMX without dropout. The algorithm of fwd_bf16dot, with fewer passes:
+// Q is brgemm's A in place (its row stride as lda), K^T and V are packed straight from
+// their rows into the pair layouts (brgemm's packed B; amx_layout_ok), once per batch
+// and thread; the scale rides in the exponent and P is written as bfloat16 by the
+// softmax step itself (isa_amx::amx_softmax_tile); the first key tile's P V is stored,
+// not added, so O needs no clearing, and only a grown max rescales O; the output rows
+// are divided by l and rounded in one pass. With at least 4 batches per thread an item
+// is a whole batch (every query tile, longest first), so K and V are packed once per
+// batch; otherwise an item is one query tile, longest first, as in fwd_bf16dot.
+void fwd_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+             const Geometry& g, double scale_d) {
+  const Rows2D<at::BFloat16> Q(q), K(k), V(v);
+  const OutRows<at::BFloat16> Out(out);
+  float* lp = lse.mutable_data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  // brgemm has no alpha: a scale <= 0 (allowed, if odd) reverses or flattens the row
+  // max, so it is applied to the scores first and the softmax step gets 1.
+  const bool fold = scale > 0.0f;
+  const int64_t nqt = ceil_div(g.T, kBq);
+  const int64_t ldv = round16(g.hsv), ldk = round16(g.S);
+  const int64_t per = g.BH >= 4 * std::max<int64_t>(1, at::get_num_threads()) ? nqt : 1;
+  const int64_t groups = ceil_div(nqt, per);
+  struct Scratch {
+    std::vector<float> s, m, l, alpha, o;
+    std::vector<uint16_t> pa;
+    std::vector<uint32_t> kt, vv;
+    std::vector<int64_t> vis;
+    int64_t batch = -1, packed = 0;
+    ~Scratch() { release_amx(!kt.empty()); }  // a moved-from Scratch has no kt
+  };
+  auto make_scratch = [&] {
+    Scratch sc;
+    sc.s.resize(kBq * kBkF);
+    sc.m.resize(kBq);
+    sc.l.resize(kBq);
+    sc.alpha.resize(kBq);
+    sc.o.resize(kBq * g.hsv);
+    sc.pa.resize(kBq * kBkF);
+    sc.kt.resize(g.hs / 2 * ldk);
+    sc.vv.resize(half_up(g.S) * ldv);
+    sc.vis.resize(kBq);
+    return sc;
+  };
+  parallel_items(g.BH * groups, make_scratch, [&](Scratch& sc, int64_t item) {
+    const int64_t b = item / groups, group = groups - 1 - item % groups;
+    if (sc.batch != b) {
+      sc.batch = b;
+      sc.packed = 0;
+    }
+    for (int64_t tile = std::min(nqt, (group + 1) * per) - 1; tile >= group * per; --tile) {
+      const int64_t t0 = tile * kBq, nr = std::min(kBq, g.T - t0);
+      const int64_t kv_end = g.visible(t0 + nr - 1);
+      // key tiles start at multiples of kBkF: pack whole tiles (V by pairs)
+      const int64_t need = std::min(g.S, ceil_div(kv_end, kBkF) * kBkF);
+      if (need > sc.packed) {
+        const int64_t c0 = sc.packed, n = need - c0;  // c0 is a multiple of kBkF: even
+        isa_bf16::bf16_t32(reinterpret_cast<const uint16_t*>(K.at(b, c0)), K.ld, n, g.hs, sc.kt.data() + c0, ldk);
+        isa_bf16::bf16_vnni(reinterpret_cast<const uint16_t*>(V.at(b, c0)), V.ld, n, g.hsv,
+                            sc.vv.data() + (c0 / 2) * ldv, ldv);
+        sc.packed = need;
+      }
+      float* o = sc.o.data();
+      float* s = sc.s.data();
+      std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(sc.l.begin(), sc.l.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < kv_end; k0 += kBkF) {
+        const int64_t nc = std::min(kBkF, kv_end - k0);
+        for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
+        amx_mm(nr, nc, g.hs, Q.at(b, t0), Q.ld, sc.kt.data() + k0, ldk, s, kBkF, false);
+        if (!fold) scale_rows(s, nr, kBkF, sc.vis.data(), scale);
+        isa_amx::amx_softmax_tile(s, nr, nc, kBkF, sc.vis.data(), fold ? scale : 1.0f, sc.m.data(), sc.l.data(),
+                                  sc.alpha.data(), sc.pa.data(), kBkF);
+        if (k0 > 0) isa_amx::amx_rescale_rows(o, nr, g.hsv, g.hsv, sc.alpha.data());
+        amx_mm(nr, g.hsv, nc + (nc & 1), sc.pa.data(), kBkF, sc.vv.data() + (k0 / 2) * ldv, ldv, o, g.hsv,
+               k0 > 0);  // O (+)= P V
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        isa_amx::amx_finish_row(o + r * g.hsv, g.hsv, sc.m[r], sc.l[r], kv_end == 0 || g.sees_none(t0 + r),
+                                reinterpret_cast<uint16_t*>(Out.at(b, t0 + r)), lp + b * g.T + t0 + r);
+      }
+    }
+  });
+}
+#endif
+
 // Whether the bfloat16 fast path applies: the CPU has the instructions, head
 // sizes are even (whole pairs) and row strides fit the gather's 32-bit offsets.
 bool use_bf16dot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g) {
@@ -1254,6 +1348,12 @@ void forward_native(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   const Dropout drop(dropout_p, ds.seed, ds.offset);
 #if ATTNEXT_X86_SIMD
   if (use_bf16dot(q, k, v, g)) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+    if (!drop.on && amx_available()) {
+      fwd_amx(q, k, v, out, lse, g, scale);
+      return;
+    }
+#endif
     fwd_bf16dot(q, k, v, out, lse, g, scale, drop, amx_available());
     return;
   }

@@ -1,0 +1,94 @@
+// Row kernels of the AMX forward (fwd_amx in causal_attention.cpp), on AVX-512 with
+// AVX512-BF16 conversions. Included once, inside an ATTNEXT_ISA_BEGIN_AVX512BF16
+// region after simd_avx512.inl (VecF); called only where AMX runs, which implies
+// both. Each replaces several passes over a tile of the AVX512-BF16 forward with one.
+
+// Online-softmax step on raw scores (brgemm has no alpha), the scale folded into the
+// exponent: for each row r, with L = vis[r] visible columns of s (nr x nc, ld),
+//   m_new = max(m[r], scale * max_j s[r][j]),   (scale > 0: the max commutes)
+//   P[r][j] = exp(fma(s[r][j], scale, -m_new)) for j < L, 0 for j in [L, ncp),
+// written as bfloat16 (round to nearest even) into p (row stride ldp) for the P V
+// product, whose reduction runs over ncp = nc rounded up to even columns. The sum of
+// the unrounded weights goes into l[r] (rescaled by alpha[r] = exp(m_old - m_new)),
+// as the other tiles do. A row whose visible scores are all -inf subtracts 0
+// (exp(-inf + inf) would be NaN), so it stays empty (l = 0) until a finite score comes.
+inline void amx_softmax_tile(const float* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, float scale,
+                             float* m, float* l, float* alpha, uint16_t* p, int64_t ldp) {
+  constexpr int64_t N = VecF::N;
+  const int64_t ncp = nc + (nc & 1);
+  const VecF vs = VecF::set1(scale);
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* x = s + r * ld;
+    uint16_t* pr = p + r * ldp;
+    const int64_t L = vis[r];
+    if (L <= 0) {
+      std::memset(pr, 0, sizeof(uint16_t) * ncp);
+      alpha[r] = 1.0f;
+      continue;
+    }
+    VecF vm = VecF::set1(-__builtin_inff());
+    int64_t j = 0;
+    for (; j + N <= L; j += N) vm = VecF::max(vm, VecF::load(x + j));
+    if (j < L) vm = VecF::select_first(L - j, VecF::max(vm, VecF::load_tail(x + j, L - j)), vm);
+    const float m_old = m[r];
+    const float tile_max = vm.hmax() * scale;
+    const float m_new = tile_max > m_old ? tile_max : m_old;
+    const VecF neg_m = VecF::set1(m_new == -__builtin_inff() ? 0.0f : -m_new);
+    VecF acc = VecF::set1(0.0f);
+    for (j = 0; j + N <= L; j += N) {
+      const VecF e = VecF::exp(VecF::fmadd(VecF::load(x + j), vs, neg_m));
+      acc = acc + e;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e.v));
+    }
+    if (j < L) {
+      const int64_t n = L - j;
+      const VecF e = VecF::select_first(n, VecF::exp(VecF::fmadd(VecF::load_tail(x + j, n), vs, neg_m)),
+                                        VecF::set1(0.0f));
+      acc = acc + e;
+      _mm256_mask_storeu_epi16(pr + j, VecF::first(n), (__m256i)_mm512_cvtneps_pbh(e.v));
+      j = L;
+    }
+    if (ncp > L) std::memset(pr + L, 0, sizeof(uint16_t) * (ncp - L));
+    const float a = m_old == -__builtin_inff() ? 0.0f : ::attnext::vec::exp_f32(m_old - m_new);
+    alpha[r] = a;
+    l[r] = l[r] * a + acc.hsum();
+    m[r] = m_new;
+  }
+}
+
+// o[r][c] *= alpha[r] for the rows whose max grew (alpha != 1); o rows of hsv, stride ldo.
+inline void amx_rescale_rows(float* o, int64_t nr, int64_t hsv, int64_t ldo, const float* alpha) {
+  constexpr int64_t N = VecF::N;
+  for (int64_t r = 0; r < nr; ++r) {
+    if (alpha[r] == 1.0f) continue;
+    float* orow = o + r * ldo;
+    const VecF a = VecF::set1(alpha[r]);
+    int64_t c = 0;
+    for (; c + N <= hsv; c += N) (VecF::load(orow + c) * a).store(orow + c);
+    if (c < hsv) (VecF::load_tail(orow + c, hsv - c) * a).store_tail(orow + c, hsv - c);
+  }
+}
+
+// The end of a query tile, straight into the bfloat16 output row: out = o / l (rounded
+// to nearest even), lse = m + log(l); zeros and -inf for a row that sees no key
+// (none), NaN for a row whose visible scores were all -inf (l = 0), as finish_rows.
+inline void amx_finish_row(const float* o, int64_t hsv, float m, float l, bool none, uint16_t* out, float* lse) {
+  constexpr int64_t N = VecF::N;
+  if (none || l == 0.0f) {
+    const float fill = none ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+    const uint16_t h = ::attnext::vec::float_to_bf16(fill);
+    for (int64_t c = 0; c < hsv; ++c) out[c] = h;
+    *lse = none ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const VecF inv = VecF::set1(1.0f / l);
+  int64_t c = 0;
+  for (; c + N <= hsv; c += N) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), (__m256i)_mm512_cvtneps_pbh((VecF::load(o + c) * inv).v));
+  }
+  if (c < hsv) {
+    const int64_t n = hsv - c;
+    _mm256_mask_storeu_epi16(out + c, VecF::first(n), (__m256i)_mm512_cvtneps_pbh((VecF::load_tail(o + c, n) * inv).v));
+  }
+  *lse = m + std::log(l);
+}
