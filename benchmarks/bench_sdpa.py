@@ -13,6 +13,9 @@ Cases (float32 and bfloat16):
                   attnext.causal_attention(window_size=(W, 0)) vs SDPA with the equivalent
                   bool mask; fwd only (SDPA's masked backward at T = 8192 builds 2 GiB of
                   weights per call).
+  window_sweep    attnext alone on that window at T = 2048 ... 16384 (fwd): its GFLOP/s
+                  (visible pairs only) stays flat as T grows when its cost grows as T x W,
+                  not T^2 (SDPA with a mask cannot run T = 16384 on a small machine).
 
 Providers: `attnext` and `sdpa`. Outputs are checked against each other (the float64
 reference agrees with both, tests/test_sdpa.py) before anything is timed; providers are
@@ -52,6 +55,7 @@ NANOGPT = {False: (16, 6, 256, 64), True: (2, 2, 64, 32)}  # B, nh, T, hs
 VARLEN_LENS = {False: [512, 37, 256, 1024, 130, 700, 64, 300], True: [50, 7, 33, 64]}
 VARLEN_H, VARLEN_HS = {False: 8, True: 2}, {False: 64, True: 32}
 SLIDING = {False: (1, 8, 8192, 64, 1024), True: (1, 2, 512, 32, 64)}  # B, H, T, hs, W
+SWEEP_T = {False: (2048, 4096, 8192, 16384), True: (256, 512)}
 
 
 def _visible(T: int, S: int, window) -> int:
@@ -158,6 +162,17 @@ def run(quick: bool = False, dtypes=None) -> List[Dict]:
                 common.add_ratios(group)
                 rows += group
             del fns, leaves
+            gc.collect()
+        B, H, _, hs, W = SLIDING[quick]
+        for T in SWEEP_T[quick]:
+            q, k, v = _leaves(B, H, T, hs, dtype=dtype)
+            step = _step(lambda: attnext.causal_attention(q, k, v, window_size=(W, 0)), [q, k, v], "fwd")
+            med, iqr = common.time_interleaved({"attnext": step}, min_run_time, rounds)["attnext"]
+            work = 4.0 * B * H * hs * _visible(T, T, (W, 0))
+            rows.append(dict(base, op="window_sweep", shape=f"B={B},H={H},T={T},hs={hs},W={W}", dtype=dtype_name,
+                             mode="fwd", provider="attnext", median_ms=round(med, 4), iqr_ms=round(iqr, 4),
+                             gflops_or_gbs=round(work / (med * 1e-3) / 1e9, 2), ratio_vs="", peer=""))
+            del q, k, v, step
             gc.collect()
     return rows
 

@@ -5,26 +5,61 @@
 // bfloat16 cache is read at 2 bytes an element); vis[r] in [0, nc]: how many of the
 // block's keys row r sees (non-decreasing in r: the causal mask).
 
+// <q, k> over hs elements: two accumulators, one horizontal sum.
+template <typename E>
+inline float decode_dot(const float* qr, const E* kj, int64_t hs) {
+  constexpr int64_t N = VecF::N;
+  VecF a0 = VecF::set1(0.0f), a1 = VecF::set1(0.0f);
+  int64_t c = 0;
+  for (; c + 2 * N <= hs; c += 2 * N) {
+    a0 = VecF::fmadd(VecF::load(qr + c), VecF::load(kj + c), a0);
+    a1 = VecF::fmadd(VecF::load(qr + c + N), VecF::load(kj + c + N), a1);
+  }
+  for (; c + N <= hs; c += N) a0 = VecF::fmadd(VecF::load(qr + c), VecF::load(kj + c), a0);
+  if (c < hs) a1 = VecF::fmadd(VecF::load_tail(qr + c, hs - c), VecF::load_tail(kj + c, hs - c), a1);
+  return (a0 + a1).hsum();
+}
+
 // s[r * lds + j] = scale * <q_r, k_j> for j < vis[r]. Each key row is read once for
-// all query rows (it stays in L1 while they use it): K streams through once.
+// all query rows (it stays in L1 while they use it): K streams through once. Keys go
+// four at a time where a row sees all four (and hs is whole vectors): each chunk of
+// the row's q is loaded once for the four keys and the four sums share one reduction
+// tree (VecF::hsum4), which costs what one horizontal sum did.
 template <typename E>
 inline void decode_scores(const float* q, int64_t ldq, int64_t nr, const E* k, int64_t ldk, int64_t nc, int64_t hs,
                           float scale, float* s, int64_t lds, const int64_t* vis) {
   constexpr int64_t N = VecF::N;
-  for (int64_t j = 0; j < nc; ++j) {
-    const E* kj = k + j * ldk;
-    for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {  // the rows that see key j are the last ones
-      const float* qr = q + r * ldq;
-      VecF a0 = VecF::set1(0.0f), a1 = VecF::set1(0.0f);
-      int64_t c = 0;
-      for (; c + 2 * N <= hs; c += 2 * N) {
-        a0 = VecF::fmadd(VecF::load(qr + c), VecF::load(kj + c), a0);
-        a1 = VecF::fmadd(VecF::load(qr + c + N), VecF::load(kj + c + N), a1);
+  int64_t j = 0;
+  if (hs % N == 0) {
+    for (; j + 4 <= nc; j += 4) {
+      const E* k0 = k + j * ldk;
+      const E* k1 = k0 + ldk;
+      const E* k2 = k1 + ldk;
+      const E* k3 = k2 + ldk;
+      for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {  // the rows that see key j are the last ones
+        const float* qr = q + r * ldq;
+        float* sr = s + r * lds;
+        if (vis[r] < j + 4) {  // the row's causal edge: the keys it sees one by one
+          for (int64_t i = j; i < vis[r]; ++i) sr[i] = scale * decode_dot(qr, k + i * ldk, hs);
+          continue;
+        }
+        VecF a0 = VecF::set1(0.0f), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < hs; c += N) {
+          const VecF qc = VecF::load(qr + c);
+          a0 = VecF::fmadd(qc, VecF::load(k0 + c), a0);
+          a1 = VecF::fmadd(qc, VecF::load(k1 + c), a1);
+          a2 = VecF::fmadd(qc, VecF::load(k2 + c), a2);
+          a3 = VecF::fmadd(qc, VecF::load(k3 + c), a3);
+        }
+        float d[4];
+        VecF::hsum4(a0, a1, a2, a3, d);
+        for (int64_t i = 0; i < 4; ++i) sr[j + i] = scale * d[i];
       }
-      for (; c + N <= hs; c += N) a0 = VecF::fmadd(VecF::load(qr + c), VecF::load(kj + c), a0);
-      if (c < hs) a1 = VecF::fmadd(VecF::load_tail(qr + c, hs - c), VecF::load_tail(kj + c, hs - c), a1);
-      s[r * lds + j] = scale * (a0 + a1).hsum();
     }
+  }
+  for (; j < nc; ++j) {
+    const E* kj = k + j * ldk;
+    for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) s[r * lds + j] = scale * decode_dot(q + r * ldq, kj, hs);
   }
 }
 

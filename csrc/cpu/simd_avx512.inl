@@ -35,6 +35,14 @@ struct VecF {
   float hsum() const { return _mm512_reduce_add_ps(v); }
   float hmin() const { return _mm512_reduce_min_ps(v); }
   float hmax() const { return _mm512_reduce_max_ps(v); }
+  // out[0..3] = the lane sums of a, b, c, d (one reduction tree for four vectors).
+  static void hsum4(VecF a, VecF b, VecF c, VecF d, float* out) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a.v, b.v), _mm512_unpackhi_ps(a.v, b.v));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c.v, d.v), _mm512_unpackhi_ps(c.v, d.v));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  // per 128 bits: a b c d
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
 
   // exp, within 2 ulp: the algorithm and constants of vec::exp_f32, with
   // scalef (p * 2^n) over/underflowing exactly to inf/0. NaN stays NaN

@@ -51,6 +51,10 @@ struct VecF {
   float hsum() const { return vaddvq_f32(v); }
   float hmin() const { return vminvq_f32(v); }
   float hmax() const { return vmaxvq_f32(v); }
+  // out[0..3] = the lane sums of a, b, c, d (pairwise adds: one tree for four vectors).
+  static void hsum4(VecF a, VecF b, VecF c, VecF d, float* out) {
+    vst1q_f32(out, vpaddq_f32(vpaddq_f32(a.v, b.v), vpaddq_f32(c.v, d.v)));
+  }
 
   // exp, within 2 ulp: the algorithm and constants of vec::exp_f32 (and of the
   // AVX2 VecF), 2^n applied as two exponent-bit factors so that results near

@@ -24,5 +24,11 @@ struct VecF {
   float hsum() const { return v; }
   float hmin() const { return v; }
   float hmax() const { return v; }
+  static void hsum4(VecF a, VecF b, VecF c, VecF d, float* out) {
+    out[0] = a.v;
+    out[1] = b.v;
+    out[2] = c.v;
+    out[3] = d.v;
+  }
   static VecF exp(VecF a) { return {::attnext::vec::exp_f32(a.v)}; }
 };

@@ -1,7 +1,7 @@
 // Every VecF (scalar, AVX2, AVX-512, NEON) against the contract the kernels rely
 // on (cpu/vec_math.h): tail loads zero the lanes past n, tail stores write n
 // lanes and nothing after them, select_first, bfloat16 widening, horizontal
-// reductions, and min/max returning their second operand when either is NaN
+// reductions (hsum4 included), and min/max returning their second operand when either is NaN
 // (so a NaN in a row is treated alike by every instruction set).
 #include <cmath>
 #include <cstdint>
@@ -55,6 +55,14 @@
     }                                                                                                 \
     const VecF r = VecF::load(src + 7);                                                               \
     check(r.hsum() == sum && r.hmin() == mn && r.hmax() == mx, isa + ": hsum, hmin, hmax");          \
+    /* hsum4: four vectors' sums at once, each where it belongs (distinct sums, exact) */             \
+    float h4[4], want4[4] = {0, 0, 0, 0};                                                             \
+    for (int64_t w = 0; w < 4; ++w)                                                                   \
+      for (int64_t i = 0; i < N; ++i) want4[w] += src[w * 9 + i] * static_cast<float>(w + 1);        \
+    VecF::hsum4(VecF::load(src) * VecF::set1(1.0f), VecF::load(src + 9) * VecF::set1(2.0f),          \
+                VecF::load(src + 18) * VecF::set1(3.0f), VecF::load(src + 27) * VecF::set1(4.0f), h4); \
+    check(h4[0] == want4[0] && h4[1] == want4[1] && h4[2] == want4[2] && h4[3] == want4[3],          \
+          isa + ": hsum4");                                                                           \
     VecF::fmadd(VecF::set1(3.0f), VecF::load(src), VecF::set1(0.5f)).store(out);                      \
     bool ok_fma = true;                                                                               \
     for (int64_t i = 0; i < N; ++i) ok_fma &= out[i] == 3.0f * src[i] + 0.5f;                         \
