@@ -92,3 +92,44 @@ inline void amx_finish_row(const float* o, int64_t hsv, float m, float l, bool n
   }
   *lse = m + std::log(l);
 }
+
+// The backward's elementwise step on one (key tile x query tile) pair, transposed as
+// bwd_amx computes it: row c < nc of S^T and dP^T (row stride ld) holds key c's scores
+// and dP against the tile's queries r < nr (lanes; rows padded to nr16). Query r sees
+// key c where c < visr[r] (visr non-decreasing in r, so each key row's visible queries
+// are a suffix). One pass writes, as bfloat16 rows of ldo elements,
+//   P^T[c][r]  = exp(fma(S^T[c][r], scale, -lse[r]))   where r sees c, else 0,
+//   dS^T[c][r] = P^T[c][r] * (dP^T[c][r] - D[r]) * scale (from the unrounded P),
+// and 0 in the lanes [nr, nr16), for the products that follow (dV += P^T dO,
+// dK += dS^T Q, dQ^T += K^T dS^T). lse and D: the tile's nr rows, contiguous.
+inline void amx_bwd_pds_tile(const float* st, const float* dpt, int64_t nc, int64_t nr, int64_t nr16, int64_t ld,
+                             const int64_t* visr, const float* lse, const float* D, float scale, uint16_t* pT,
+                             uint16_t* dsT, int64_t ldo) {
+  constexpr int64_t N = VecF::N;
+  static_assert(N == 16, "lanes are one __mmask16");
+  const VecF vs = VecF::set1(scale);
+  int64_t r0 = 0;  // the first query that sees key c
+  for (int64_t c = 0; c < nc; ++c) {
+    while (r0 < nr && visr[r0] <= c) ++r0;
+    const float* x = st + c * ld;
+    const float* dp = dpt + c * ld;
+    uint16_t* pr = pT + c * ldo;
+    uint16_t* dr = dsT + c * ldo;
+    for (int64_t r = 0; r < nr16; r += N) {
+      const __mmask16 valid = VecF::first(std::min<int64_t>(N, std::max<int64_t>(nr - r, 0)));
+      const __mmask16 seen = valid & static_cast<__mmask16>(~VecF::first(std::min<int64_t>(N, std::max<int64_t>(r0 - r, 0))));
+      if (seen == 0) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + r), _mm256_setzero_si256());
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dr + r), _mm256_setzero_si256());
+        continue;
+      }
+      const __m512 neg_lse = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(valid, lse + r));
+      const VecF e = VecF::exp(VecF::fmadd(VecF{_mm512_maskz_loadu_ps(seen, x + r)}, vs, VecF{neg_lse}));
+      const __m512 p = _mm512_maskz_mov_ps(seen, e.v);
+      const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(seen, dp + r), _mm512_maskz_loadu_ps(valid, D + r));
+      const __m512 ds = _mm512_maskz_mul_ps(seen, _mm512_mul_ps(p, g), vs.v);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + r), (__m256i)_mm512_cvtneps_pbh(p));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dr + r), (__m256i)_mm512_cvtneps_pbh(ds));
+    }
+  }
+}

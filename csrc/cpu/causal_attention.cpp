@@ -1063,8 +1063,8 @@ void bwd_amx(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
   const at::BFloat16 zero(0.0f);
   struct Scratch {
     std::vector<at::BFloat16> tmp, qT, dOT, qP, dOP, krows, vrows, kT, pT, dsT, dsTP;
-    std::vector<float> st, dpt, dkacc, dvacc, dqT, lse0;
-    std::vector<int64_t> visr, full;
+    std::vector<float> st, dpt, dkacc, dvacc, dqT;
+    std::vector<int64_t> visr;
     ~Scratch() {
       if (!qT.empty()) at::native::cpublas::brgemm_release();
     }
@@ -1087,9 +1087,7 @@ void bwd_amx(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
     sc.dkacc.resize(kBk * g.hs);
     sc.dvacc.resize(kBk * g.hsv);
     sc.dqT.resize(g.hs * Tp);
-    sc.lse0.assign(kBk, 0.0f);
     sc.visr.resize(kBq);
-    sc.full.resize(kBk);
     return sc;
   };
   // X (rows of one batch, width w) packed per query tile: transposed (K = w, N = the
@@ -1154,27 +1152,13 @@ void bwd_amx(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
         cpublas::brgemm(nc, nr16, g.hs, g.hs, nr16, kBq, false, sc.krows.data(), sc.qT.data() + ti * qt_sz, st);
         cpublas::brgemm(nc, nr16, g.hsv, g.hsv, nr16, kBq, false, sc.vrows.data(), sc.dOT.data() + ti * dot_sz,
                         dpt);
-        // P^T = exp(S^T scale - lse) where row t sees key k0 + c, else 0 (masked before exp)
+        // P^T = exp(S^T scale - lse) where row t sees key k0 + c, else 0, and dS^T = P^T (dP^T - D)
+        // scale, both straight to bfloat16 (0 in the lanes past nr)
         int64_t* visr = sc.visr.data();
         for (int64_t r = 0; r < nr; ++r) visr[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-        for (int64_t c = 0; c < nc; ++c) {
-          float* x = st + c * kBq;
-          for (int64_t r = 0; r < nr; ++r) {
-            const float y = x[r] * scale - lse_b[t0 + r];
-            x[r] = c < visr[r] ? y : -std::numeric_limits<float>::infinity();
-          }
-          sc.full[c] = nr;
-        }
-        bwd_p_tile(st, nc, nr16, kBq, sc.full.data(), sc.lse0.data());  // P^T, 0 past nr
-        // dS^T = P^T (dP^T - D) scale
-        for (int64_t c = 0; c < nc; ++c) {
-          const float* p = st + c * kBq;
-          float* d = dpt + c * kBq;
-          for (int64_t r = 0; r < nr; ++r) d[r] = p[r] * (d[r] - D_b[t0 + r]) * scale;
-          for (int64_t r = nr; r < nr16; ++r) d[r] = 0.0f;
-        }
-        isa_bf16::float_rows_to_bf16(st, kBq, nc, nr16, reinterpret_cast<uint16_t*>(sc.pT.data()), kBq);
-        isa_bf16::float_rows_to_bf16(dpt, kBq, nc, nr16, reinterpret_cast<uint16_t*>(sc.dsT.data()), kBq);
+        isa_amx::amx_bwd_pds_tile(st, dpt, nc, nr, nr16, kBq, visr, lse_b + t0, D_b + t0, scale,
+                                  reinterpret_cast<uint16_t*>(sc.pT.data()), reinterpret_cast<uint16_t*>(sc.dsT.data()),
+                                  kBq);
         if (nce > nc) std::fill(sc.dsT.data() + nc * kBq, sc.dsT.data() + nc * kBq + nr16, zero);
         for (int64_t c = 0; c < g.hsv; c += kNB) {  // dV += P^T dO
           const int64_t w = std::min(kNB, g.hsv - c);
