@@ -183,6 +183,9 @@ def explain(op: str, *tensors: Tensor, window_size: Tuple[int, int] = (-1, 0)) -
     Its ``.kernels`` attribute says which native kernel runs where attnext chooses by
     measuring both on this CPU at first use of a workload class (its own float32 GEMM
     or the BLAS; its attention tiles or ATen's flash attention), and the decode pass.
+    bfloat16 attention tiles are named by what runs them: "attnext tiles (AVX512-BF16
+    dot products)", "(AMX brgemm)", "(Arm BF16 dot products, BFDOT)", or plain "attnext
+    tiles" where they are widened to float.
     Verdicts appear once the workload has run. ``window_size``: the attention window the call would use (see
     :func:`causal_attention`). Example: ``attnext.explain("causal_softmax", x)``.
     """

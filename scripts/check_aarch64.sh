@@ -14,8 +14,11 @@
 #      (SVE, BF16, I8MM, dot product) CPUs, and the ISA overrides;
 #   6. a subset of the Python tests under qemu (every op, forward and backward,
 #      against the reference; no torch.compile, too slow there), once on the NEON
-#      kernels and once on the scalar ones (ATTNEXT_CPU_ISA=scalar), with attnext
-#      from this tree plus the aarch64 _C in a temporary copy (the tree's x86
+#      kernels with the BF16 extension's bfloat16 tiles (max) and once on the scalar
+#      ones (ATEN_CPU_CAPABILITY=default), and the bfloat16 attention tests on the
+#      NEON kernels of a CPU without BF16 (cortex-a57: the widened-float tiles); each
+#      run checks which bfloat16 tiles ran (the kernel verdicts explain reports). attnext
+#      comes from this tree plus the aarch64 _C in a temporary copy (the tree's x86
 #      attnext/_C*.so is never touched).
 #
 # Needs root (apt-get) the first time. Environment:
@@ -169,6 +172,9 @@ for t in "${tests[@]}"; do
 done
 grep -h "VecF::exp\|exp_f32" "$out/test_simd_exp.log" || true
 grep -h "checked" "$out/test_simd_vecf.log" || true
+# qemu-user's default CPU (max) has the BF16 extension: its kernels must have run.
+grep -q "kernels on arm bf16" "$out/test_gemm_bf16.log" || { echo "FAIL test_gemm_bf16 did not run the BF16 kernels"; failed=$((failed + 1)); }
+grep -h "gemm_bf16:" "$out/test_gemm_bf16.log" || true
 [ "$failed" -eq 0 ] || { echo "$failed C++ test(s) failed under qemu"; exit 1; }
 
 # ---- 5 and 6: Python, attnext from a temporary copy of the tree plus the aarch64 _C
@@ -179,7 +185,8 @@ cp pyproject.toml "$tree/"
 cp "$out/_C.so" "$tree/attnext/_C.cpython-311-aarch64-linux-gnu.so"
 
 # Every import of torch costs ~30 s under qemu, so the ISA checks share the processes
-# of the test runs where they can: each run first checks _cpu_isa and _cpu_features.
+# of the test runs where they can: each run first checks _cpu_isa and _cpu_features,
+# and after its tests that the bfloat16 attention verdicts name the expected tiles.
 say "ISA choice and CPU features under qemu"
 all_features="['asimddp', 'bf16', 'i8mm', 'neon', 'sve', 'sve2']"  # what qemu's max CPU reports
 py_arm() {  # env assignments, then --, then python arguments; runs in the copy of the tree
@@ -197,12 +204,30 @@ want = (sys.argv[1], sys.argv[2])
 print("ISA and features:", got)
 if got != want:
     sys.exit(f"FAIL: expected {want}")
-if len(sys.argv) > 3:
-    import pytest
-    sys.exit(pytest.main(sys.argv[3:]))
+import pytest
+rc = pytest.main(sys.argv[4:])
+tiles = [c for c in torch.ops.attnext._kernel_choices() if ", bfloat16," in c]
+print("bfloat16 attention tiles:", tiles)
+if rc == 0 and (not tiles or not all(sys.argv[3] in c for c in tiles)):
+    sys.exit(f"FAIL: expected every bfloat16 verdict to name {sys.argv[3]!r}")
+sys.exit(rc)
 '
-# A CPU with NEON alone (no false features), and torch's own override.
-py_arm QEMU_CPU=cortex-a57 ATEN_CPU_CAPABILITY=default -- -c "$check_then_pytest" scalar "['neon']"
+# (ATTNEXT_ATTENTION_KERNEL=1: attnext's tiles, whose verdicts say which ran)
+bfdot_tiles="attnext tiles (Arm BF16 dot products, BFDOT) (forced"
+widened_tiles="attnext tiles (forced"
+# The bfloat16 attention tests (forward and gradients within twice eager's error of the
+# float64 oracle; the largest shapes left out) and the tile name check.
+bf16_selection=(
+  tests/test_attention.py::test_bfloat16_within_twice_eager_every_path
+  tests/test_attention.py::test_bfloat16_strided_views_and_chunked_backward
+  tests/test_kernel_choice.py::test_bfloat16_tiles_are_named_by_their_instructions
+)
+bf16_skip='every_path and (batch1 or batch6)'
+
+# A CPU with NEON alone (no false features): its bfloat16 tiles widen to float.
+say "bfloat16 attention tests under qemu's cortex-a57 (NEON, no BF16)"
+py_arm QEMU_CPU=cortex-a57 -- -c "$check_then_pytest" neon "['neon']" "$widened_tiles" \
+  -q -x -p no:cacheprovider "${bf16_selection[@]}" -k "not ($bf16_skip)"
 
 # One selection for both runs: every op's forward and backward against the
 # reference (float32, bfloat16 and float64 gradients), on the shapes that reach
@@ -226,6 +251,7 @@ selection=(
   tests/test_attention.py::test_transposed_views_like_nanogpt
   tests/test_attention.py::test_matches_sdpa_float32
   tests/test_attention.py::test_fallback_parity
+  "${bf16_selection[@]}"
   tests/test_attention_qkvpacked.py
   tests/test_attention_decode.py::test_decode_matches_reference
   tests/test_attention_decode.py::test_decode_lse_matches_reference
@@ -250,9 +276,13 @@ selection=(
 # long decode rows.
 skip='(match_oracle and (dtype1 or dtype3)) or (non_finite_scores and dtype0)'
 skip+=' or 520-520 or 200-200 or 150-64 or 2100 or 3000 or compile or opcheck or hypothesis or slow or cuda'
-for isa in neon scalar; do
-  say "Python tests under qemu, ATTNEXT_CPU_ISA=$isa"
-  py_arm QEMU_CPU=max ATTNEXT_CPU_ISA="$isa" -- -c "$check_then_pytest" "$isa" "$all_features" \
-    -q -x -p no:cacheprovider "${selection[@]}" -k "not ($skip)"
-done
+skip+=" or ($bf16_skip)"
+# NEON with the BF16 extension's tiles (ATTNEXT_CPU_ISA=neon: the ISA override names
+# the best one, a no-op), then the scalar kernels through torch's own override.
+say "Python tests under qemu's max CPU, ATTNEXT_CPU_ISA=neon (BFDOT bfloat16 tiles)"
+py_arm QEMU_CPU=max ATTNEXT_CPU_ISA=neon -- -c "$check_then_pytest" neon "$all_features" "$bfdot_tiles" \
+  -q -x -p no:cacheprovider "${selection[@]}" -k "not ($skip)"
+say "Python tests under qemu's max CPU, ATEN_CPU_CAPABILITY=default (scalar)"
+py_arm QEMU_CPU=max ATEN_CPU_CAPABILITY=default -- -c "$check_then_pytest" scalar "$all_features" "$widened_tiles" \
+  -q -x -p no:cacheprovider "${selection[@]}" -k "not ($skip)"
 say "done"

@@ -615,7 +615,8 @@ def _bf16_errors(batch, T, S, hs, hs_v, align, dropout_p):
 @needs_native
 @pytest.mark.parametrize("batch,T,S,hs,hs_v,align,dropout_p", BF16_SHAPES)
 def test_bfloat16_within_twice_eager_every_path(batch, T, S, hs, hs_v, align, dropout_p):
-    # On CPUs with AVX512-BF16 the tile products run in bfloat16 (P and dS rounded
+    # On CPUs with AVX512-BF16 or AArch64's BF16 extension (BFDOT, checked under qemu
+    # by scripts/check_aarch64.sh) the tile products run in bfloat16 (P and dS rounded
     # to bfloat16, as eager does); elsewhere, and for odd head sizes, tiles are
     # widened to float. Either way: at most twice eager bfloat16's own error.
     for ours, eager in _bf16_errors(batch, T, S, hs, hs_v, align, dropout_p):

@@ -206,3 +206,45 @@ def test_amx_tiles_match_the_avx512_bf16_tiles(tmp_path):
     assert not any("AMX" in n for n in dot_notes), dot_notes
     for e_amx, e_dot in zip(amx, dot):
         assert e_amx <= 1.5 * e_dot + 4e-3, (amx, dot)
+
+
+def _expected_bf16_tiles() -> str:
+    """The name kernel_choice gives attnext's bfloat16 tiles on this CPU and environment
+    (what csrc/cpu/causal_attention.cpp's own_tiles_name decides), from what the extension
+    reports: the dot-product tiles where the CPU has the instructions and the ISA that
+    carries them is selected, else the widened-float tiles."""
+    import os
+
+    isa, features = torch.ops.attnext._cpu_isa(), set(torch.ops.attnext._cpu_features())
+    if os.environ.get("ATTNEXT_BF16_DOT") == "0":
+        return "attnext tiles"
+    if isa == "avx512" and "avx512bf16" in features:
+        amx = torch.cpu._is_amx_tile_supported() and os.environ.get("ATTNEXT_AMX") != "0"
+        return "attnext tiles (AMX brgemm)" if amx else "attnext tiles (AVX512-BF16 dot products)"
+    if isa == "neon" and "bf16" in features:
+        return "attnext tiles (Arm BF16 dot products, BFDOT)"
+    return "attnext tiles"
+
+
+@needs_native
+def test_bfloat16_tiles_are_named_by_their_instructions():
+    # explain names the bfloat16 tiles that ran: AVX512-BF16 (or AMX) on x86-64, the BF16
+    # extension's BFDOT on AArch64 (scripts/check_aarch64.sh runs this under qemu CPUs with
+    # and without it), widened float elsewhere ("attnext tiles" and then the verdict).
+    import os
+
+    if os.environ.get("ATTNEXT_ATTENTION_KERNEL") == "0":
+        pytest.skip("ATTNEXT_ATTENTION_KERNEL=0: the verdicts name ATen's kernel only")
+    q, k, v = (torch.randn(1, 2, 40, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = attnext.causal_attention(q, k, v)
+    out.sum().backward()
+    notes = attnext.explain("causal_attention", q, k, v).kernels
+    # this call's class (explain lists every bfloat16 verdict made so far)
+    tiles = [n for n in notes if n.startswith("attention ") and ", bfloat16, head size <= 64, T <= 256:" in n]
+    assert len(tiles) == 2, notes  # forward and backward
+    want = _expected_bf16_tiles()
+    others = ("AVX512-BF16", "BFDOT", "AMX")
+    for n in tiles:
+        assert want in n, (want, n)
+        if want == "attnext tiles":  # widened: no dot-product kernel named
+            assert not any(o in n for o in others), n

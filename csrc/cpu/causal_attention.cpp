@@ -112,13 +112,30 @@ namespace isa_scalar {
 #include "cpu/causal_attention_tiles.inl"
 }  // namespace isa_scalar
 
-// ---- bfloat16 products on AVX512-BF16 (cpu/gemm_bf16.inl)
+// ---- bfloat16 products on AVX512-BF16 (cpu/gemm_bf16.inl) or on AArch64's BF16
+// extension (cpu/gemm_bf16_neon.inl): the same functions and layouts
 #if ATTNEXT_X86_SIMD
 ATTNEXT_ISA_BEGIN_AVX512BF16
 namespace isa_bf16 {
 #include "cpu/gemm_bf16.inl"
 }  // namespace isa_bf16
 ATTNEXT_ISA_END
+#define ATTNEXT_BF16_TILES 1
+#elif ATTNEXT_ARM_BF16
+ATTNEXT_ISA_BEGIN_ARM_BF16
+namespace isa_bf16 {
+#include "cpu/gemm_bf16_neon.inl"
+}  // namespace isa_bf16
+ATTNEXT_ISA_END
+#define ATTNEXT_BF16_TILES 1
+#else
+#define ATTNEXT_BF16_TILES 0
+#endif
+// AMX (ATen's brgemm on x86-64 CPUs that have it) for the bfloat16 tiles.
+#if ATTNEXT_X86_SIMD && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define ATTNEXT_AMX_BRGEMM 1
+#else
+#define ATTNEXT_AMX_BRGEMM 0
 #endif
 #if ATTNEXT_X86_SIMD
 ATTNEXT_ISA_BEGIN_AVX512BF16
@@ -743,14 +760,15 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   if (!dq_in_place) reduce_dq_chunks(dq_acc, dq);
 }
 
-#if ATTNEXT_X86_SIMD
-// ---- bfloat16 on CPUs with AVX512-BF16: the tile products in bfloat16
+#if ATTNEXT_BF16_TILES
+// ---- bfloat16 on CPUs with AVX512-BF16 or AArch64's BF16 extension: the tile
+// products in bfloat16
 //
 // The same algorithm as fwd_impl / bwd_impl, with every product of the tiles
-// a bfloat16 x bfloat16 -> float dot product (isa_bf16::gemm_bf16, about 5x the
-// float BLAS on the dev VM). The inputs are bfloat16 already; P and dS are
-// rounded to bfloat16 before they multiply (as eager bfloat16 and SDPA's
-// bfloat16 kernel do); softmax, accumulators and lse stay float. Operands are
+// a bfloat16 x bfloat16 -> float dot product (isa_bf16::gemm_bf16: vdpbf16ps,
+// about 5x the float BLAS on the dev VM, or BFDOT). The inputs are bfloat16
+// already; P and dS are rounded to bfloat16 before they multiply (as eager
+// bfloat16 and SDPA's bfloat16 kernel do); softmax, accumulators and lse stay float. Operands are
 // repacked per tile into the pair layouts gemm_bf16 reads (see gemm_bf16.inl).
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -771,7 +789,7 @@ const uint32_t* words(const uint16_t* p) { return reinterpret_cast<const uint32_
 // words) are the layout brgemm takes its packed B in on AMX CPUs; amx_available checks
 // that once against cpublas::pack, so a CPU or oneDNN that packs otherwise never gets
 // here. brgemm has no alpha: scale_rows applies the scale to the visible scores.
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#if ATTNEXT_AMX_BRGEMM
 bool amx_layout_ok() {
   constexpr int64_t K = 6, N = 32;
   std::vector<uint16_t> rows(K * N), packed(K * N);
@@ -1030,7 +1048,7 @@ void bwd_bf16dot(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   reduce_dq_chunks(dq_acc, dq);
 }
 
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#if ATTNEXT_AMX_BRGEMM
 
 // The backward on AMX (no dropout): per key tile of 64 keys, per query tile of 64 rows,
 // everything computed transposed, so that no product needs a transposed operand built
@@ -1186,7 +1204,7 @@ void bwd_amx(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
 }
 #endif
 
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#if ATTNEXT_AMX_BRGEMM
 // The forward on AMX without dropout. The algorithm of fwd_bf16dot, with fewer passes:
 // Q is brgemm's A in place (its row stride as lda), K^T and V are packed straight from
 // their rows into the pair layouts (brgemm's packed B; amx_layout_ok), once per batch
@@ -1330,9 +1348,9 @@ void forward_native(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
     return;
   }
   const Dropout drop(dropout_p, ds.seed, ds.offset);
-#if ATTNEXT_X86_SIMD
+#if ATTNEXT_BF16_TILES
   if (use_bf16dot(q, k, v, g)) {
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#if ATTNEXT_AMX_BRGEMM
     if (!drop.on && amx_available()) {
       fwd_amx(q, k, v, out, lse, g, scale);
       return;
@@ -1356,9 +1374,9 @@ void backward_native(const at::Tensor& grad_out_in, const at::Tensor& q_in, cons
   const at::Tensor dout = prepare(grad_out_in), out = prepare(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const Dropout drop(dropout_p, ds.seed, ds.offset);
-#if ATTNEXT_X86_SIMD
+#if ATTNEXT_BF16_TILES
   if (use_bf16dot(q, k, v, g)) {
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#if ATTNEXT_AMX_BRGEMM
     if (!drop.on && amx_available()) {
       bwd_amx(dout, q, k, v, out, lse, dq, dk, dv, g, scale);
       return;
@@ -1372,13 +1390,31 @@ void backward_native(const at::Tensor& grad_out_in, const at::Tensor& q_in, cons
                                  [&] { bwd_impl<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop); });
 }
 
+// How kernel_choice's verdicts (and so attnext.explain) name attnext's tiles for a
+// call: the bfloat16 dot-product tiles by their instructions, AMX where it runs them.
+std::string own_tiles_name(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g) {
+#if ATTNEXT_BF16_TILES
+  if (use_bf16dot(q, k, v, g)) {
+    if (amx_available()) return "attnext tiles (AMX brgemm)";
+#if ATTNEXT_X86_SIMD
+    return "attnext tiles (AVX512-BF16 dot products)";
+#else
+    return "attnext tiles (Arm BF16 dot products, BFDOT)";
+#endif
+  }
+#endif
+  return "attnext tiles";
+}
+
 // ---- ATen's flash attention as the other kernel, chosen by measurement
 //
 // torch's own CPU flash attention (at::_scaled_dot_product_flash_attention_for_cpu
 // and its backward) computes the same (out, lse) contract. Where the CPU has AMX,
 // ATen runs bfloat16 tiles on it and beats attnext's AVX512-BF16 tiles by a wide
-// margin; elsewhere attnext's tiles win. So, per pass, dtype and head-size class,
-// both are timed at first use (kernel_choice.h) and the faster runs. Only calls ATen
+// margin; elsewhere attnext's tiles win (on AArch64, its BFDOT or widened tiles against
+// ATen's NEON kernels: not measured on hardware yet, so nothing is assumed there either).
+// So, per pass, dtype and head-size class, both are timed at first use
+// (kernel_choice.h) and the faster runs. Only calls ATen
 // can compute exactly take part: no dropout (attnext's mask is its own hash), the
 // causal window, top-left alignment (or T == S; bottom-right with T < S and T x S
 // at most 2^24 goes with a boolean mask: chunked prefill), T above the decode pass's rows,
@@ -1497,13 +1533,7 @@ bool use_aten(bool backward, at::ScalarType st, const Geometry& call) {
     own = [=]() mutable { forward_native(q, k, v, out, lse, g, scale, 0.0, ds); };
     lib = [=] { at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, mask, scale); };
   }
-  bool amx = false;
-#if ATTNEXT_X86_SIMD && defined(CPUBLAS_BRGEMM_BF16BF16F32)
-  amx = st == at::kBFloat16 && use_bf16dot(q, k, v, g) && amx_available();
-#endif
-  return !choose_kernel(what, amx ? "attnext tiles (AMX brgemm)" : "attnext tiles", "ATen flash attention", own, lib,
-                        forced)
-              .own;
+  return !choose_kernel(what, own_tiles_name(q, k, v, g), "ATen flash attention", own, lib, forced).own;
 }
 
 // ATen's forward where it can run and is chosen and its logsumexp is plain: (out,

@@ -104,13 +104,15 @@ std::vector<std::string> cpu_features() {
 
 bool bf16_dot_available() {
   static const bool ok = [] {
-#if ATTNEXT_X86_SIMD
     const char* env = std::getenv("ATTNEXT_BF16_DOT");
     if (env != nullptr && std::string(env) == "0") {
       return false;
     }
+#if ATTNEXT_X86_SIMD
     __builtin_cpu_init();
     return detected_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+#elif ATTNEXT_ARM_BF16 && defined(__linux__)
+    return detected_isa() == Isa::kNeon && (getauxval(AT_HWCAP2) & (1ul << 14)) != 0;  // HWCAP2_BF16
 #else
     return false;
 #endif

@@ -58,6 +58,25 @@
 #define ATTNEXT_ARM_NEON 0
 #endif
 
+// AArch64's BF16 extension (FEAT_BF16: BFDOT, BFCVTN; Neoverse V1/V2/N2, Graviton3
+// and 4, Grace, Apple M2 and later) is not baseline: its kernels sit in an
+// ATTNEXT_ISA_BEGIN_ARM_BF16 / ATTNEXT_ISA_END region and run only where the CPU
+// reports it (simd::bf16_dot_available). GCC (11 and later) declares the BF16
+// intrinsics for such a target region. clang's arm_neon.h (14, at least) declares
+// them only when the whole file is compiled for BF16 (-march=...+bf16), so with
+// clang the kernels exist only then, and need no region.
+#if ATTNEXT_ARM_NEON && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define ATTNEXT_ARM_BF16 1
+#define ATTNEXT_ISA_BEGIN_ARM_BF16 _Pragma("GCC push_options") _Pragma("GCC target(\"arch=armv8.2-a+bf16\")")
+#define ATTNEXT_ISA_END _Pragma("GCC pop_options")
+#elif ATTNEXT_ARM_NEON && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define ATTNEXT_ARM_BF16 1
+#define ATTNEXT_ISA_BEGIN_ARM_BF16
+#define ATTNEXT_ISA_END
+#else
+#define ATTNEXT_ARM_BF16 0
+#endif
+
 namespace attnext {
 namespace vec {
 
@@ -139,9 +158,11 @@ const char* isa_name(Isa isa);
 // AArch64 neon (always), asimddp, sve, sve2, bf16, i8mm (getauxval(AT_HWCAP/2)).
 std::vector<std::string> cpu_features();
 
-// Whether the bfloat16 dot-product instructions (AVX512-BF16, vdpbf16ps) may be
-// used: the CPU has them, the AVX-512 kernels are selected (detected_isa), and
-// ATTNEXT_BF16_DOT is not 0. Decided once per process.
+// Whether the bfloat16 dot-product instructions may be used: on x86-64
+// AVX512-BF16 (vdpbf16ps) with the AVX-512 kernels selected, on AArch64 the BF16
+// extension (BFDOT; HWCAP2_BF16) with the NEON kernels selected (detected_isa) in a
+// build that has its kernels (ATTNEXT_ARM_BF16); and ATTNEXT_BF16_DOT is not 0.
+// Decided once per process.
 bool bf16_dot_available();
 
 // Orders this thread's earlier non-temporal (streaming) stores before its later
