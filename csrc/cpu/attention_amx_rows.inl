@@ -133,3 +133,21 @@ inline void amx_bwd_pds_tile(const float* st, const float* dpt, int64_t nc, int6
     }
   }
 }
+
+// dst[c * ldd + r] = src[r * lds + c] for r < R, c < C (C even; 16-bit elements): 16 rows
+// at a time, two columns per 32-bit gather (the low half is the even column), split into
+// the two destination rows. lds * 15 must fit a 32-bit element offset (the callers'
+// row strides are below 2^27: use_bf16dot).
+inline void bf16_transpose(const uint16_t* src, int64_t lds, int64_t R, int64_t C, uint16_t* dst, int64_t ldd) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(lds)));
+  for (int64_t r0 = 0; r0 < R; r0 += 16) {
+    const __mmask16 m = VecF::first(std::min<int64_t>(16, R - r0));
+    const uint16_t* base = src + r0 * lds;
+    for (int64_t c = 0; c < C; c += 2) {
+      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, base + c, 2);
+      _mm256_mask_storeu_epi16(dst + c * ldd + r0, m, _mm512_cvtepi32_epi16(w));
+      _mm256_mask_storeu_epi16(dst + (c + 1) * ldd + r0, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+    }
+  }
+}

@@ -1114,10 +1114,8 @@ void bwd_amx(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
                         at::BFloat16* xT, int64_t t_sz, at::BFloat16* xP, int64_t p_sz) {
     at::BFloat16* t = sc.tmp.data();
     for (int64_t d = 0; d < w; ++d) std::fill(t + d * Tp + g.T, t + (d + 1) * Tp, zero);
-    for (int64_t r = 0; r < g.T; ++r) {
-      const at::BFloat16* row = X.at(b, r);
-      for (int64_t d = 0; d < w; ++d) t[d * Tp + r] = row[d];
-    }
+    isa_amx::bf16_transpose(reinterpret_cast<const uint16_t*>(X.at(b, 0)), X.ld, g.T, w,
+                            reinterpret_cast<uint16_t*>(t), Tp);
     for (int64_t i = 0; i < nqt; ++i) {
       const int64_t n16 = r16(std::min(kBq, g.T - i * kBq));
       cpublas::pack(w, n16, Tp, n16, at::kBFloat16, at::kBFloat16, t + i * kBq, xT + i * t_sz);
@@ -1157,9 +1155,8 @@ void bwd_amx(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
       }
       at::BFloat16* kT = sc.kT.data();  // (hs, 64), zero past nc
       for (int64_t d = 0; d < g.hs; ++d) std::fill(kT + d * kBk + nc, kT + (d + 1) * kBk, zero);
-      for (int64_t r = 0; r < nc; ++r) {
-        for (int64_t d = 0; d < g.hs; ++d) kT[d * kBk + r] = sc.krows[r * g.hs + d];
-      }
+      isa_amx::bf16_transpose(reinterpret_cast<const uint16_t*>(sc.krows.data()), g.hs, nc, g.hs,
+                              reinterpret_cast<uint16_t*>(kT), kBk);
       std::fill(sc.dkacc.begin(), sc.dkacc.end(), 0.0f);
       std::fill(sc.dvacc.begin(), sc.dvacc.end(), 0.0f);
       const int64_t t_first = first_query(g, k0) / kBq * kBq;
