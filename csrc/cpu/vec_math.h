@@ -62,17 +62,23 @@
 // and 4, Grace, Apple M2 and later) is not baseline: its kernels sit in an
 // ATTNEXT_ISA_BEGIN_ARM_BF16 / ATTNEXT_ISA_END region and run only where the CPU
 // reports it (simd::bf16_dot_available). GCC (11 and later) declares the BF16
-// intrinsics for such a target region. clang's arm_neon.h (14, at least) declares
-// them only when the whole file is compiled for BF16 (-march=...+bf16), so with
-// clang the kernels exist only then, and need no region.
-#if ATTNEXT_ARM_NEON && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define ATTNEXT_ARM_BF16 1
-#define ATTNEXT_ISA_BEGIN_ARM_BF16 _Pragma("GCC push_options") _Pragma("GCC target(\"arch=armv8.2-a+bf16\")")
-#define ATTNEXT_ISA_END _Pragma("GCC pop_options")
-#elif ATTNEXT_ARM_NEON && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+// intrinsics for such a target region: armv8.2-a+bf16 for the baseline build, +bf16
+// on top of an Armv9 one (the arch= form would lower it, and warn). clang's
+// arm_neon.h (14, at least) declares them only when the whole file is compiled for
+// BF16 (-march=...+bf16), so with clang the kernels exist only then; a build that
+// targets BF16 throughout needs no region with either compiler.
+#if ATTNEXT_ARM_NEON && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
 #define ATTNEXT_ARM_BF16 1
 #define ATTNEXT_ISA_BEGIN_ARM_BF16
 #define ATTNEXT_ISA_END
+#elif ATTNEXT_ARM_NEON && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define ATTNEXT_ARM_BF16 1
+#if __ARM_ARCH >= 9
+#define ATTNEXT_ISA_BEGIN_ARM_BF16 _Pragma("GCC push_options") _Pragma("GCC target(\"+bf16\")")
+#else
+#define ATTNEXT_ISA_BEGIN_ARM_BF16 _Pragma("GCC push_options") _Pragma("GCC target(\"arch=armv8.2-a+bf16\")")
+#endif
+#define ATTNEXT_ISA_END _Pragma("GCC pop_options")
 #else
 #define ATTNEXT_ARM_BF16 0
 #endif
