@@ -5,6 +5,11 @@
 // bfloat16 cache is read at 2 bytes an element); vis[r] in [0, nc]: how many of the
 // block's keys row r sees (non-decreasing in r: the causal mask).
 
+#ifndef ATTNEXT_DECODE_PREFETCH
+#define ATTNEXT_DECODE_PREFETCH 16
+#endif
+constexpr int64_t kPrefetchKeys = ATTNEXT_DECODE_PREFETCH;  // how far ahead rows are prefetched
+
 // <q, k> over hs elements: two accumulators, one horizontal sum.
 template <typename E>
 inline float decode_dot(const float* qr, const E* kj, int64_t hs) {
@@ -36,6 +41,12 @@ inline void decode_scores(const float* q, int64_t ldq, int64_t nr, const E* k, i
       const E* k1 = k0 + ldk;
       const E* k2 = k1 + ldk;
       const E* k3 = k2 + ldk;
+      if (kPrefetchKeys > 0 && nr > 1 && j + 4 + kPrefetchKeys <= nc) {  // several rows per key: help the stream along
+        for (int64_t i = 0; i < 4; ++i) {
+          const char* row = reinterpret_cast<const char*>(k + (j + kPrefetchKeys + i) * ldk);
+          for (int64_t b = 0; b < hs * static_cast<int64_t>(sizeof(E)); b += 64) __builtin_prefetch(row + b);
+        }
+      }
       for (int64_t r = nr - 1; r >= 0 && j < vis[r]; --r) {  // the rows that see key j are the last ones
         const float* qr = q + r * ldq;
         float* sr = s + r * lds;
@@ -71,6 +82,12 @@ inline void decode_pv(const float* p, int64_t ldp, int64_t nr, const E* v, int64
   constexpr int64_t N = VecF::N;
   int64_t j = 0;
   for (; j + 4 <= nc; j += 4) {
+    if (kPrefetchKeys > 0 && nr > 1 && j + 4 + kPrefetchKeys <= nc) {
+      for (int64_t i = 0; i < 4; ++i) {
+        const char* row = reinterpret_cast<const char*>(v + (j + kPrefetchKeys + i) * ldv);
+        for (int64_t b = 0; b < hsv * static_cast<int64_t>(sizeof(E)); b += 64) __builtin_prefetch(row + b);
+      }
+    }
     const E* v0 = v + j * ldv;
     const E* v1 = v0 + ldv;
     const E* v2 = v1 + ldv;
