@@ -3,6 +3,24 @@
 // region after simd_avx512.inl (VecF); called only where AMX runs, which implies
 // both. Each replaces several passes over a tile of the AVX512-BF16 forward with one.
 
+// exp for weights that are rounded to bfloat16 next (8 significant bits): one-constant
+// range reduction and a degree-5 Taylor polynomial, within 3e-6 relative of exp over
+// its whole range (against VecF::exp's 2 ulp), in 9 instructions instead of 13. Same
+// edges as VecF::exp: -inf and anything below -104 give 0, NaN stays NaN (the clamp
+// returns its second operand).
+inline VecF exp_bf16_weights(VecF a) {
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), a.v);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(::attnext::vec::kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 120.0f), r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return {_mm512_scalef_ps(p, n)};
+}
+
 // Online-softmax step on raw scores (brgemm has no alpha), the scale folded into the
 // exponent: for each row r, with L = vis[r] visible columns of s (nr x nc, ld),
 //   m_new = max(m[r], scale * max_j s[r][j]),   (scale > 0: the max commutes)
@@ -36,13 +54,13 @@ inline void amx_softmax_tile(const float* s, int64_t nr, int64_t nc, int64_t ld,
     const VecF neg_m = VecF::set1(m_new == -__builtin_inff() ? 0.0f : -m_new);
     VecF acc = VecF::set1(0.0f);
     for (j = 0; j + N <= L; j += N) {
-      const VecF e = VecF::exp(VecF::fmadd(VecF::load(x + j), vs, neg_m));
+      const VecF e = exp_bf16_weights(VecF::fmadd(VecF::load(x + j), vs, neg_m));
       acc = acc + e;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e.v));
     }
     if (j < L) {
       const int64_t n = L - j;
-      const VecF e = VecF::select_first(n, VecF::exp(VecF::fmadd(VecF::load_tail(x + j, n), vs, neg_m)),
+      const VecF e = VecF::select_first(n, exp_bf16_weights(VecF::fmadd(VecF::load_tail(x + j, n), vs, neg_m)),
                                         VecF::set1(0.0f));
       acc = acc + e;
       _mm256_mask_storeu_epi16(pr + j, VecF::first(n), (__m256i)_mm512_cvtneps_pbh(e.v));
