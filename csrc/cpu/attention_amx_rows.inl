@@ -4,7 +4,7 @@
 // both. Each replaces several passes over a tile of the AVX512-BF16 forward with one.
 
 // exp for weights that are rounded to bfloat16 next (8 significant bits): one-constant
-// range reduction and a degree-5 Taylor polynomial, within 3e-6 relative of exp over
+// range reduction and a degree-5 Taylor polynomial, within 1e-5 relative of exp over
 // its whole range (against VecF::exp's 2 ulp), in 9 instructions instead of 13. Same
 // edges as VecF::exp: -inf and anything below -104 give 0, NaN stays NaN (the clamp
 // returns its second operand).
