@@ -64,7 +64,6 @@ inline void amx_softmax_tile(const float* s, int64_t nr, int64_t nc, int64_t ld,
                                         VecF::set1(0.0f));
       acc = acc + e;
       _mm256_mask_storeu_epi16(pr + j, VecF::first(n), (__m256i)_mm512_cvtneps_pbh(e.v));
-      j = L;
     }
     if (ncp > L) std::memset(pr + L, 0, sizeof(uint16_t) * (ncp - L));
     const float a = m_old == -__builtin_inff() ? 0.0f : ::attnext::vec::exp_f32(m_old - m_new);
