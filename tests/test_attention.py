@@ -49,6 +49,11 @@ SHAPES = [
     ((2,), 150, 70, 24, 16, "bottom_right"),  # T > S bottom-right: first rows see no key
     ((2,), 150, 70, 24, 16, "top_left"),  # T > S top-left
     ((1, 1), 65, 129, 64, 32, "bottom_right"),  # diagonal crossing tile boundaries
+    # past the backward's 256-row query blocks: a partial second block, and blocks
+    # that start mid-way through a key tile's rows (T != S either way)
+    ((1,), 300, 300, 32, 32, "top_left"),
+    ((1,), 270, 600, 16, 24, "bottom_right"),
+    ((1,), 600, 270, 16, 16, "bottom_right"),
 ]
 
 

@@ -16,7 +16,7 @@ def test_explain_reports_the_gemm_choice():
     assert ex.kernels[0].startswith("float32 GEMM, matmul: ")
     assert ("own AVX-512 kernel" in ex.kernels[0]) or ("BLAS" in ex.kernels[0])
     ex = attnext.explain("causal_attention", *(torch.randn(2, 40, 8) for _ in range(3)))
-    assert ex == [] and any(k.startswith("float32 GEMM, attention tiles: ") for k in ex.kernels)
+    assert ex == [] and any(k.startswith("float32 GEMM, attention tiles (forward): ") for k in ex.kernels)
     # decoding shapes name the decode pass; other dtypes have no GEMM choice to report
     ex = attnext.explain("causal_attention", torch.randn(2, 1, 8), torch.randn(2, 9, 8), torch.randn(2, 9, 8))
     assert any("decode pass" in k for k in ex.kernels)

@@ -53,26 +53,49 @@ void blas_sgemm(int m, int n, int k, const float* a, const float* b, float* c) {
   sgemm_(&t, &t, &n, &m, &k, &one, b, &n, a, &k, &zero, c, &n);
 }
 
+// Row-major C (m, n) (+)= A B through the column-major BLAS, A (m, k) at stride lda
+// or, with at, A^T stored (k, m); B (k, n), or with bt B^T stored (n, k).
+void blas_tile(bool at, bool bt, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+               float beta, float* c, int ldc) {
+  const char ta = bt ? 'T' : 'N', tb = at ? 'T' : 'N';
+  sgemm_(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
 // Times both GEMMs on a problem of the workload's class (kernel_choice.h).
 const KernelChoice& measure(GemmUse use) {
-  const bool tiles = use == GemmUse::kAttentionTiles;
-  const std::string what = tiles ? "float32 GEMM, attention tiles" : "float32 GEMM, matmul";
+  const bool fwd = use == GemmUse::kAttentionForward, bwd = use == GemmUse::kAttentionBackward;
+  const bool tiles = fwd || bwd;
+  const std::string what = fwd   ? "float32 GEMM, attention tiles (forward)"
+                           : bwd ? "float32 GEMM, attention tiles (backward)"
+                                 : "float32 GEMM, matmul";
   const F32Gemm kernel = f32_gemm_kernel();
   if (kernel == nullptr) return fixed_kernel(what, false, "BLAS (the own kernel needs AVX-512, or ATTNEXT_F32_GEMM=0)");
   if (sgemm_ == nullptr) return fixed_kernel(what, true, "own AVX-512 kernel (this torch exports no BLAS)");
-  // attention: one thread's 64-row tile against 256 keys at head size 64 (scores);
+  // forward: one thread's 64-row tile against 256 keys at head size 64 (the scores);
+  // backward: one thread's five products of a 256-row block against a 64-key tile
+  // at head size 64 (S = Q K^T, dV += P^T dO, dP = dO V^T, dQ += dS K, dK += dS^T Q);
   // matmul: a projection-like 192 x 768 x 192, threaded as matmul threads it.
-  const int m = tiles ? 64 : 192, n = tiles ? 256 : 768, k = tiles ? 64 : 192;
-  const int reps = tiles ? 16 : 1;
-  auto a = std::make_shared<std::vector<float>>(size_t(m) * k);
-  auto b = std::make_shared<std::vector<float>>(size_t(k) * n);
-  auto c = std::make_shared<std::vector<float>>(size_t(m) * n);
+  const int m = fwd ? 64 : bwd ? 256 : 192, n = fwd ? 256 : bwd ? 64 : 768, k = fwd ? 64 : bwd ? 64 : 192;
+  const int reps = fwd ? 16 : bwd ? 4 : 1;
+  auto a = std::make_shared<std::vector<float>>(size_t(m) * k);    // Q, dO (m, k)
+  auto b = std::make_shared<std::vector<float>>(size_t(k) * n);    // K, V (n, k) or B (k, n)
+  auto c = std::make_shared<std::vector<float>>(size_t(m) * n);    // S, dP (m, n)
+  auto bt = std::make_shared<std::vector<float>>(size_t(k) * n);   // K^T, V^T (k, n)
+  auto acc = std::make_shared<std::vector<float>>(size_t(m) * k);  // dQ (m, k)
+  auto acc2 = std::make_shared<std::vector<float>>(size_t(n) * k); // dK, dV (n, k)
   for (size_t i = 0; i < a->size(); ++i) (*a)[i] = float((i * 7) % 13) * 0.1f - 0.6f;
-  for (size_t i = 0; i < b->size(); ++i) (*b)[i] = float((i * 5) % 11) * 0.1f - 0.5f;
+  for (size_t i = 0; i < b->size(); ++i) (*b)[i] = (*bt)[i] = float((i * 5) % 11) * 0.1f - 0.5f;
+  for (size_t i = 0; i < c->size(); ++i) (*c)[i] = float((i * 3) % 7) * 0.01f;
   auto own = [=] {
     for (int r = 0; r < reps; ++r) {
-      if (tiles) {
+      if (fwd) {
         kernel(m, n, k, a->data(), k, 1, b->data(), n, c->data(), n, 1.0f, false);
+      } else if (bwd) {
+        kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 0.125f, false);         // S
+        kernel(n, k, m, c->data(), 1, n, a->data(), k, acc2->data(), k, 1.0f, true);          // dV
+        kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 1.0f, false);           // dP
+        kernel(m, k, n, c->data(), n, 1, b->data(), k, acc->data(), k, 1.0f, true);           // dQ
+        kernel(n, k, m, c->data(), 1, n, a->data(), k, acc2->data(), k, 1.0f, true);          // dK
       } else {
         f32_gemm_blocked(m, n, k, a->data(), k, 1, b->data(), n, 1, c->data(), n, false);
       }
@@ -80,7 +103,17 @@ const KernelChoice& measure(GemmUse use) {
   };
   auto blas = [=] {
     const SingleThreadedBlas one_thread(tiles);  // the tiles run inside the kernel's own threads
-    for (int r = 0; r < reps; ++r) blas_sgemm(m, n, k, a->data(), b->data(), c->data());
+    for (int r = 0; r < reps; ++r) {
+      if (fwd || !tiles) {
+        blas_sgemm(m, n, k, a->data(), b->data(), c->data());
+      } else {
+        blas_tile(false, true, m, n, k, 0.125f, a->data(), k, b->data(), k, 0.0f, c->data(), n);   // S
+        blas_tile(true, false, n, k, m, 1.0f, c->data(), n, a->data(), k, 1.0f, acc2->data(), k);  // dV
+        blas_tile(false, true, m, n, k, 1.0f, a->data(), k, b->data(), k, 0.0f, c->data(), n);     // dP
+        blas_tile(false, false, m, k, n, 1.0f, c->data(), n, b->data(), k, 1.0f, acc->data(), k);  // dQ
+        blas_tile(true, false, n, k, m, 1.0f, c->data(), n, a->data(), k, 1.0f, acc2->data(), k);  // dK
+      }
+    }
   };
   const int forced = kernel_override("ATTNEXT_F32_GEMM");  // 0 was handled by f32_gemm_kernel()
   return choose_kernel(what, "own AVX-512 kernel", "BLAS", own, blas, forced == 1 ? 1 : -1);
@@ -105,7 +138,8 @@ namespace {
 
 // Every verdict so far, after forcing the GEMM ones (so the list is never empty).
 std::vector<std::string> all_kernel_choices() {
-  f32_gemm_choice(GemmUse::kAttentionTiles);
+  f32_gemm_choice(GemmUse::kAttentionForward);
+  f32_gemm_choice(GemmUse::kAttentionBackward);
   f32_gemm_choice(GemmUse::kMatmul);
   return kernel_choices();
 }

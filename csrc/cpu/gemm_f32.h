@@ -5,8 +5,8 @@
 // repacks its operands on every call, which dominates small tiles. On Intel CPUs
 // MKL uses AVX-512 itself and can be the faster one. So whether a workload runs
 // the own kernel or the BLAS is measured on the running CPU (f32_gemm_choice), per
-// workload class, once per process: causal_attention's float tiles and matmul's
-// float32 GEMMs. ATTNEXT_F32_GEMM=0 forces the BLAS, =1 the own kernel (read once).
+// workload class, once per process: causal_attention's forward tiles, its backward
+// tiles and matmul's float32 GEMMs. ATTNEXT_F32_GEMM=0 forces the BLAS, =1 the own kernel (read once).
 #pragma once
 
 #include <cstdint>
@@ -25,7 +25,8 @@ F32Gemm f32_gemm_kernel();
 
 // The float32 workloads whose GEMM is chosen by measurement.
 enum class GemmUse {
-  kAttentionTiles,  // causal_attention's 64 x 256 x hs tile products, one thread each
+  kAttentionForward,   // causal_attention's forward tile products (64 x 256 x hs), one thread each
+  kAttentionBackward,  // its backward's five products per (256-row block, 64-key tile), one thread each
   kMatmul,          // matmul's GEMMs (transformer projections), threaded
   kCount
 };
