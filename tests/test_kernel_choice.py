@@ -17,6 +17,7 @@ def test_explain_reports_the_gemm_choice():
     assert ("own AVX-512 kernel" in ex.kernels[0]) or ("BLAS" in ex.kernels[0])
     ex = attnext.explain("causal_attention", *(torch.randn(2, 40, 8) for _ in range(3)))
     assert ex == [] and any(k.startswith("float32 GEMM, attention tiles (forward): ") for k in ex.kernels)
+    assert any(k.startswith("float32 GEMM, attention tiles (backward): ") for k in ex.kernels)
     # decoding shapes name the decode pass; other dtypes have no GEMM choice to report
     ex = attnext.explain("causal_attention", torch.randn(2, 1, 8), torch.randn(2, 9, 8), torch.randn(2, 9, 8))
     assert any("decode pass" in k for k in ex.kernels)
@@ -42,9 +43,15 @@ def test_override(env, expect):
         "torch.manual_seed(0)\n"
         "a, b = torch.randn(3, 200, 300), torch.randn(300, 100)\n"
         "torch.testing.assert_close(attnext.matmul(a, b), a.double().matmul(b.double()).float(), atol=1e-4, rtol=1e-4)\n"
-        "q, k, v = (torch.randn(2, 300, 64) for _ in range(3))\n"
-        "ref = reference.causal_attention(q.double(), k.double(), v.double(), 0.125)[0]\n"
-        "torch.testing.assert_close(attnext.causal_attention(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)\n"
+        "q, k, v = (torch.randn(2, 300, 64, requires_grad=True) for _ in range(3))\n"
+        "q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))\n"
+        "ref = reference.causal_attention(q64, k64, v64, 0.125)[0]\n"
+        "out = attnext.causal_attention(q, k, v)\n"
+        "torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)\n"
+        "# the backward's choice too: two 256-row blocks, the second partial\n"
+        "g = torch.randn_like(out)\n"
+        "for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q64, k64, v64), g.double())):\n"
+        "    torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)\n"
         "print('ok')\n"
     ) % (env, expect)
     assert_python_ok(code, ATTNEXT_F32_GEMM=env)
