@@ -570,19 +570,21 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const T inv_keep = static_cast<T>(drop.inv_keep);
   const int64_t nqt = ceil_div(g.T, kBq);
   const F32Gemm own = own_gemm<T>(false);
-  // S = Q K^T reads K^T as a row-major (hs, S) block: the thread transposes the K
-  // rows of the batch it last saw once, columns [0, packed), and later query tiles of
-  // that batch reuse them (items run batch by batch). The own kernel reads it so
-  // always; past 4 MiB per thread it transposes per key tile instead. The BLAS reads
-  // the cached K^T as a plain (NN) product, where otherwise it would copy each K tile
-  // per call (4-8% faster forward at (1, 8, 2048, 64) on the Intel Xeon); uncached,
-  // it reads K's rows (NT). K^T's rows are padded so that their stride is never a
-  // multiple of 4 KiB: at S = 2048 the 64 reads down one of its columns all fell into
-  // the same L1 sets (the own-kernel forward was 13% slower, the BLAS one slower
-  // than NT).
-  const bool cache_kt = g.S * g.hs <= (int64_t(1) << 20);
-  const bool use_kt = own != nullptr || cache_kt;
-  const int64_t ldkt = cache_kt ? (g.S + 15) / 16 * 16 + 16 : kBkF + 16;
+  // With the own kernel, S = Q K^T reads K^T, stored per 256-key tile as a row-major
+  // (hs, 256) block: the thread transposes the K rows of the batch it last saw once,
+  // columns [0, packed), and later query tiles of that batch reuse them (items run
+  // batch by batch); past 4 MiB per thread, K^T is transposed per key tile instead.
+  // Per-tile blocks keep each product's operand compact (one (hs, S) block had rows S
+  // floats apart: 5% slower forward at (1, 8, 2048, 64) on the Intel Xeon), and their
+  // rows are padded to 272 floats so that their stride is never a multiple of 4 KiB
+  // (rows 2048 floats apart put every read down a column into the same L1 sets: 13%
+  // slower). The BLAS reads K's rows (NT). Reading the cached K^T as an NN product was
+  // 3-5% faster there at T = 2048 but 20-30% slower for a 128-row prefill against
+  // S = 4096 (the transposition is paid per batch for two query tiles), so it is not used.
+  const bool cache_kt = own != nullptr && g.S * g.hs <= (int64_t(1) << 20);
+  const int64_t ldkt = kBkF + 16;
+  const int64_t kt_tile = g.hs * ldkt;  // one key tile's K^T block
+  const int64_t kt_tiles = cache_kt ? ceil_div(g.S, kBkF) : 1;
   struct Scratch {
     std::vector<T> s, m, l, alpha, o, qbuf, kbuf, vbuf, kt;
     std::vector<int64_t> vis;
@@ -598,9 +600,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     sc.alpha.resize(kBq);
     sc.o.resize(w * kBq * g.hsv);
     sc.qbuf.resize(w * kBq * g.hs);
-    sc.kbuf.resize(use_kt ? 0 : w * kBkF * g.hs);
+    sc.kbuf.resize(own ? 0 : w * kBkF * g.hs);
     sc.vbuf.resize(w * kBkF * g.hsv);
-    sc.kt.resize(use_kt ? g.hs * ldkt : 0);
+    sc.kt.resize(own ? kt_tiles * kt_tile : 0);
     sc.vis.resize(kBq);
     sc.row_keys.resize(kBq);
     return sc;
@@ -638,23 +640,21 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t nc = std::min(kBkF, kv_end - k0);
       const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
       for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-      if (use_kt) {  // S = Q K^T from K^T columns [k0, k0 + nc)
-        const T* kt = sc.kt.data();
+      if (own != nullptr) {  // S = Q K^T from K^T columns [k0, k0 + nc)
+        const T* kt = sc.kt.data();  // k0 is a multiple of kBkF: tile k0 / kBkF, from its column 0
         if (cache_kt) {
-          if (k0 + nc > sc.packed) {
-            transpose_block(K.at(b, sc.packed), K.ld, k0 + nc - sc.packed, g.hs, sc.kt.data() + sc.packed, ldkt);
-            sc.packed = k0 + nc;
+          while (sc.packed < k0 + nc) {  // the columns not transposed yet, tile by tile
+            const int64_t c0 = sc.packed, tile = c0 / kBkF, c1 = std::min((tile + 1) * kBkF, k0 + nc);
+            transpose_block(K.at(b, c0), K.ld, c1 - c0, g.hs, sc.kt.data() + tile * kt_tile + (c0 - tile * kBkF),
+                            ldkt);
+            sc.packed = c1;
           }
-          kt += k0;
+          kt += (k0 / kBkF) * kt_tile;
         } else {
           transpose_block(K.at(b, k0), K.ld, nc, g.hs, sc.kt.data(), ldkt);
         }
-        if (own != nullptr) {
-          scores_mm(own, nr, nc, g.hs, scale, qb.p, qb.ld, static_cast<const T*>(nullptr), 0, kt, ldkt, s, kBkF,
-                    sc.vis.data(), false);  // S: (nr, nc)
-        } else {
-          mm_nn<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kt, ldkt, T(0), s, kBkF);  // S: (nr, nc)
-        }
+        scores_mm(own, nr, nc, g.hs, scale, qb.p, qb.ld, static_cast<const T*>(nullptr), 0, kt, ldkt, s, kBkF,
+                  sc.vis.data(), false);  // S: (nr, nc)
       } else {
         const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
         mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBkF);  // S: (nr, nc)
