@@ -149,6 +149,11 @@ class Explanation(list):
         return f"Explanation(fallback={list(self)!r}, kernels={self.kernels!r})"
 
 
+def _head_size_class(hs: int) -> str:
+    """The head-size class of the float32 attention GEMM choice (csrc/cpu/gemm_f32.cpp)."""
+    return "head size <= 64" if hs <= 64 else "head size <= 128" if hs <= 128 else "head size > 128"
+
+
 def _kernel_notes(op: str, tensors: Sequence[Tensor]) -> List[str]:
     """Which native kernel ``op`` runs on these tensors, where that is a choice made by
     measurement on this CPU (csrc/cpu/kernel_choice.h): the verdicts made so far that
@@ -165,7 +170,8 @@ def _kernel_notes(op: str, tensors: Sequence[Tensor]) -> List[str]:
         if dtype == "float32" and c.startswith("float32 GEMM, matmul") and op == "matmul":
             notes.append(c)
         elif dtype == "float32" and c.startswith("float32 GEMM, attention tiles") and attention:
-            notes.append(c)
+            if t.dim() >= 1 and _head_size_class(t.shape[-1]) in c:  # q's or qkv's last dim: hs
+                notes.append(c)
         elif attention and dtype is not None and c.startswith("attention ") and f", {dtype}," in c:
             notes.append(c)
     if op == "causal_attention" and t.dim() >= 2 and t.shape[-2] <= 16:

@@ -16,8 +16,16 @@ def test_explain_reports_the_gemm_choice():
     assert ex.kernels[0].startswith("float32 GEMM, matmul: ")
     assert ("own AVX-512 kernel" in ex.kernels[0]) or ("BLAS" in ex.kernels[0])
     ex = attnext.explain("causal_attention", *(torch.randn(2, 40, 8) for _ in range(3)))
-    assert ex == [] and any(k.startswith("float32 GEMM, attention tiles (forward): ") for k in ex.kernels)
-    assert any(k.startswith("float32 GEMM, attention tiles (backward): ") for k in ex.kernels)
+    # per pass and head-size class: these tensors' class only
+    assert ex == [] and any(k.startswith("float32 GEMM, attention tiles (forward, head size <= 64): ") for k in ex.kernels)
+    assert any(k.startswith("float32 GEMM, attention tiles (backward, head size <= 64): ") for k in ex.kernels)
+    assert not any("head size <= 128" in k or "head size > 128" in k for k in ex.kernels if k.startswith("float32 GEMM"))
+    q = torch.randn(2, 40, 96, requires_grad=True)
+    attnext.causal_attention(q, q, q).sum().backward()
+    kernels = attnext.explain("causal_attention", q, q, q).kernels
+    assert any(k.startswith("float32 GEMM, attention tiles (forward, head size <= 128): ") for k in kernels)
+    assert any(k.startswith("float32 GEMM, attention tiles (backward, head size <= 128): ") for k in kernels)
+    assert not any("head size <= 64" in k for k in kernels if k.startswith("float32 GEMM"))
     # decoding shapes name the decode pass; other dtypes have no GEMM choice to report
     ex = attnext.explain("causal_attention", torch.randn(2, 1, 8), torch.randn(2, 9, 8), torch.randn(2, 9, 8))
     assert any("decode pass" in k for k in ex.kernels)

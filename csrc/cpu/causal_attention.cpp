@@ -305,13 +305,14 @@ void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, co
 // are (no packing per call), which on 64 x 64 tiles is what the BLAS spends a
 // fifth of its time on; the one operand it needs transposed (K^T, V^T) is
 // transposed once per key tile and reused. Which of the two runs is measured on
-// the running CPU (f32_gemm_choice), for the forward and the backward apart;
+// the running CPU (f32_gemm_choice), for the forward and the backward apart and per
+// head-size class;
 // ATTNEXT_F32_GEMM=0/1 forces the BLAS/the kernel.
 // The kernel for the tiles of compute type T: float only.
 template <typename T>
-F32Gemm own_gemm(bool backward) {
+F32Gemm own_gemm(bool backward, int64_t hs) {
   if constexpr (std::is_same<T, float>::value) {
-    return f32_gemm_for(backward ? GemmUse::kAttentionBackward : GemmUse::kAttentionForward);
+    return f32_gemm_for(attention_gemm_use(backward, hs));
   } else {
     return nullptr;
   }
@@ -569,7 +570,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const T scale = static_cast<T>(scale_d);
   const T inv_keep = static_cast<T>(drop.inv_keep);
   const int64_t nqt = ceil_div(g.T, kBq);
-  const F32Gemm own = own_gemm<T>(false);
+  const F32Gemm own = own_gemm<T>(false, g.hs);
   // With the own kernel, S = Q K^T reads K^T, stored per 256-key tile as a row-major
   // (hs, 256) block: the thread transposes the K rows of the batch it last saw once,
   // columns [0, packed), and later query tiles of that batch reuse them (items run
@@ -696,7 +697,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const OutRows<T> dQ(dq_acc);
   const OutRows<in_t> dK(dk), dV(dv);
 
-  const F32Gemm own = own_gemm<T>(true);  // with it: K^T and V^T transposed once per key tile
+  const F32Gemm own = own_gemm<T>(true, g.hs);  // with it: K^T and V^T transposed once per key tile
   struct Scratch {
     std::vector<T> s, dp, z, pd, dk, dv, qbuf, kbuf, vbuf, dobuf, kt, vt;
     std::vector<int64_t> vis;
@@ -1852,7 +1853,7 @@ std::vector<VarlenUnit> varlen_units(const std::vector<VarlenSeq>& seqs, int64_t
 // its whole rows), decided before the threads start: a first use measures there.
 std::vector<char> varlen_aten_choices(const std::vector<VarlenSeq>& seqs, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, int64_t wl, int64_t wr, bool backward) {
-  (void)own_gemm<float>(backward);
+  (void)own_gemm<float>(backward, q.size(-1));
   std::vector<char> aten(seqs.size(), 0);
   for (size_t i = 0; i < seqs.size(); ++i) {
     const VarlenSeq& s = seqs[i];

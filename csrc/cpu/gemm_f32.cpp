@@ -63,20 +63,26 @@ void blas_tile(bool at, bool bt, int m, int n, int k, float alpha, const float* 
 
 // Times both GEMMs on a problem of the workload's class (kernel_choice.h).
 const KernelChoice& measure(GemmUse use) {
-  const bool fwd = use == GemmUse::kAttentionForward, bwd = use == GemmUse::kAttentionBackward;
+  const int u = static_cast<int>(use);
+  const bool fwd = u <= static_cast<int>(GemmUse::kAttentionForwardLarge);
+  const bool bwd = !fwd && u <= static_cast<int>(GemmUse::kAttentionBackwardLarge);
   const bool tiles = fwd || bwd;
-  const std::string what = fwd   ? "float32 GEMM, attention tiles (forward)"
-                           : bwd ? "float32 GEMM, attention tiles (backward)"
+  const int cls = tiles ? (u - (fwd ? 0 : 3)) : 0;  // 0: hs <= 64, 1: <= 128, 2: larger
+  const int hs = cls == 0 ? 64 : cls == 1 ? 128 : 256;
+  const std::string cls_name = cls == 0 ? "head size <= 64" : cls == 1 ? "head size <= 128" : "head size > 128";
+  const std::string what = fwd   ? "float32 GEMM, attention tiles (forward, " + cls_name + ")"
+                           : bwd ? "float32 GEMM, attention tiles (backward, " + cls_name + ")"
                                  : "float32 GEMM, matmul";
   const F32Gemm kernel = f32_gemm_kernel();
   if (kernel == nullptr) return fixed_kernel(what, false, "BLAS (the own kernel needs AVX-512, or ATTNEXT_F32_GEMM=0)");
   if (sgemm_ == nullptr) return fixed_kernel(what, true, "own AVX-512 kernel (this torch exports no BLAS)");
-  // forward: one thread's 64-row tile against 256 keys at head size 64 (the scores);
-  // backward: one thread's five products of a 256-row block against a 64-key tile
-  // at head size 64 (S = Q K^T, dV += P^T dO, dP = dO V^T, dQ += dS K, dK += dS^T Q);
-  // matmul: a projection-like 192 x 768 x 192, threaded as matmul threads it.
-  const int m = fwd ? 64 : bwd ? 256 : 192, n = fwd ? 256 : bwd ? 64 : 768, k = fwd ? 64 : bwd ? 64 : 192;
-  const int reps = fwd ? 16 : bwd ? 4 : 1;
+  // forward: one thread's 64-row query tile against 256 keys at the class's head size
+  // (S = Q K^T, then O += P V; the own kernel also transposes K); backward: one thread's five products of a 256-row block
+  // against a 64-key tile (S = Q K^T, dV += P^T dO, dP = dO V^T, dQ += dS K,
+  // dK += dS^T Q); matmul: a projection-like 192 x 768 x 192, threaded as matmul
+  // threads it. m x n: the scores' shape; k: the head size.
+  const int m = fwd ? 64 : bwd ? 256 : 192, n = fwd ? 256 : bwd ? 64 : 768, k = tiles ? hs : 192;
+  const int reps = fwd ? 8 : bwd ? 4 : 1;
   auto a = std::make_shared<std::vector<float>>(size_t(m) * k);    // Q, dO (m, k)
   auto b = std::make_shared<std::vector<float>>(size_t(k) * n);    // K, V (n, k) or B (k, n)
   auto c = std::make_shared<std::vector<float>>(size_t(m) * n);    // S, dP (m, n)
@@ -89,7 +95,19 @@ const KernelChoice& measure(GemmUse use) {
   auto own = [=] {
     for (int r = 0; r < reps; ++r) {
       if (fwd) {
-        kernel(m, n, k, a->data(), k, 1, b->data(), n, c->data(), n, 1.0f, false);
+        // the own kernel reads K^T: charged one transposition of the K tile per two
+        // query tiles, as a 128-row prefill chunk pays it (longer queries pay less)
+        float* kt = bt->data();
+        const float* kr = b->data();
+        for (int r0 = 0; r0 < (r % 2 == 0 ? n : 0); r0 += 16) {
+          for (int c0 = 0; c0 < k; c0 += 16) {
+            for (int r = r0; r < std::min(n, r0 + 16); ++r) {
+              for (int cc = c0; cc < std::min(k, c0 + 16); ++cc) kt[cc * n + r] = kr[r * k + cc];
+            }
+          }
+        }
+        kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 0.125f, false);  // S
+        kernel(m, k, n, c->data(), n, 1, b->data(), k, acc->data(), k, 1.0f, true);    // O
       } else if (bwd) {
         kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 0.125f, false);         // S
         kernel(n, k, m, c->data(), 1, n, a->data(), k, acc2->data(), k, 1.0f, true);          // dV
@@ -104,7 +122,10 @@ const KernelChoice& measure(GemmUse use) {
   auto blas = [=] {
     const SingleThreadedBlas one_thread(tiles);  // the tiles run inside the kernel's own threads
     for (int r = 0; r < reps; ++r) {
-      if (fwd || !tiles) {
+      if (fwd) {
+        blas_tile(false, true, m, n, k, 0.125f, a->data(), k, b->data(), k, 0.0f, c->data(), n);  // S
+        blas_tile(false, false, m, k, n, 1.0f, c->data(), n, b->data(), k, 1.0f, acc->data(), k);  // O
+      } else if (!tiles) {
         blas_sgemm(m, n, k, a->data(), b->data(), c->data());
       } else {
         blas_tile(false, true, m, n, k, 0.125f, a->data(), k, b->data(), k, 0.0f, c->data(), n);   // S
@@ -132,14 +153,19 @@ const GemmChoice& f32_gemm_choice(GemmUse use) {
   return choices[i];
 }
 
+GemmUse attention_gemm_use(bool backward, int64_t hs) {
+  const int cls = hs <= 64 ? 0 : hs <= 128 ? 1 : 2;
+  return static_cast<GemmUse>((backward ? static_cast<int>(GemmUse::kAttentionBackward64) : 0) + cls);
+}
+
 F32Gemm f32_gemm_for(GemmUse use) { return f32_gemm_choice(use).own ? f32_gemm_kernel() : nullptr; }
 
 namespace {
 
 // Every verdict so far, after forcing the GEMM ones (so the list is never empty).
 std::vector<std::string> all_kernel_choices() {
-  f32_gemm_choice(GemmUse::kAttentionForward);
-  f32_gemm_choice(GemmUse::kAttentionBackward);
+  f32_gemm_choice(GemmUse::kAttentionForward64);
+  f32_gemm_choice(GemmUse::kAttentionBackward64);
   f32_gemm_choice(GemmUse::kMatmul);
   return kernel_choices();
 }

@@ -25,11 +25,21 @@ F32Gemm f32_gemm_kernel();
 
 // The float32 workloads whose GEMM is chosen by measurement.
 enum class GemmUse {
-  kAttentionForward,   // causal_attention's forward tile products (64 x 256 x hs), one thread each
-  kAttentionBackward,  // its backward's five products per (256-row block, 64-key tile), one thread each
+  // causal_attention's forward tile products (Q K^T: 64 x 256 x hs, P V: 64 x hs x 256)
+  // and its backward's five products per (256-row block, 64-key tile), one thread each,
+  // per head-size class: hs <= 64, hs <= 128, larger (attention_gemm_use)
+  kAttentionForward64,
+  kAttentionForward128,
+  kAttentionForwardLarge,
+  kAttentionBackward64,
+  kAttentionBackward128,
+  kAttentionBackwardLarge,
   kMatmul,          // matmul's GEMMs (transformer projections), threaded
   kCount
 };
+
+// The attention workload of a pass (forward or backward) at head size hs.
+GemmUse attention_gemm_use(bool backward, int64_t hs);
 
 // Which GEMM a workload runs and why (for attnext.explain).
 struct GemmChoice {
