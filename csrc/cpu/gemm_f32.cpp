@@ -77,18 +77,19 @@ const KernelChoice& measure(GemmUse use) {
   if (kernel == nullptr) return fixed_kernel(what, false, "BLAS (the own kernel needs AVX-512, or ATTNEXT_F32_GEMM=0)");
   if (sgemm_ == nullptr) return fixed_kernel(what, true, "own AVX-512 kernel (this torch exports no BLAS)");
   // forward: one thread's 64-row query tile against 256 keys at the class's head size
-  // (S = Q K^T, then O += P V; the own kernel also transposes K); backward: one thread's five products of a 256-row block
-  // against a 64-key tile (S = Q K^T, dV += P^T dO, dP = dO V^T, dQ += dS K,
-  // dK += dS^T Q); matmul: a projection-like 192 x 768 x 192, threaded as matmul
-  // threads it. m x n: the scores' shape; k: the head size.
+  // (S = Q K^T, then O += P V; the own kernel also transposes K); backward: one
+  // thread's five products of a 256-row block against a 64-key tile (S = Q K^T,
+  // dV += P^T dO, dP = dO V^T, dQ += dS K, dK += dS^T Q); matmul: a projection-like
+  // 192 x 768 x 192, threaded as matmul threads it. m x n: the scores' shape; k: the
+  // head size.
   const int m = fwd ? 64 : bwd ? 256 : 192, n = fwd ? 256 : bwd ? 64 : 768, k = tiles ? hs : 192;
   const int reps = fwd ? 8 : bwd ? 4 : 1;
-  auto a = std::make_shared<std::vector<float>>(size_t(m) * k);    // Q, dO (m, k)
-  auto b = std::make_shared<std::vector<float>>(size_t(k) * n);    // K, V (n, k) or B (k, n)
-  auto c = std::make_shared<std::vector<float>>(size_t(m) * n);    // S, dP (m, n)
-  auto bt = std::make_shared<std::vector<float>>(size_t(k) * n);   // K^T, V^T (k, n)
-  auto acc = std::make_shared<std::vector<float>>(size_t(m) * k);  // dQ (m, k)
-  auto acc2 = std::make_shared<std::vector<float>>(size_t(n) * k); // dK, dV (n, k)
+  auto a = std::make_shared<std::vector<float>>(size_t(m) * k);     // Q, dO (m, k)
+  auto b = std::make_shared<std::vector<float>>(size_t(k) * n);     // K, V (n, k) or B (k, n)
+  auto c = std::make_shared<std::vector<float>>(size_t(m) * n);     // S, P, dP (m, n)
+  auto bt = std::make_shared<std::vector<float>>(size_t(k) * n);    // K^T, V^T (k, n)
+  auto acc = std::make_shared<std::vector<float>>(size_t(m) * k);   // O, dQ (m, k)
+  auto acc2 = std::make_shared<std::vector<float>>(size_t(n) * k);  // dK, dV (n, k)
   for (size_t i = 0; i < a->size(); ++i) (*a)[i] = float((i * 7) % 13) * 0.1f - 0.6f;
   for (size_t i = 0; i < b->size(); ++i) (*b)[i] = (*bt)[i] = float((i * 5) % 11) * 0.1f - 0.5f;
   for (size_t i = 0; i < c->size(); ++i) (*c)[i] = float((i * 3) % 7) * 0.01f;
@@ -97,23 +98,25 @@ const KernelChoice& measure(GemmUse use) {
       if (fwd) {
         // the own kernel reads K^T: charged one transposition of the K tile per two
         // query tiles, as a 128-row prefill chunk pays it (longer queries pay less)
-        float* kt = bt->data();
-        const float* kr = b->data();
-        for (int r0 = 0; r0 < (r % 2 == 0 ? n : 0); r0 += 16) {
-          for (int c0 = 0; c0 < k; c0 += 16) {
-            for (int r = r0; r < std::min(n, r0 + 16); ++r) {
-              for (int cc = c0; cc < std::min(k, c0 + 16); ++cc) kt[cc * n + r] = kr[r * k + cc];
+        if (r % 2 == 0) {
+          float* kt = bt->data();
+          const float* kr = b->data();
+          for (int i0 = 0; i0 < n; i0 += 16) {
+            for (int j0 = 0; j0 < k; j0 += 16) {
+              for (int i = i0; i < std::min(n, i0 + 16); ++i) {
+                for (int j = j0; j < std::min(k, j0 + 16); ++j) kt[j * n + i] = kr[i * k + j];
+              }
             }
           }
         }
         kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 0.125f, false);  // S
         kernel(m, k, n, c->data(), n, 1, b->data(), k, acc->data(), k, 1.0f, true);    // O
       } else if (bwd) {
-        kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 0.125f, false);         // S
-        kernel(n, k, m, c->data(), 1, n, a->data(), k, acc2->data(), k, 1.0f, true);          // dV
-        kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 1.0f, false);           // dP
-        kernel(m, k, n, c->data(), n, 1, b->data(), k, acc->data(), k, 1.0f, true);           // dQ
-        kernel(n, k, m, c->data(), 1, n, a->data(), k, acc2->data(), k, 1.0f, true);          // dK
+        kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 0.125f, false);  // S
+        kernel(n, k, m, c->data(), 1, n, a->data(), k, acc2->data(), k, 1.0f, true);   // dV
+        kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 1.0f, false);    // dP
+        kernel(m, k, n, c->data(), n, 1, b->data(), k, acc->data(), k, 1.0f, true);    // dQ
+        kernel(n, k, m, c->data(), 1, n, a->data(), k, acc2->data(), k, 1.0f, true);   // dK
       } else {
         f32_gemm_blocked(m, n, k, a->data(), k, 1, b->data(), n, 1, c->data(), n, false);
       }
