@@ -421,6 +421,13 @@ void cols_mm(F32Gemm own, int64_t nr, int64_t nc, int64_t N, const T* p, int64_t
 // dst (C, R) row-major (ldd) = src (R, C)^T as T, src rows at stride lds.
 template <typename T, typename in_t>
 void transpose_block(const in_t* src, int64_t lds, int64_t R, int64_t C, T* dst, int64_t ldd) {
+  if constexpr (std::is_same<T, float>::value && std::is_same<in_t, float>::value) {
+    static const F32Transpose fast = f32_transpose_kernel();  // AVX-512: 16 x 16 blocks in registers
+    if (fast != nullptr) {
+      fast(src, lds, R, C, dst, ldd);
+      return;
+    }
+  }
   constexpr int64_t kB = 16;  // square blocks: both sides stay in L1
   for (int64_t r0 = 0; r0 < R; r0 += kB) {
     const int64_t r1 = std::min(R, r0 + kB);
@@ -571,7 +578,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const T inv_keep = static_cast<T>(drop.inv_keep);
   const int64_t nqt = ceil_div(g.T, kBq);
   const F32Gemm own = own_gemm<T>(false, g.hs);
-  // With the own kernel, S = Q K^T reads K^T, stored per 256-key tile as a row-major
+  // S = Q K^T reads K^T with the own kernel, stored per 256-key tile as a row-major
   // (hs, 256) block: the thread transposes the K rows of the batch it last saw once,
   // columns [0, packed), and later query tiles of that batch reuse them (items run
   // batch by batch); past 4 MiB per thread, K^T is transposed per key tile instead.
@@ -579,10 +586,15 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   // floats apart: 5% slower forward at (1, 8, 2048, 64) on the Intel Xeon), and their
   // rows are padded to 272 floats so that their stride is never a multiple of 4 KiB
   // (rows 2048 floats apart put every read down a column into the same L1 sets: 13%
-  // slower). The BLAS reads K's rows (NT). Reading the cached K^T as an NN product was
-  // 3-5% faster there at T = 2048 but 20-30% slower for a 128-row prefill against
-  // S = 4096 (the transposition is paid per batch for two query tiles), so it is not used.
-  const bool cache_kt = own != nullptr && g.S * g.hs <= (int64_t(1) << 20);
+  // slower). The BLAS reads the cached K^T too, as a plain (NN) product, where a batch
+  // has at least 8 query tiles and K^T fits the 4 MiB; else it reads K's rows (NT) and
+  // copies each key tile per call itself. On the Intel Xeon (AMX, 2 cores, torch 2.13), K^T against NT:
+  // 2-5% faster from T = 512 to 4096 (hs 64 and 128), 6% slower at T = 256 (4 query
+  // tiles) and 11% slower for a 128-row prefill against S = 4096 (2 query tiles: the
+  // transposition of all of K is not paid back).
+  const bool fits = g.S * g.hs <= (int64_t(1) << 20);
+  const bool use_kt = own != nullptr || (nqt >= 8 && fits);
+  const bool cache_kt = use_kt && fits;
   const int64_t ldkt = kBkF + 16;
   const int64_t kt_tile = g.hs * ldkt;  // one key tile's K^T block
   const int64_t kt_tiles = cache_kt ? ceil_div(g.S, kBkF) : 1;
@@ -601,9 +613,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     sc.alpha.resize(kBq);
     sc.o.resize(w * kBq * g.hsv);
     sc.qbuf.resize(w * kBq * g.hs);
-    sc.kbuf.resize(own ? 0 : w * kBkF * g.hs);
+    sc.kbuf.resize(use_kt ? 0 : w * kBkF * g.hs);
     sc.vbuf.resize(w * kBkF * g.hsv);
-    sc.kt.resize(own ? kt_tiles * kt_tile : 0);
+    sc.kt.resize(use_kt ? kt_tiles * kt_tile : 0);
     sc.vis.resize(kBq);
     sc.row_keys.resize(kBq);
     return sc;
@@ -641,7 +653,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const int64_t nc = std::min(kBkF, kv_end - k0);
       const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
       for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
-      if (own != nullptr) {  // S = Q K^T from K^T columns [k0, k0 + nc)
+      if (use_kt) {  // S = Q K^T from K^T columns [k0, k0 + nc)
         const T* kt = sc.kt.data();  // k0 is a multiple of kBkF: tile k0 / kBkF, from its column 0
         if (cache_kt) {
           while (sc.packed < k0 + nc) {  // the columns not transposed yet, tile by tile
@@ -654,8 +666,12 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         } else {
           transpose_block(K.at(b, k0), K.ld, nc, g.hs, sc.kt.data(), ldkt);
         }
-        scores_mm(own, nr, nc, g.hs, scale, qb.p, qb.ld, static_cast<const T*>(nullptr), 0, kt, ldkt, s, kBkF,
-                  sc.vis.data(), false);  // S: (nr, nc)
+        if (own != nullptr) {
+          scores_mm(own, nr, nc, g.hs, scale, qb.p, qb.ld, static_cast<const T*>(nullptr), 0, kt, ldkt, s, kBkF,
+                    sc.vis.data(), false);  // S: (nr, nc)
+        } else {
+          mm_nn<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kt, ldkt, T(0), s, kBkF);  // S: (nr, nc)
+        }
       } else {
         const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
         mm_nt<T>(nr, nc, g.hs, scale, qb.p, qb.ld, kb.p, kb.ld, T(0), s, kBkF);  // S: (nr, nc)

@@ -9,48 +9,61 @@
 // accumulator must be multiplied by before this tile's P V is added.
 inline void attn_fwd_tile_f32(float* s, int64_t nr, int64_t nc, int64_t ld, const int64_t* vis, float* m,
                               float* l, float* alpha) {
+  // In groups of 16 rows, phase by phase (every row's maximum, then the rows' new
+  // maxima and alpha, then every row's exp and sum), so that no row's exp pass waits
+  // on its own horizontal maximum: the rows' short dependency chains overlap.
   constexpr int64_t N = VecF::N;
-  for (int64_t r = 0; r < nr; ++r) {
-    float* x = s + r * ld;
-    const int64_t L = vis[r];
-    if (L <= 0) {
-      std::memset(x, 0, sizeof(float) * nc);
-      alpha[r] = 1.0f;
-      continue;
+  constexpr int64_t kG = 16;
+  float neg_m[kG];
+  for (int64_t g0 = 0; g0 < nr; g0 += kG) {
+    const int64_t gn = std::min(kG, nr - g0);
+    for (int64_t i = 0; i < gn; ++i) {  // the tile's maximum per row
+      const int64_t L = vis[g0 + i];
+      const float* x = s + (g0 + i) * ld;
+      VecF vm = VecF::set1(-__builtin_inff());
+      int64_t j = 0;
+      for (; j + N <= L; j += N) vm = VecF::max(vm, VecF::load(x + j));
+      if (j < L) vm = VecF::select_first(L - j, VecF::max(vm, VecF::load_tail(x + j, L - j)), vm);
+      neg_m[i] = vm.hmax();  // (the tile's maximum for now; -inf where L <= 0)
     }
-    VecF vm = VecF::set1(-__builtin_inff());
-    int64_t j = 0;
-    for (; j + N <= L; j += N) {
-      vm = VecF::max(vm, VecF::load(x + j));
+    for (int64_t i = 0; i < gn; ++i) {  // new maxima and the accumulators' factors
+      const int64_t r = g0 + i;
+      if (vis[r] <= 0) {
+        alpha[r] = 1.0f;
+        continue;
+      }
+      const float m_old = m[r];
+      const float m_new = neg_m[i] > m_old ? neg_m[i] : m_old;
+      // every visible score so far -inf: subtract 0, not -inf (exp(-inf + inf) would
+      // be NaN), so the row stays empty (l = 0) until a finite score comes
+      neg_m[i] = m_new == -__builtin_inff() ? 0.0f : -m_new;
+      alpha[r] = m_old == -__builtin_inff() ? 0.0f : ::attnext::vec::exp_f32(m_old - m_new);
+      m[r] = m_new;
     }
-    if (j < L) {
-      vm = VecF::select_first(L - j, VecF::max(vm, VecF::load_tail(x + j, L - j)), vm);
+    for (int64_t i = 0; i < gn; ++i) {  // P = exp(s - m_new) on the visible prefix, 0 after it
+      const int64_t r = g0 + i, L = vis[r];
+      float* x = s + r * ld;
+      if (L <= 0) {
+        std::memset(x, 0, sizeof(float) * nc);
+        continue;
+      }
+      const VecF vneg = VecF::set1(neg_m[i]);
+      VecF acc = VecF::set1(0.0f);
+      int64_t j = 0;
+      for (; j + N <= L; j += N) {
+        const VecF e = VecF::exp_softmax(VecF::load(x + j) + vneg);
+        e.store(x + j);
+        acc = acc + e;
+      }
+      if (j < L) {
+        const VecF e =
+            VecF::select_first(L - j, VecF::exp_softmax(VecF::load_tail(x + j, L - j) + vneg), VecF::set1(0.0f));
+        e.store_tail(x + j, L - j);
+        acc = acc + e;
+      }
+      if (nc > L) std::memset(x + L, 0, sizeof(float) * (nc - L));
+      l[r] = l[r] * alpha[r] + acc.hsum();
     }
-    const float m_old = m[r];
-    const float tile_max = vm.hmax();
-    const float m_new = tile_max > m_old ? tile_max : m_old;
-    // every visible score so far -inf: subtract 0, not -inf (exp(-inf + inf) would
-    // be NaN), so the row stays empty (l = 0) until a finite score comes
-    const VecF neg_m = VecF::set1(m_new == -__builtin_inff() ? 0.0f : -m_new);
-    VecF acc = VecF::set1(0.0f);
-    for (j = 0; j + N <= L; j += N) {
-      const VecF e = VecF::exp(VecF::load(x + j) + neg_m);
-      e.store(x + j);
-      acc = acc + e;
-    }
-    if (j < L) {
-      const VecF e =
-          VecF::select_first(L - j, VecF::exp(VecF::load_tail(x + j, L - j) + neg_m), VecF::set1(0.0f));
-      e.store_tail(x + j, L - j);
-      acc = acc + e;
-    }
-    if (nc > L) {
-      std::memset(x + L, 0, sizeof(float) * (nc - L));
-    }
-    const float a = m_old == -__builtin_inff() ? 0.0f : ::attnext::vec::exp_f32(m_old - m_new);
-    alpha[r] = a;
-    l[r] = l[r] * a + acc.hsum();
-    m[r] = m_new;
   }
 }
 
@@ -68,10 +81,10 @@ inline void attn_bwd_p_tile_f32(float* s, int64_t nr, int64_t nc, int64_t ld, co
     const VecF neg = VecF::set1(-lse[r]);
     int64_t j = 0;
     for (; j + N <= L; j += N) {
-      VecF::exp(VecF::load(x + j) + neg).store(x + j);
+      VecF::exp_softmax(VecF::load(x + j) + neg).store(x + j);
     }
     if (j < L) {
-      VecF::exp(VecF::load_tail(x + j, L - j) + neg).store_tail(x + j, L - j);
+      VecF::exp_softmax(VecF::load_tail(x + j, L - j) + neg).store_tail(x + j, L - j);
     }
     if (nc > L) {
       std::memset(x + L, 0, sizeof(float) * (nc - L));

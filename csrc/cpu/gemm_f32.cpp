@@ -187,6 +187,16 @@ F32Gemm f32_gemm_kernel() {
   return fn;
 }
 
+F32Transpose f32_transpose_kernel() {
+  static const F32Transpose fn = []() -> F32Transpose {
+#if ATTNEXT_X86_SIMD
+    if (simd::detected_isa() == simd::Isa::kAvx512) return &isa_avx512::transpose_f32;
+#endif
+    return nullptr;
+  }();
+  return fn;
+}
+
 void f32_gemm_blocked(int64_t m, int64_t n, int64_t k, const float* a, int64_t sa_i, int64_t sa_p, const float* b,
                       int64_t sb_p, int64_t sb_j, float* c, int64_t ldc, bool accumulate) {
   const F32Gemm kernel = f32_gemm_kernel();

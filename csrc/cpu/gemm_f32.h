@@ -23,6 +23,13 @@ using F32Gemm = void (*)(int64_t M, int64_t N, int64_t K, const float* a, int64_
 // The kernel above where the CPU runs AVX-512 and ATTNEXT_F32_GEMM is not "0"; else nullptr.
 F32Gemm f32_gemm_kernel();
 
+// dst (C, R) row-major (ldd) = src (R, C)^T, src rows at stride lds (no overlap).
+using F32Transpose = void (*)(const float* src, int64_t lds, int64_t R, int64_t C, float* dst, int64_t ldd);
+
+// An AVX-512 transposition (16 x 16 blocks in registers) where the CPU runs AVX-512,
+// whatever ATTNEXT_F32_GEMM says; else nullptr.
+F32Transpose f32_transpose_kernel();
+
 // The float32 workloads whose GEMM is chosen by measurement.
 enum class GemmUse {
   // causal_attention's forward tile products (Q K^T: 64 x 256 x hs, P V: 64 x hs x 256)

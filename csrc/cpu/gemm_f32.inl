@@ -104,3 +104,58 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa_i, int
     }
   }
 }
+
+// dst (C, R) row-major (ldd) = src (R, C)^T, src rows at stride lds: the K^T and V^T
+// blocks the kernel's callers read as B. Full 16 x 16 blocks go through registers
+// (four rounds of 16 shuffles: pairs, quads, then 128-bit lanes twice); the ragged
+// edges element by element.
+inline void transpose16_f32(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved, per 128-bit lane (a0 b0 a1 b1 | a2 b2 a3 b3)
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4q + j]: lane l holds column 4l + j of rows 4q .. 4q + 3
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    const __m512 lo0 = t[4 * q], hi0 = t[4 * q + 1], lo1 = t[4 * q + 2], hi1 = t[4 * q + 3];
+    r[4 * q + 0] = _mm512_shuffle_ps(lo0, lo1, 0x44);
+    r[4 * q + 1] = _mm512_shuffle_ps(lo0, lo1, 0xEE);
+    r[4 * q + 2] = _mm512_shuffle_ps(hi0, hi1, 0x44);
+    r[4 * q + 3] = _mm512_shuffle_ps(hi0, hi1, 0xEE);
+  }
+  // for each j: t[j] = columns j, j + 8 of rows 0-7 (lanes: j rows 0-3, j+8 rows 0-3,
+  // j rows 4-7, j+8 rows 4-7), t[4 + j] = columns j + 4, j + 12 of rows 0-7, and
+  // t[8 + j], t[12 + j] the same of rows 8-15
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    _mm512_storeu_ps(dst + j * ldd, _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ldd, _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD));
+    _mm512_storeu_ps(dst + (j + 4) * ldd, _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88));
+    _mm512_storeu_ps(dst + (j + 12) * ldd, _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD));
+  }
+}
+
+void transpose_f32(const float* src, int64_t lds, int64_t R, int64_t C, float* dst, int64_t ldd) {
+  const int64_t R16 = R / 16 * 16, C16 = C / 16 * 16;
+  for (int64_t r0 = 0; r0 < R16; r0 += 16) {
+    for (int64_t c0 = 0; c0 < C16; c0 += 16) transpose16_f32(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+    for (int64_t r = r0; r < r0 + 16; ++r) {
+      for (int64_t c = C16; c < C; ++c) dst[c * ldd + r] = src[r * lds + c];
+    }
+  }
+  for (int64_t r = R16; r < R; ++r) {
+    for (int64_t c = 0; c < C; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}

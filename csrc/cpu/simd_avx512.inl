@@ -62,4 +62,23 @@ struct VecF {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return {_mm512_scalef_ps(p, n)};
   }
+
+  // The softmax's exp: for the shifted scores x - max (x <= 0, or x = -inf, NaN)
+  // within 3 ulp, exp(-inf) = 0, NaN stays NaN; finite x > 0 up to 2^21 are right
+  // too (+inf past 88.72), +inf is not. Against exp: no clamp above, the rounding
+  // of x log2(e) by adding and subtracting 1.5 * 2^23 (two operations, where
+  // roundscale is two and the product one more), a degree-5 polynomial.
+  static VecF exp_softmax(VecF a) {
+    const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), a.v);
+    const __m512 shift = _mm512_set1_ps(0x1.8p23f);
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(vec::kLog2e), shift), shift);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(vec::kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(vec::kLn2Lo), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(vec::kExp5C5), r, _mm512_set1_ps(vec::kExp5C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(vec::kExp5C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(vec::kExp5C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return {_mm512_scalef_ps(p, n)};
+  }
 };

@@ -60,6 +60,8 @@ struct VecF {
   // AVX2 VecF), 2^n applied as two exponent-bit factors so that results near
   // FLT_MAX and subnormal results round once. NaN stays NaN: the clamps return
   // their second operand (see min/max), vcvtq of NaN is 0, and p is NaN.
+  // The softmax's exp: the exp below (AVX-512 has a cheaper one).
+  static VecF exp_softmax(VecF a) { return exp(a); }
   static VecF exp(VecF a) {
     float32x4_t x = min(set1(89.0f), a).v;
     x = max(set1(-104.0f), {x}).v;

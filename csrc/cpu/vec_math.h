@@ -108,6 +108,14 @@ ATTNEXT_INLINE uint32_t float_to_bits(float f) {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;  // ln2 = kLn2Hi + kLn2Lo, kLn2Hi exact in 9 bits
 constexpr float kLn2Lo = -2.12194440e-4f;
+// The softmax's exp (VecF::exp_softmax, AVX-512): a degree-5 polynomial on the
+// same reduced interval, a relative minimax fit with c0 = c1 = 1; within 3 ulp
+// (tests/cpp/test_simd_exp.cpp). Three operations fewer than the degree-6 exp
+// with its clamp above; the softmax tiles spend most of their time in it.
+constexpr float kExp5C5 = 0x1.106284p-7f;
+constexpr float kExp5C4 = 0x1.5729f0p-5f;
+constexpr float kExp5C3 = 0x1.5557aep-3f;
+constexpr float kExp5C2 = 0x1.fffdfcp-2f;
 constexpr float kExpC6 = 0x1.6ab98p-10f;
 constexpr float kExpC5 = 0x1.126d0cp-7f;
 constexpr float kExpC4 = 0x1.55589ap-5f;
