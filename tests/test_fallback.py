@@ -116,7 +116,8 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 def test_narrower_instruction_sets_give_the_same_answers(var, value, expected):
     # ATEN_CPU_CAPABILITY caps the kernels' instruction set (as it does torch's own), and
     # ATTNEXT_CPU_ISA caps attnext's alone: checks the AVX2 and scalar row kernels on a
-    # machine that would pick AVX-512 (or the scalar ones on an ARM one).
+    # machine that would pick AVX-512 (or the scalar ones on an ARM one), and the
+    # attention's float tiles and decode pass on them.
     code = (
         "import torch, attnext\n"
         "from attnext import reference\n"
@@ -135,6 +136,20 @@ def test_narrower_instruction_sets_give_the_same_answers(var, value, expected):
         "            (gx,) = torch.autograd.grad(y, xd, g.to(dt))\n"
         "            gref = reference.causal_softmax_backward(g, ref, 0.7, br)\n"
         "            assert (gx.double() - gref).abs().max() < 50 * tol, (shape, br, dt)\n"
+        "# the attention tiles' online softmax (16-row groups, ragged tails) and the decode pass\n"
+        "for T, S in ((70, 70), (5, 40), (300, 300)):\n"
+        "    q = torch.randn(2, 3, T, 24, dtype=torch.float64)\n"
+        "    k, v = (torch.randn(2, 3, S, 24, dtype=torch.float64) for _ in range(2))\n"
+        "    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))\n"
+        "    o = attnext.causal_attention(qf, kf, vf, align='bottom_right')\n"
+        "    ref = reference.causal_attention(q, k, v, 24 ** -0.5, 0.0, True)[0]\n"
+        "    assert (o.double() - ref).abs().max() < 2e-5, (T, S)\n"
+        "    g = torch.randn(o.shape, dtype=torch.float64)\n"
+        "    grads = torch.autograd.grad(o, (qf, kf, vf), g.float())\n"
+        "    qd, kd, vd = (t.requires_grad_() for t in (q, k, v))\n"
+        "    refs = torch.autograd.grad(reference.causal_attention(qd, kd, vd, 24 ** -0.5, 0.0, True)[0], (qd, kd, vd), g)\n"
+        "    for a, r in zip(grads, refs):\n"
+        "        assert (a.double() - r).abs().max() < 1e-4, (T, S)\n"
         "print(torch.ops.attnext._cpu_isa())\n"
     )
     out = run_python(code, **{var: value})
