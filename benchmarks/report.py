@@ -2,9 +2,11 @@
 
 Rows are grouped by machine (the CSV's `device` column), whatever file they are in, so a
 new results file (benchmarks/results/cpu-<model>.csv, <gpu>.csv) needs no code change.
-For every (machine, op, shape, dtype, mode) the newest row of each provider is taken
-(the providers of one case are always measured in the same run); attnext's speedup over
-a peer is peer median / attnext median, and for peak-memory modes peer MiB / attnext MiB.
+For every (machine, op, shape, dtype, mode) attnext's newest row is taken with the peers
+of the same run (same `date`; a peer the bench no longer runs at that shape is dropped,
+not compared across runs); attnext's speedup over a peer is peer median / attnext
+median, and for peak-memory modes peer MiB / attnext MiB. The README's headline ends
+with the slowest row of each machine over every timed case and peer.
 
     python benchmarks/report.py [CSV ...]            # full markdown tables on stdout
     python benchmarks/report.py --headline [CSV ...] # the README's short table
@@ -89,7 +91,11 @@ def load(paths: Sequence[str]) -> "OrderedDict[str, Dict]":
                     continue
                 m["cases"].setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
     for m in machines.values():
-        m["cases"] = OrderedDict((k, v) for k, v in m["cases"].items() if "attnext" in v)
+        # a case's peers are those of attnext's newest run (one date per run): a peer the
+        # bench no longer runs at that shape keeps its old row, which is not a comparison
+        m["cases"] = OrderedDict(
+            (k, OrderedDict((p, r) for p, r in v.items() if r["date"] == v["attnext"]["date"]))
+            for k, v in m["cases"].items() if "attnext" in v)
     return OrderedDict(sorted(machines.items(), key=lambda kv: (not kv[0].startswith("cpu"), kv[0])))
 
 
@@ -201,6 +207,14 @@ def ops_of(m: Dict) -> List[str]:
     return list(OrderedDict.fromkeys(c[0] for c in m["cases"]))
 
 
+def lowest_row(m: Dict) -> Optional[Tuple[float, Case, str]]:
+    """The smallest peer / attnext time ratio over a machine's timed cases (memory rows
+    excluded): (ratio, case, peer), or None without any peer."""
+    rows = [(v, case, peer) for case, provs in m["cases"].items() if not is_mem(case[3])
+            for peer, v in ratios(provs).items()]
+    return min(rows) if rows else None
+
+
 def headline(machines: "OrderedDict[str, Dict]", link: str = "docs/benchmarks.md",
              figure_dir: Optional[str] = None) -> str:
     """One row per (op, dtype), one column per machine: fwd+bwd speedup over the fastest
@@ -234,6 +248,13 @@ def headline(machines: "OrderedDict[str, Dict]", link: str = "docs/benchmarks.md
     lines += ["", "Forward+backward, attnext's speedup over the fastest peer measured in the same run "
               "(named in brackets), lowest to highest over the shapes measured; "
               f"every shape, mode and peer: [{link}]({link})."]
+    slowest = [(name, lowest_row(m)) for name, m in machines.items()]
+    if any(low is not None for _, low in slowest):
+        lines += ["", "The slowest row of each CPU, over every shape, mode (forward too) and peer:", ""]
+        for name, low in slowest:
+            if low is not None:
+                v, (op, shape, dtype, mode), peer = low
+                lines.append(f"- {name}: {fmt_x(v)} vs {peer}, {op} {shape} {dtype} {mode_label(mode)}")
     if figure_dir is not None:  # the headline op's figure of each machine
         for name in names:
             path = os.path.join(FIGURES, f"{safe_name(name)}_{HEADLINE_FIGURE_OP}.png")
