@@ -59,6 +59,26 @@ def test_matches_unpacked_op_on_views(shape, dtype, dropout_p, align):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_too_long_to_copy_whole(dtype):
+    # The kernels read the packed rows through compact copies: Q, dO, dQ per batch and V
+    # per batch while they fit a per-thread budget, per tile past it. T * 2 * hs here
+    # is past the backward's 2^21 and S * hs past the forward's 2^20: the per-tile path.
+    qkv = make_qkv((1, 2100, 3, 1, 512), dtype)
+    q, k, v = views(qkv)
+    out = attnext.causal_attention_qkvpacked(qkv)
+    ref = attnext.causal_attention(q, k, v)
+    assert torch.equal(out, ref.transpose(-3, -2))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    (gqkv,) = torch.autograd.grad(out, qkv, g)
+    gq, gk, gv = torch.autograd.grad(ref, (q, k, v), g.transpose(-3, -2))
+    assert torch.equal(gqkv, torch.stack([t.transpose(-3, -2) for t in (gq, gk, gv)], dim=-3))
+    if dtype == torch.float64:
+        r, _ = reference.causal_attention_qkvpacked(qkv, 512**-0.5)
+        torch.testing.assert_close(out, r, atol=1e-10, rtol=1e-10)
+
+
+@needs_native
 def test_matches_reference_float64():
     qkv = make_qkv((2, 90, 3, 3, 16))
     out = attnext.causal_attention_qkvpacked(qkv, scale=0.3)

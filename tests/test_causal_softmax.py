@@ -129,6 +129,36 @@ def test_large_magnitudes_do_not_overflow():
     torch.testing.assert_close(attnext.causal_softmax(x, 1.0).sum(-1), torch.ones(5, 17))
 
 
+@needs_native
+@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+def test_sharp_rows_give_zero_not_subnormal_weights(isa):
+    # Scores up to 110 below their row's maximum: where exp(score - max) is below
+    # float's smallest normal (2^-126 = exp(-87.34)), torch.softmax's float weight is
+    # subnormal and attnext's is 0 (subnormal arithmetic costs a microcode assist per
+    # operation on x86); every other weight is torch's. On each CPU kernel.
+    code = (
+        "import torch, attnext\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = -110 * torch.rand(6, 70, 70, generator=g)\n"
+        "x[..., 0] = 0.0\n"
+        "mask = torch.ones(70, 70, dtype=torch.bool).tril()\n"
+        "for scale in (1.0, 1.5):\n"
+        "    y = attnext.causal_softmax(x, scale)\n"
+        "    z = (x * scale).masked_fill(~mask, float('-inf'))\n"
+        "    flushed = (z - z.amax(-1, keepdim=True)) < -87.33654\n"
+        "    torch_y = torch.softmax(z, -1)\n"
+        "    assert flushed.any() and (torch_y[flushed] != 0).any()  # torch: subnormal weights there\n"
+        "    assert (y[flushed] == 0).all()\n"
+        "    ref = torch.softmax(z.double(), -1)\n"
+        "    torch.testing.assert_close(y.double()[~flushed], ref[~flushed], atol=1e-44, rtol=2e-6)\n"
+        "print('ok')\n"
+    )
+    from conftest import assert_python_ok
+
+    env = {} if isa == "native" else {"ATTNEXT_CPU_ISA": isa}
+    assert_python_ok(code, **env)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_non_finite_inputs_behave_like_torch_softmax(value, dtype):

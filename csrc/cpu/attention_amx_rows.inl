@@ -6,8 +6,8 @@
 // exp for weights that are rounded to bfloat16 next (8 significant bits): one-constant
 // range reduction and a degree-5 Taylor polynomial, within 1e-5 relative of exp over
 // its whole range (against VecF::exp's 2 ulp), in 9 instructions instead of 13. Same
-// edges as VecF::exp: -inf and anything below -104 give 0, NaN stays NaN (the clamp
-// returns its second operand).
+// edges as VecF::exp_ftz: -inf and anything whose exp is subnormal give 0, NaN stays
+// NaN (the clamp returns its second operand, the unordered compare keeps it).
 inline VecF exp_bf16_weights(VecF a) {
   const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), a.v);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(::attnext::vec::kLog2e)),
@@ -18,7 +18,8 @@ inline VecF exp_bf16_weights(VecF a) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return {_mm512_scalef_ps(p, n)};
+  const __mmask16 normal = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(::attnext::vec::kExpNormalMin), _CMP_NLT_UQ);
+  return {_mm512_maskz_scalef_ps(normal, p, n)};
 }
 
 // Online-softmax step on raw scores (brgemm has no alpha), the scale folded into the
@@ -141,7 +142,7 @@ inline void amx_bwd_pds_tile(const float* st, const float* dpt, int64_t nc, int6
         continue;
       }
       const __m512 neg_lse = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(valid, lse + r));
-      const VecF e = VecF::exp(VecF::fmadd(VecF{_mm512_maskz_loadu_ps(seen, x + r)}, vs, VecF{neg_lse}));
+      const VecF e = VecF::exp_ftz(VecF::fmadd(VecF{_mm512_maskz_loadu_ps(seen, x + r)}, vs, VecF{neg_lse}));
       const __m512 p = _mm512_maskz_mov_ps(seen, e.v);
       const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(seen, dp + r), _mm512_maskz_loadu_ps(valid, D + r));
       const __m512 ds = _mm512_maskz_mul_ps(seen, _mm512_mul_ps(p, g), vs.v);

@@ -101,6 +101,20 @@ Block<T> load_block(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* 
   }
 }
 
+// (rows, cols) of an input at src (row stride ld) as T, always copied into buf (row
+// stride cols): the float kernels read strided rows (a view inside a packed
+// projection, rows nh * hs or 3 * nh * hs apart) through compact copies, because
+// a tile whose rows sit a multiple of 1 KiB apart falls into a quarter of L1's sets.
+template <typename T, typename in_t>
+Block<T> load_compact(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* buf) {
+  if constexpr (std::is_same<T, in_t>::value) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(buf + r * cols, src + r * ld, sizeof(T) * cols);
+    return {buf, std::max<int64_t>(cols, 1)};
+  } else {
+    return load_block(src, ld, rows, cols, buf);
+  }
+}
+
 // (rows, cols) of T at src (row stride lds) into out_t at dst (row stride ldd), rounded once.
 template <typename T, typename out_t>
 void store_block(const T* src, int64_t lds, int64_t rows, int64_t cols, out_t* dst, int64_t ldd) {

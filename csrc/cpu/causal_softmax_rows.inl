@@ -77,12 +77,12 @@ inline void fwd_row_f32(const float* x, float* y, int64_t L, int64_t S, float sc
   const VecF neg_m = VecF::set1(-m);
   VecF acc = VecF::set1(0.0f);
   for (j = 0; j + N <= L; j += N) {
-    const VecF e = VecF::exp(VecF::fmadd(VecF::load(x + j), vs, neg_m));
+    const VecF e = VecF::exp_ftz(VecF::fmadd(VecF::load(x + j), vs, neg_m));
     e.store(e_out + j);
     acc = acc + e;
   }
   if (j < L) {
-    const VecF e = VecF::select_first(L - j, VecF::exp(VecF::fmadd(VecF::load_tail(x + j, L - j), vs, neg_m)),
+    const VecF e = VecF::select_first(L - j, VecF::exp_ftz(VecF::fmadd(VecF::load_tail(x + j, L - j), vs, neg_m)),
                                       VecF::set1(0.0f));
     e.store_tail(e_out + j, L - j);
     acc = acc + e;

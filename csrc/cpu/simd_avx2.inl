@@ -67,8 +67,13 @@ struct VecF {
   // as two exponent-bit factors so that results near FLT_MAX and subnormal
   // results round once, correctly. NaN stays NaN (min/max return their second
   // operand when either is NaN, and NaN * anything is NaN).
-  // The softmax's exp: the exp below (AVX-512 has a cheaper one).
-  static VecF exp_softmax(VecF a) { return exp(a); }
+  // The softmax's exp: the exp below, 0 where that is subnormal (AVX-512 has a
+  // cheaper one).
+  static VecF exp_softmax(VecF a) { return exp_ftz(a); }
+  // exp, 0 where it would be subnormal (a < vec::kExpNormalMin; NaN stays NaN).
+  static VecF exp_ftz(VecF a) {
+    return {_mm256_andnot_ps(_mm256_cmp_ps(a.v, _mm256_set1_ps(vec::kExpNormalMin), _CMP_LT_OQ), exp(a).v)};
+  }
   static VecF exp(VecF a) {
     __m256 x = _mm256_min_ps(_mm256_set1_ps(89.0f), a.v);
     x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);

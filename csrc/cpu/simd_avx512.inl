@@ -64,7 +64,8 @@ struct VecF {
   }
 
   // The softmax's exp: for the shifted scores x - max (x <= 0, or x = -inf, NaN)
-  // within 3 ulp, exp(-inf) = 0, NaN stays NaN; finite x > 0 up to 2^21 are right
+  // within 3 ulp, 0 where exp is subnormal (x < vec::kExpNormalMin), exp(-inf) = 0,
+  // NaN stays NaN; finite x > 0 up to 2^21 are right
   // too (+inf past 88.72), +inf is not. Against exp: no clamp above, the rounding
   // of x log2(e) by adding and subtracting 1.5 * 2^23 (two operations, where
   // roundscale is two and the product one more), a degree-5 polynomial.
@@ -79,6 +80,14 @@ struct VecF {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(vec::kExp5C2));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return {_mm512_scalef_ps(p, n)};
+    // 0 where exp is subnormal (vec::kExpNormalMin); NaN (unordered) is kept
+    const __mmask16 normal = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(vec::kExpNormalMin), _CMP_NLT_UQ);
+    return {_mm512_maskz_scalef_ps(normal, p, n)};
+  }
+
+  // exp, 0 where it would be subnormal (a < vec::kExpNormalMin; NaN stays NaN).
+  static VecF exp_ftz(VecF a) {
+    const __mmask16 normal = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(vec::kExpNormalMin), _CMP_NLT_UQ);
+    return {_mm512_maskz_mov_ps(normal, exp(a).v)};
   }
 };

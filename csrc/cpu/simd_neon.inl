@@ -60,8 +60,14 @@ struct VecF {
   // AVX2 VecF), 2^n applied as two exponent-bit factors so that results near
   // FLT_MAX and subnormal results round once. NaN stays NaN: the clamps return
   // their second operand (see min/max), vcvtq of NaN is 0, and p is NaN.
-  // The softmax's exp: the exp below (AVX-512 has a cheaper one).
-  static VecF exp_softmax(VecF a) { return exp(a); }
+  // The softmax's exp: the exp below, 0 where that is subnormal (AVX-512 has a
+  // cheaper one).
+  static VecF exp_softmax(VecF a) { return exp_ftz(a); }
+  // exp, 0 where it would be subnormal (a < vec::kExpNormalMin; NaN stays NaN).
+  static VecF exp_ftz(VecF a) {
+    const uint32x4_t tiny = vcltq_f32(a.v, vdupq_n_f32(vec::kExpNormalMin));
+    return {vbslq_f32(tiny, vdupq_n_f32(0.0f), exp(a).v)};
+  }
   static VecF exp(VecF a) {
     float32x4_t x = min(set1(89.0f), a).v;
     x = max(set1(-104.0f), {x}).v;

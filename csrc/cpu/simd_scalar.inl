@@ -30,7 +30,10 @@ struct VecF {
     out[2] = c.v;
     out[3] = d.v;
   }
-  // The softmax's exp: the exp below (AVX-512 has a cheaper one).
-  static VecF exp_softmax(VecF a) { return exp(a); }
+  // The softmax's exp: the exp below, 0 where that is subnormal (AVX-512 has a
+  // cheaper one).
+  static VecF exp_softmax(VecF a) { return exp_ftz(a); }
   static VecF exp(VecF a) { return {::attnext::vec::exp_f32(a.v)}; }
+  // exp, 0 where it would be subnormal (a < vec::kExpNormalMin).
+  static VecF exp_ftz(VecF a) { return {::attnext::vec::exp_ftz_f32(a.v)}; }
 };
