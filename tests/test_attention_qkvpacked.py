@@ -61,9 +61,9 @@ def test_matches_unpacked_op_on_views(shape, dtype, dropout_p, align):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_rows_too_long_to_copy_whole(dtype):
-    # The kernels read the packed rows through compact copies: Q, dO, dQ per batch and V
-    # per batch while they fit a per-thread budget, per tile past it. T * 2 * hs here
-    # is past the backward's 2^21 and S * hs past the forward's 2^20: the per-tile path.
+    # The float backward reads the packed Q and dO rows through compact copies and
+    # accumulates dQ in a compact scratch while a batch's rows fit a per-thread budget
+    # (T * (hs + hs_v) <= 2^21), and in place past it, as here.
     qkv = make_qkv((1, 2100, 3, 1, 512), dtype)
     q, k, v = views(qkv)
     out = attnext.causal_attention_qkvpacked(qkv)

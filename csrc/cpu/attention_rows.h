@@ -102,13 +102,24 @@ Block<T> load_block(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* 
 }
 
 // (rows, cols) of an input at src (row stride ld) as T, always copied into buf (row
-// stride cols): the float kernels read strided rows (a view inside a packed
-// projection, rows nh * hs or 3 * nh * hs apart) through compact copies, because
-// a tile whose rows sit a multiple of 1 KiB apart falls into a quarter of L1's sets.
+// stride cols): the float backward reads strided rows it reuses (a view inside a
+// packed projection, rows 3 * nh * hs apart) through compact copies. Rows
+// kCopyAhead ahead are prefetched: one short row per page defeats the hardware
+// prefetcher, and the copy would wait on every row.
 template <typename T, typename in_t>
 Block<T> load_compact(const in_t* src, int64_t ld, int64_t rows, int64_t cols, T* buf) {
   if constexpr (std::is_same<T, in_t>::value) {
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(buf + r * cols, src + r * ld, sizeof(T) * cols);
+    constexpr int64_t kCopyAhead = 8;
+    const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
+    auto fetch = [&](int64_t r) {
+      const char* row = reinterpret_cast<const char*>(src + r * ld);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+    };
+    for (int64_t r = 0; r < std::min(kCopyAhead, rows); ++r) fetch(r);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (r + kCopyAhead < rows) fetch(r + kCopyAhead);
+      std::memcpy(buf + r * cols, src + r * ld, sizeof(T) * cols);
+    }
     return {buf, std::max<int64_t>(cols, 1)};
   } else {
     return load_block(src, ld, rows, cols, buf);

@@ -598,21 +598,11 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const int64_t ldkt = kBkF + 16;
   const int64_t kt_tile = g.hs * ldkt;  // one key tile's K^T block
   const int64_t kt_tiles = cache_kt ? ceil_div(g.S, kBkF) : 1;
-  // Rows that are not packed (q, k, v inside a (..., T, 3, nh, hs) projection, out
-  // as (..., T, nh, hs)) are read and accumulated through compact copies: a tile of
-  // rows 3 * 768 floats apart sits in a quarter of L1's sets. Q per query tile, V
-  // once per batch (while it fits 4 MiB per thread; else per key tile), O in a
-  // scratch tile stored at the end. (8, 12, 1024, 64) in nanoGPT's packed layout on
-  // the Intel Xeon: the forward 10-15% slower without them.
-  const bool q_copy = direct && Q.ld != g.hs;
-  const bool v_copy = direct && V.ld != g.hsv;
-  const bool o_copy = direct && Out.ld != g.hsv;
-  const bool cache_v = v_copy && g.S * g.hsv <= (int64_t(1) << 20);
   struct Scratch {
-    std::vector<T> s, m, l, alpha, o, qbuf, kbuf, vbuf, kt, vc;
+    std::vector<T> s, m, l, alpha, o, qbuf, kbuf, vbuf, kt;
     std::vector<int64_t> vis;
     std::vector<uint32_t> row_keys;
-    int64_t batch = -1, packed = 0, vbatch = -1, vrows = 0;
+    int64_t batch = -1, packed = 0;
   };
   auto make_scratch = [&] {
     const int64_t w = direct ? 0 : 1;  // widened copies only for bfloat16
@@ -621,11 +611,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     sc.m.resize(kBq);
     sc.l.resize(kBq);
     sc.alpha.resize(kBq);
-    sc.o.resize((o_copy ? 1 : w) * kBq * g.hsv);
-    sc.qbuf.resize((q_copy ? 1 : w) * kBq * g.hs);
+    sc.o.resize(w * kBq * g.hsv);
+    sc.qbuf.resize(w * kBq * g.hs);
     sc.kbuf.resize(use_kt ? 0 : w * kBkF * g.hs);
-    sc.vbuf.resize((v_copy && !cache_v ? 1 : w) * kBkF * g.hsv);
-    sc.vc.resize(cache_v ? g.S * g.hsv : 0);
+    sc.vbuf.resize(w * kBkF * g.hsv);
     sc.kt.resize(use_kt ? kt_tiles * kt_tile : 0);
     sc.vis.resize(kBq);
     sc.row_keys.resize(kBq);
@@ -639,15 +628,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     in_t* out_tile = Out.at(b, t0);  // (nr, hsv), row stride Out.ld
     T* o;                             // (nr, hsv) accumulator, row stride ldo
     int64_t ldo;
-    bool o_scratch = true;
     if constexpr (direct) {
-      if (!o_copy) {
-        o = out_tile;
-        ldo = Out.ld;
-        o_scratch = false;
-      }
-    }
-    if (o_scratch) {
+      o = out_tile;
+      ldo = Out.ld;
+    } else {
       o = sc.o.data();
       ldo = std::max<int64_t>(g.hsv, 1);
     }
@@ -664,26 +648,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     }
     const int64_t kv_end = g.visible(t0 + nr - 1);
     const int64_t kv_start = first_key_tile(g, t0, kBkF);  // tiles left of every row's window: skipped
-    const Block<T> qb = q_copy ? load_compact(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data())
-                               : load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
-    if (cache_v && sc.vbatch != b) {
-      sc.vbatch = b;
-      sc.vrows = 0;
-    }
+    const Block<T> qb = load_block(Q.at(b, t0), Q.ld, nr, g.hs, sc.qbuf.data());
     for (int64_t k0 = kv_start; k0 < kv_end; k0 += kBkF) {
       const int64_t nc = std::min(kBkF, kv_end - k0);
-      Block<T> vb;
-      if (cache_v) {  // V's rows of this batch, compact, copied up to the last key seen
-        if (sc.vrows < k0 + nc) {
-          load_compact(V.at(b, sc.vrows), V.ld, k0 + nc - sc.vrows, g.hsv, sc.vc.data() + sc.vrows * g.hsv);
-          sc.vrows = k0 + nc;
-        }
-        vb = {sc.vc.data() + k0 * g.hsv, std::max<int64_t>(g.hsv, 1)};
-      } else if (v_copy) {
-        vb = load_compact(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
-      } else {
-        vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
-      }
+      const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
       for (int64_t r = 0; r < nr; ++r) sc.vis[r] = std::min(std::max<int64_t>(g.visible(t0 + r) - k0, 0), nc);
       if (use_kt) {  // S = Q K^T from K^T columns [k0, k0 + nc)
         const T* kt = sc.kt.data();  // k0 is a multiple of kBkF: tile k0 / kBkF, from its column 0
@@ -719,7 +687,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     }
     finish_rows(o, nr, g.hsv, ldo, sc.m.data(), sc.l.data(), lp + b * g.T + t0,
                 [&](int64_t r) { return g.sees_none(t0 + r); });
-    if (o_scratch) {
+    if constexpr (!direct) {
       store_block(o, ldo, nr, g.hsv, out_tile, Out.ld);
     }
   });
@@ -746,17 +714,19 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 
   const F32Gemm own = own_gemm<T>(true, g.hs);  // with it: K^T and V^T transposed once per key tile
   // Rows that are not packed (views inside a (..., T, 3, nh, hs) projection and its
-  // gradient) are read and accumulated through compact copies, as in the forward:
-  // Q and dO once per item and dQ in a scratch stored at its end (while the batch's
-  // rows fit 8 MiB per thread), K and V per key tile, dK and dV in scratch tiles.
-  // (8, 12, 1024, 64) in nanoGPT's packed layout on the Intel Xeon: the backward
-  // 15-25% slower without them.
+  // gradient, nanoGPT's c_attn through causal_attention_qkvpacked): Q and dO, which
+  // every key tile reads again, are copied compact once per item (with prefetching:
+  // one short row per page defeats the hardware prefetcher), and dQ accumulates in a
+  // compact scratch stored at the item's end, while the batch's rows fit 8 MiB per
+  // thread. In one process, alternated, on the Intel Xeon: the backward of
+  // (8, 12, 1024, 64) in the packed layout 155 ms against 168 without them, (16, 6,
+  // 256, 64) the same; compact K, V tiles and dK, dV accumulators gained nothing,
+  // nor did any copy in the forward (whose products go to the BLAS, which packs its
+  // operands itself).
   const bool rows_fit = g.T * (g.hs + g.hsv) <= (int64_t(1) << 21);
   const bool qd_copy = direct && rows_fit && (Q.ld != g.hs || dO.ld != g.hsv);
   const bool dq_copy = dq_in_place && rows_fit && dQ.ld != g.hs;
-  const bool kv_copy = direct && (K.ld != g.hs || V.ld != g.hsv);
   if (dq_in_place && !dq_copy) dq.zero_();  // with dq_copy, every row is stored whole
-  const bool dkv_copy = direct && (dK.ld != g.hs || dV.ld != g.hsv);
   struct Scratch {
     std::vector<T> s, dp, z, pd, dk, dv, qbuf, kbuf, vbuf, dobuf, kt, vt, qc, doc, dqc;
     std::vector<int64_t> vis;
@@ -766,12 +736,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     const int64_t nz = drop.on ? kBqB * kBk : 0;
     const int64_t w = direct ? 0 : 1;
     const int64_t t = own != nullptr ? 1 : 0;
-    const int64_t wkv = kv_copy ? 1 : w, wdkv = dkv_copy ? 1 : w;
     return Scratch{std::vector<T>(kBqB * kBk),       std::vector<T>(kBqB * kBk),
                    std::vector<T>(nz),               std::vector<T>(nz),
-                   std::vector<T>(wdkv * kBk * g.hs), std::vector<T>(wdkv * kBk * g.hsv),
-                   std::vector<T>(w * kBqB * g.hs),  std::vector<T>(wkv * kBk * g.hs),
-                   std::vector<T>(wkv * kBk * g.hsv), std::vector<T>(w * kBqB * g.hsv),
+                   std::vector<T>(w * kBk * g.hs),   std::vector<T>(w * kBk * g.hsv),
+                   std::vector<T>(w * kBqB * g.hs),  std::vector<T>(w * kBk * g.hs),
+                   std::vector<T>(w * kBk * g.hsv),  std::vector<T>(w * kBqB * g.hsv),
                    std::vector<T>(t * g.hs * kBk),   std::vector<T>(t * g.hsv * kBk),
                    std::vector<T>(qd_copy ? g.T * g.hs : 0), std::vector<T>(qd_copy ? g.T * g.hsv : 0),
                    std::vector<T>(dq_copy ? g.T * g.hs : 0),
@@ -801,17 +770,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       T* dkt;
       T* dvt;
       int64_t ldk, ldv;
-      bool dkv_scratch = true;
       if constexpr (direct) {
-        if (!dkv_copy) {
-          dkt = dk_out;
-          dvt = dv_out;
-          ldk = dK.ld;
-          ldv = dV.ld;
-          dkv_scratch = false;
-        }
-      }
-      if (dkv_scratch) {
+        dkt = dk_out;
+        dvt = dv_out;
+        ldk = dK.ld;
+        ldv = dV.ld;
+      } else {
         dkt = sc.dk.data();
         dvt = sc.dv.data();
         ldk = std::max<int64_t>(g.hs, 1);
@@ -821,10 +785,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         std::fill(dkt + r * ldk, dkt + r * ldk + g.hs, T(0));
         std::fill(dvt + r * ldv, dvt + r * ldv + g.hsv, T(0));
       }
-      const Block<T> kb = kv_copy ? load_compact(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data())
-                                  : load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
-      const Block<T> vb = kv_copy ? load_compact(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data())
-                                  : load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
+      const Block<T> kb = load_block(K.at(b, k0), K.ld, nc, g.hs, sc.kbuf.data());
+      const Block<T> vb = load_block(V.at(b, k0), V.ld, nc, g.hsv, sc.vbuf.data());
       if (own != nullptr) {
         transpose_block(kb.p, kb.ld, nc, g.hs, sc.kt.data(), kBk);   // K^T: (hs, nc)
         transpose_block(vb.p, vb.ld, nc, g.hsv, sc.vt.data(), kBk);  // V^T: (hsv, nc)
@@ -850,7 +812,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         rows_mm(own, nr, g.hs, nc, dp, kBk, kb.p, kb.ld, dqb + t0 * ldq, ldq, vis);  // dQ += dS K
         cols_mm(own, nr, nc, g.hs, dp, kBk, qb.p, qb.ld, dkt, ldk, vis);  // dK += dS^T Q
       }
-      if (dkv_scratch) {
+      if constexpr (!direct) {
         store_block(dkt, ldk, nc, g.hs, dk_out, dK.ld);
         store_block(dvt, ldv, nc, g.hsv, dv_out, dV.ld);
       }
