@@ -66,6 +66,9 @@ CASES_QUICK = [(1, 8, 256, 64)]
 # a training sweep in T at (1, 8, ., 64) beside CASES_FULL's T = 2048 (attnext against
 # SDPA 4-D only: the crossover figure, benchmarks/results/<cpu>_causal_attention_vs_T.png)
 SWEEP_FULL = [(1, 8, T, 64) for T in (512, 1024, 4096)]
+# a sharp softmax, as trained models have: q and k of std 8 (scores about 64 apart), so
+# that most float32 weights of a row would be subnormal (attnext against SDPA 4-D only)
+SHARP_FULL = [((16, 6, 256, 64), 8.0)]
 MHA_FULL = dict(B=64, T=256, n_embd=384, num_heads=6)
 MHA_QUICK = dict(B=4, T=128, n_embd=384, num_heads=6)
 # nanoGPT's CausalSelfAttention: GPT-2 small's layer (n_embd 768, 12 heads) at its block size
@@ -94,10 +97,12 @@ def _attention(provider, q, k, v):
     raise ValueError(provider)
 
 
-def make_attention_case(provider, shape, dtype, mode, seed=0):
-    """A no-argument callable running one step of `provider`, and its output for checking."""
+def make_attention_case(provider, shape, dtype, mode, seed=0, qk_std=1.0):
+    """A no-argument callable running one step of `provider`, and its output for checking;
+    q and k of standard deviation qk_std, v of 1."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(shape, generator=g).to(dtype).requires_grad_(mode != "fwd") for _ in range(3))
+    q, k, v = ((torch.randn(shape, generator=g) * (qk_std if i < 2 else 1.0)).to(dtype).requires_grad_(mode != "fwd")
+               for i in range(3))
     grad = torch.randn(shape, generator=g).to(dtype)
     if mode == "fwd":
 
@@ -308,23 +313,25 @@ def run(quick: bool = False, shapes=None, dtypes=None) -> list:
                                          peer="", peak_mb=round(mb, 2), seq_len=T))
     # the sweep in T: attnext and SDPA 4-D, checked against each other (a float64
     # reference of T = 4096 would be the largest allocation of the run)
-    for shape in ([] if (quick or shapes) else SWEEP_FULL):
+    sweep = [(shape, 1.0) for shape in SWEEP_FULL] + SHARP_FULL
+    for shape, qk_std in ([] if (quick or shapes) else sweep):
         B, nh, T, hs = shape
-        for dtype_name in dtypes:
+        shape_s = f"B={B},nh={nh},T={T},hs={hs}" + (f",qk_std={qk_std:g}" if qk_std != 1.0 else "")
+        for dtype_name in (dtypes if qk_std == 1.0 else ["float32"]):
             dtype = DTYPES[dtype_name]
             for mode in modes:
-                made = {p: make_attention_case(p, shape, dtype, mode) for p in ("attnext", "sdpa4d")}
+                made = {p: make_attention_case(p, shape, dtype, mode, qk_std=qk_std) for p in ("attnext", "sdpa4d")}
                 outs = {p: step().detach() for p, (step, _) in made.items()}
                 _check({"attnext": outs["attnext"]}, outs["sdpa4d"].double(), dtype)
                 times = _time_interleaved({p: step for p, (step, _) in made.items()}, min_run_time * 2, rounds)
                 flops = _attention_flops(B, nh, T, hs, mode)
                 for p, (med, iqr) in times.items():
-                    rows.append(dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}",
+                    rows.append(dict(common, op="causal_attention", shape=shape_s,
                                      dtype=dtype_name, mode=mode, provider=p, median_ms=round(med, 3),
                                      iqr_ms=round(iqr, 3), gflops_or_gbs=round(flops / (med * 1e-3) / 1e9, 2),
                                      ratio_vs=round(times["sdpa4d"][0] / med, 3) if p == "attnext" else "",
                                      peer="sdpa4d" if p == "attnext" else "", seq_len=T))
-                rows.append(dict(common, op="causal_attention", shape=f"B={B},nh={nh},T={T},hs={hs}",
+                rows.append(dict(common, op="causal_attention", shape=shape_s,
                                  dtype=dtype_name, mode=mode, provider="gemm-ceiling",
                                  median_ms=round(flops / (ceiling[dtype_name] * 1e9) * 1e3, 3), iqr_ms=0.0,
                                  gflops_or_gbs=round(ceiling[dtype_name], 1), ratio_vs="", peer="", seq_len=T))
