@@ -32,6 +32,20 @@ def test_explain_reports_the_gemm_choice():
     assert attnext.explain("matmul", torch.randn(3, 4).double(), torch.randn(4, 5).double()).kernels == []
 
 
+@needs_native
+def test_chunked_prefill_has_its_own_gemm_choice():
+    # a forward of few query tiles against at least 4x as many keys (chunked prefill) is
+    # its own class, measured on a prefill-shaped forward; training shapes are not
+    q, k = torch.randn(2, 100, 64), torch.randn(2, 400, 64)
+    out = attnext.causal_attention(q, k, k, align="bottom_right")
+    ref, _ = attnext.reference.causal_attention(q.double(), k.double(), k.double(), 0.125, bottom_right=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    kernels = attnext.explain("causal_attention", q, k, k).kernels
+    few = [c for c in kernels if c.startswith("float32 GEMM, attention tiles (forward of few queries against 4x as "
+                                              "many keys, head size <= 64): ")]
+    assert len(few) == 1 and ("own AVX-512 kernel" in few[0] or "BLAS" in few[0]), kernels
+
+
 def test_explain_fallback_has_no_kernel_notes(kernels_disabled):
     ex = attnext.explain("matmul", torch.randn(3, 4), torch.randn(4, 5))
     assert ex and ex.kernels == []

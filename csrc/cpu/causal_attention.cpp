@@ -310,9 +310,9 @@ void mm_tn(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, co
 // ATTNEXT_F32_GEMM=0/1 forces the BLAS/the kernel.
 // The kernel for the tiles of compute type T: float only.
 template <typename T>
-F32Gemm own_gemm(bool backward, int64_t hs) {
+F32Gemm own_gemm(bool backward, int64_t hs, bool prefill = false) {
   if constexpr (std::is_same<T, float>::value) {
-    return f32_gemm_for(attention_gemm_use(backward, hs));
+    return f32_gemm_for(attention_gemm_use(backward, hs, prefill));
   } else {
     return nullptr;
   }
@@ -567,9 +567,11 @@ void reduce_dq_chunks(const at::Tensor& dq_acc, at::Tensor& dq) {
   dq.copy_(total.view(dq.sizes()));
 }
 
+// gemm: the float tiles' products on the kernel measured for this head size (-1), the
+// BLAS (0) or attnext's AVX-512 kernel (1; what attention_forward_probe times).
 template <typename in_t, typename T = at::opmath_type<in_t>>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-              const Geometry& g, double scale_d, const Dropout& drop) {
+              const Geometry& g, double scale_d, const Dropout& drop, int gemm = -1) {
   constexpr bool direct = std::is_same<T, in_t>::value;  // accumulate straight into `out`
   const Rows2D<in_t> Q(q), K(k), V(v);
   const OutRows<in_t> Out(out);
@@ -577,7 +579,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const T scale = static_cast<T>(scale_d);
   const T inv_keep = static_cast<T>(drop.inv_keep);
   const int64_t nqt = ceil_div(g.T, kBq);
-  const F32Gemm own = own_gemm<T>(false, g.hs);
+  // a chunk of few queries against many keys (chunked prefill) has its own measured
+  // choice: transposing all of K for its few query tiles is not paid back
+  const bool prefill = nqt < 8 && 4 * g.T <= g.S;
+  F32Gemm own = nullptr;
+  if constexpr (std::is_same<T, float>::value) {
+    own = gemm < 0 ? own_gemm<T>(false, g.hs, prefill) : gemm == 1 ? f32_gemm_kernel() : nullptr;
+  }
   // S = Q K^T reads K^T with the own kernel, stored per 256-key tile as a row-major
   // (hs, 256) block: the thread transposes the K rows of the batch it last saw once,
   // columns [0, packed), and later query tiles of that batch reuse them (items run
@@ -1660,6 +1668,20 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, co
 }
 
 }  // namespace
+
+std::function<void()> attention_forward_probe(int64_t hs, bool own, bool prefill) {
+  const int64_t heads = prefill ? 4 : 8, rows = prefill ? 128 : 256, len = prefill ? 1024 : 256;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto gen = [&](double salt, int64_t n) {
+    return at::arange(heads * n * hs, opts).mul_(0.37 + 0.01 * salt).sin_().view({1, heads, n, hs});
+  };
+  const at::Tensor q = gen(1, rows), k = gen(2, len), v = gen(3, len);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  const Geometry g = check_attention_args(q, k, v, scale, 0.0, prefill);
+  at::Tensor out = at::empty_like(q), lse = at::empty({1, heads, rows}, opts);
+  const Dropout drop(0.0, 0, 0);
+  return [=]() mutable { fwd_impl<float>(q, k, v, out, lse, g, scale, drop, own ? 1 : 0); };
+}
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         double scale, double dropout_p, bool bottom_right,

@@ -64,26 +64,41 @@ void blas_tile(bool at, bool bt, int m, int n, int k, float alpha, const float* 
 // Times both GEMMs on a problem of the workload's class (kernel_choice.h).
 const KernelChoice& measure(GemmUse use) {
   const int u = static_cast<int>(use);
-  const bool fwd = u <= static_cast<int>(GemmUse::kAttentionForwardLarge);
+  const bool prefill = u >= static_cast<int>(GemmUse::kAttentionPrefill64) &&
+                       u <= static_cast<int>(GemmUse::kAttentionPrefillLarge);
+  const bool fwd = prefill || u <= static_cast<int>(GemmUse::kAttentionForwardLarge);
   const bool bwd = !fwd && u <= static_cast<int>(GemmUse::kAttentionBackwardLarge);
   const bool tiles = fwd || bwd;
-  const int cls = tiles ? (u - (fwd ? 0 : 3)) : 0;  // 0: hs <= 64, 1: <= 128, 2: larger
+  const int first = prefill ? static_cast<int>(GemmUse::kAttentionPrefill64)
+                    : bwd   ? static_cast<int>(GemmUse::kAttentionBackward64)
+                            : 0;
+  const int cls = tiles ? u - first : 0;  // 0: hs <= 64, 1: <= 128, 2: larger
   const int hs = cls == 0 ? 64 : cls == 1 ? 128 : 256;
   const std::string cls_name = cls == 0 ? "head size <= 64" : cls == 1 ? "head size <= 128" : "head size > 128";
-  const std::string what = fwd   ? "float32 GEMM, attention tiles (forward, " + cls_name + ")"
+  const std::string what = prefill ? "float32 GEMM, attention tiles (forward of few queries against 4x as many keys, " +
+                                         cls_name + ")"
+                           : fwd ? "float32 GEMM, attention tiles (forward, " + cls_name + ")"
                            : bwd ? "float32 GEMM, attention tiles (backward, " + cls_name + ")"
                                  : "float32 GEMM, matmul";
   const F32Gemm kernel = f32_gemm_kernel();
   if (kernel == nullptr) return fixed_kernel(what, false, "BLAS (the own kernel needs AVX-512, or ATTNEXT_F32_GEMM=0)");
   if (sgemm_ == nullptr) return fixed_kernel(what, true, "own AVX-512 kernel (this torch exports no BLAS)");
-  // forward: one thread's 64-row query tile against 256 keys at the class's head size
-  // (S = Q K^T, then O += P V; the own kernel also transposes K); backward: one
-  // thread's five products of a 256-row block against a 64-key tile (S = Q K^T,
+  const int forced = kernel_override("ATTNEXT_F32_GEMM");  // 0 was handled by f32_gemm_kernel()
+  if (fwd) {
+    // a real forward (attention_forward_probe: 8 heads of 256 queries, on every
+    // thread, K^T or K's rows as the tiles read them). A synthetic hot 64-row tile
+    // against 256 keys, before, chose the BLAS by a few percent on the Intel Xeon,
+    // where the own kernel's forward of (64, 6, 256, 64) was 12% faster (T = 1024 and
+    // 2048 the same either way).
+    return choose_kernel(what, "own AVX-512 kernel", "BLAS", attention_forward_probe(hs, true, prefill),
+                         attention_forward_probe(hs, false, prefill), forced == 1 ? 1 : -1);
+  }
+  // backward: one thread's five products of a 256-row block against a 64-key tile (S = Q K^T,
   // dV += P^T dO, dP = dO V^T, dQ += dS K, dK += dS^T Q); matmul: a projection-like
   // 192 x 768 x 192, threaded as matmul threads it. m x n: the scores' shape; k: the
   // head size.
-  const int m = fwd ? 64 : bwd ? 256 : 192, n = fwd ? 256 : bwd ? 64 : 768, k = tiles ? hs : 192;
-  const int reps = fwd ? 8 : bwd ? 4 : 1;
+  const int m = bwd ? 256 : 192, n = bwd ? 64 : 768, k = tiles ? hs : 192;
+  const int reps = bwd ? 4 : 1;
   auto a = std::make_shared<std::vector<float>>(size_t(m) * k);     // Q, dO (m, k)
   auto b = std::make_shared<std::vector<float>>(size_t(k) * n);     // K, V (n, k) or B (k, n)
   auto c = std::make_shared<std::vector<float>>(size_t(m) * n);     // S, P, dP (m, n)
@@ -95,23 +110,7 @@ const KernelChoice& measure(GemmUse use) {
   for (size_t i = 0; i < c->size(); ++i) (*c)[i] = float((i * 3) % 7) * 0.01f;
   auto own = [=] {
     for (int r = 0; r < reps; ++r) {
-      if (fwd) {
-        // the own kernel reads K^T: charged one transposition of the K tile per two
-        // query tiles, as a 128-row prefill chunk pays it (longer queries pay less)
-        if (r % 2 == 0) {
-          float* kt = bt->data();
-          const float* kr = b->data();
-          for (int i0 = 0; i0 < n; i0 += 16) {
-            for (int j0 = 0; j0 < k; j0 += 16) {
-              for (int i = i0; i < std::min(n, i0 + 16); ++i) {
-                for (int j = j0; j < std::min(k, j0 + 16); ++j) kt[j * n + i] = kr[i * k + j];
-              }
-            }
-          }
-        }
-        kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 0.125f, false);  // S
-        kernel(m, k, n, c->data(), n, 1, b->data(), k, acc->data(), k, 1.0f, true);    // O
-      } else if (bwd) {
+      if (bwd) {
         kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 0.125f, false);  // S
         kernel(n, k, m, c->data(), 1, n, a->data(), k, acc2->data(), k, 1.0f, true);   // dV
         kernel(m, n, k, a->data(), k, 1, bt->data(), n, c->data(), n, 1.0f, false);    // dP
@@ -125,10 +124,7 @@ const KernelChoice& measure(GemmUse use) {
   auto blas = [=] {
     const SingleThreadedBlas one_thread(tiles);  // the tiles run inside the kernel's own threads
     for (int r = 0; r < reps; ++r) {
-      if (fwd) {
-        blas_tile(false, true, m, n, k, 0.125f, a->data(), k, b->data(), k, 0.0f, c->data(), n);  // S
-        blas_tile(false, false, m, k, n, 1.0f, c->data(), n, b->data(), k, 1.0f, acc->data(), k);  // O
-      } else if (!tiles) {
+      if (!tiles) {
         blas_sgemm(m, n, k, a->data(), b->data(), c->data());
       } else {
         blas_tile(false, true, m, n, k, 0.125f, a->data(), k, b->data(), k, 0.0f, c->data(), n);   // S
@@ -139,7 +135,6 @@ const KernelChoice& measure(GemmUse use) {
       }
     }
   };
-  const int forced = kernel_override("ATTNEXT_F32_GEMM");  // 0 was handled by f32_gemm_kernel()
   return choose_kernel(what, "own AVX-512 kernel", "BLAS", own, blas, forced == 1 ? 1 : -1);
 }
 
@@ -156,9 +151,12 @@ const GemmChoice& f32_gemm_choice(GemmUse use) {
   return choices[i];
 }
 
-GemmUse attention_gemm_use(bool backward, int64_t hs) {
+GemmUse attention_gemm_use(bool backward, int64_t hs, bool prefill) {
   const int cls = hs <= 64 ? 0 : hs <= 128 ? 1 : 2;
-  return static_cast<GemmUse>((backward ? static_cast<int>(GemmUse::kAttentionBackward64) : 0) + cls);
+  const GemmUse first = backward  ? GemmUse::kAttentionBackward64
+                        : prefill ? GemmUse::kAttentionPrefill64
+                                  : GemmUse::kAttentionForward64;
+  return static_cast<GemmUse>(static_cast<int>(first) + cls);
 }
 
 F32Gemm f32_gemm_for(GemmUse use) { return f32_gemm_choice(use).own ? f32_gemm_kernel() : nullptr; }

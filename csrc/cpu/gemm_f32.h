@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace attnext {
@@ -41,12 +42,25 @@ enum class GemmUse {
   kAttentionBackward64,
   kAttentionBackward128,
   kAttentionBackwardLarge,
+  // the forward of a chunk of few queries against many keys (4 T <= S, fewer than 8
+  // query tiles: chunked prefill), where transposing all of K is not paid back
+  kAttentionPrefill64,
+  kAttentionPrefill128,
+  kAttentionPrefillLarge,
   kMatmul,          // matmul's GEMMs (transformer projections), threaded
   kCount
 };
 
-// The attention workload of a pass (forward or backward) at head size hs.
-GemmUse attention_gemm_use(bool backward, int64_t hs);
+// The attention workload of a pass (forward or backward) at head size hs; prefill:
+// a forward with 4 T <= S and fewer than 8 query tiles.
+GemmUse attention_gemm_use(bool backward, int64_t hs, bool prefill = false);
+
+// A real float32 causal attention forward (causal_attention.cpp) on the forward's
+// probe workload at head size hs, with its tile products on the own kernel (own) or
+// the BLAS: what the forward's choice times. Training (prefill false): 8 heads of 256
+// queries and keys; prefill: 4 heads of 128 queries against 1024 keys, bottom-right.
+// The inputs are made once, by this call; the function runs one forward.
+std::function<void()> attention_forward_probe(int64_t hs, bool own, bool prefill);
 
 // Which GEMM a workload runs and why (for attnext.explain).
 struct GemmChoice {
