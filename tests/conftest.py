@@ -2,6 +2,7 @@
 switches, subprocess runs."""
 import contextlib
 import os
+import platform
 import subprocess
 import sys
 
@@ -129,3 +130,14 @@ def assert_python_ok(code: str, **env) -> None:
     out = run_python(code, **env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok" in out.stdout, out.stdout[-3000:]
+
+
+# The CPU kernels a test can run a snippet on: the best one this CPU has ("native")
+# and the narrower ones ATTNEXT_CPU_ISA selects here (AVX2 only on x86-64).
+CPU_ISAS = ["native", "avx2", "scalar"] if platform.machine().lower() in ("x86_64", "amd64") else ["native", "scalar"]
+
+
+def assert_python_ok_on_isa(code: str, isa: str) -> None:
+    """:func:`assert_python_ok` with attnext's CPU kernels capped at ``isa`` (one of
+    :data:`CPU_ISAS`; ``"native"``: no cap)."""
+    assert_python_ok(code, **({} if isa == "native" else {"ATTNEXT_CPU_ISA": isa}))

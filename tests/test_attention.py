@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import attnext
 from attnext import reference
+from conftest import CPU_ISAS, assert_python_ok_on_isa
 
 HAVE_KERNEL = attnext.native_available() and hasattr(torch.ops.attnext, "causal_attention")
 needs_native = pytest.mark.skipif(not HAVE_KERNEL, reason="attnext._C not built (or built without causal_attention)")
@@ -115,7 +116,7 @@ def test_float32_blas_path_matches_reference():
 
 
 @needs_native
-@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_sharp_attention_matches_reference(isa):
     # Scores hundreds apart (q, k of std 8 at hs 64): most weights of a row are below
     # float's smallest normal. The tiles flush them to 0 instead of computing with
@@ -138,10 +139,7 @@ def test_sharp_attention_matches_reference(isa):
         "    torch.testing.assert_close(a.double(), r, atol=2e-3, rtol=1e-3)\n"
         "print('ok')\n"
     )
-    from conftest import assert_python_ok
-
-    env = {} if isa == "native" else {"ATTNEXT_CPU_ISA": isa}
-    assert_python_ok(code, **env)
+    assert_python_ok_on_isa(code, isa)
 
 
 @needs_native

@@ -6,7 +6,7 @@ import torch
 
 import attnext
 from attnext import reference
-from conftest import TOL, assert_close_to_oracle, devices, needs_native
+from conftest import CPU_ISAS, TOL, assert_close_to_oracle, assert_python_ok_on_isa, devices, needs_native
 
 ALIGNS = ["top_left", "bottom_right"]
 
@@ -130,7 +130,7 @@ def test_large_magnitudes_do_not_overflow():
 
 
 @needs_native
-@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_sharp_rows_give_zero_not_subnormal_weights(isa):
     # Scores up to 110 below their row's maximum: where exp(score - max) is below
     # float's smallest normal (2^-126 = exp(-87.34)), torch.softmax's float weight is
@@ -153,10 +153,7 @@ def test_sharp_rows_give_zero_not_subnormal_weights(isa):
         "    torch.testing.assert_close(y.double()[~flushed], ref[~flushed], atol=1e-44, rtol=2e-6)\n"
         "print('ok')\n"
     )
-    from conftest import assert_python_ok
-
-    env = {} if isa == "native" else {"ATTNEXT_CPU_ISA": isa}
-    assert_python_ok(code, **env)
+    assert_python_ok_on_isa(code, isa)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
