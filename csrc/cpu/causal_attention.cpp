@@ -151,6 +151,7 @@ struct TileKernels {
   decltype(&isa_scalar::attn_bwd_p_tile_f32) bwd_p;
   decltype(&isa_scalar::attn_bwd_ds_tile_f32) bwd_ds;
   decltype(&isa_scalar::attn_dropout_tile_f32) dropout;
+  decltype(&isa_scalar::attn_row_dots_f32) row_dots;
 };
 
 const TileKernels& tile_kernels() {
@@ -159,19 +160,23 @@ const TileKernels& tile_kernels() {
 #if ATTNEXT_X86_SIMD
       case simd::Isa::kAvx512:
         return TileKernels{&isa_avx512::attn_fwd_tile_f32, &isa_avx512::attn_bwd_p_tile_f32,
-                           &isa_avx512::attn_bwd_ds_tile_f32, &isa_avx512::attn_dropout_tile_f32};
+                           &isa_avx512::attn_bwd_ds_tile_f32, &isa_avx512::attn_dropout_tile_f32,
+                           &isa_avx512::attn_row_dots_f32};
       case simd::Isa::kAvx2:
         return TileKernels{&isa_avx2::attn_fwd_tile_f32, &isa_avx2::attn_bwd_p_tile_f32,
-                           &isa_avx2::attn_bwd_ds_tile_f32, &isa_avx2::attn_dropout_tile_f32};
+                           &isa_avx2::attn_bwd_ds_tile_f32, &isa_avx2::attn_dropout_tile_f32,
+                           &isa_avx2::attn_row_dots_f32};
 #endif
 #if ATTNEXT_ARM_NEON
       case simd::Isa::kNeon:
         return TileKernels{&isa_neon::attn_fwd_tile_f32, &isa_neon::attn_bwd_p_tile_f32,
-                           &isa_neon::attn_bwd_ds_tile_f32, &isa_neon::attn_dropout_tile_f32};
+                           &isa_neon::attn_bwd_ds_tile_f32, &isa_neon::attn_dropout_tile_f32,
+                           &isa_neon::attn_row_dots_f32};
 #endif
       default:
         return TileKernels{&isa_scalar::attn_fwd_tile_f32, &isa_scalar::attn_bwd_p_tile_f32,
-                           &isa_scalar::attn_bwd_ds_tile_f32, &isa_scalar::attn_dropout_tile_f32};
+                           &isa_scalar::attn_bwd_ds_tile_f32, &isa_scalar::attn_dropout_tile_f32,
+                           &isa_scalar::attn_row_dots_f32};
     }
   }();
   return k;
@@ -479,6 +484,14 @@ template <typename in_t, typename T>
 std::vector<T> rowsum_dout_out(const Rows2D<in_t>& dO, const Rows2D<in_t>& O, const Geometry& g) {
   std::vector<T> D(g.BH * g.T);
   attnext::parallel_for(0, g.BH * g.T, 256, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same<in_t, float>::value && std::is_same<T, float>::value) {
+      // the vector kernel of the detected instruction set, one row at a time
+      // (a scalar loop's one chain of dependent adds was 5% of a T = 256 backward)
+      for (int64_t i = begin; i < end; ++i) {
+        tile_kernels().row_dots(dO.at(i / g.T, i % g.T), 0, O.at(i / g.T, i % g.T), 0, 1, g.hsv, D.data() + i);
+      }
+      return;
+    }
     for (int64_t i = begin; i < end; ++i) {
       const in_t* a = dO.at(i / g.T, i % g.T);
       const in_t* c = O.at(i / g.T, i % g.T);
@@ -711,9 +724,14 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const T* lp = lse_w.empty() ? lse.const_data_ptr<T>() : lse_w.data();  // (BH, T), contiguous
   const T scale = static_cast<T>(scale_d);
 
-  const std::vector<T> D = rowsum_dout_out<in_t, T>(dO, O, g);
   const int64_t nkt = ceil_div(g.S, kBk);
   const int64_t nchunks = backward_chunks(g);
+  // D = rowsum(dO * O): float with one item per batch, per item from the rows it is
+  // about to read anyway (a pass over all of dO and O before was 4-6% of a T = 256
+  // backward, at memory speed); otherwise in one pass here
+  constexpr bool is_float = std::is_same<in_t, float>::value && std::is_same<T, float>::value;
+  const bool d_per_item = is_float && nchunks == 1;
+  const std::vector<T> D = d_per_item ? std::vector<T>() : rowsum_dout_out<in_t, T>(dO, O, g);
   const bool dq_in_place = direct && nchunks == 1;
   // dQ accumulates in place (dq's own rows) or in per-chunk copies (BH, T, hs)
   at::Tensor dq_acc = dq_in_place ? dq : at::zeros({nchunks, g.BH, g.T, g.hs}, dq.options().dtype(lse.dtype()));
@@ -734,9 +752,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const bool rows_fit = g.T * (g.hs + g.hsv) <= (int64_t(1) << 21);
   const bool qd_copy = direct && rows_fit && (Q.ld != g.hs || dO.ld != g.hsv);
   const bool dq_copy = dq_in_place && rows_fit && dQ.ld != g.hs;
-  if (dq_in_place && !dq_copy) dq.zero_();  // with dq_copy, every row is stored whole
+  // dQ in place (not dq_copy, whose scratch is stored whole): each item zeroes its
+  // batch's rows as it starts (nchunks == 1: the only item of the batch), so they are
+  // in cache when the key tiles add to them, not written out by a pass before
   struct Scratch {
-    std::vector<T> s, dp, z, pd, dk, dv, qbuf, kbuf, vbuf, dobuf, kt, vt, qc, doc, dqc;
+    std::vector<T> s, dp, z, pd, dk, dv, qbuf, kbuf, vbuf, dobuf, kt, vt, qc, doc, dqc, d;
     std::vector<int64_t> vis;
     std::vector<uint32_t> row_keys;
   };
@@ -751,7 +771,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
                    std::vector<T>(w * kBk * g.hsv),  std::vector<T>(w * kBqB * g.hsv),
                    std::vector<T>(t * g.hs * kBk),   std::vector<T>(t * g.hsv * kBk),
                    std::vector<T>(qd_copy ? g.T * g.hs : 0), std::vector<T>(qd_copy ? g.T * g.hsv : 0),
-                   std::vector<T>(dq_copy ? g.T * g.hs : 0),
+                   std::vector<T>(dq_copy ? g.T * g.hs : 0), std::vector<T>(d_per_item ? g.T : 0),
                    std::vector<int64_t>(kBqB),       std::vector<uint32_t>(kBqB)};
   };
   parallel_items(g.BH * nchunks, make_scratch, [&](Scratch& sc, int64_t item) {
@@ -762,10 +782,20 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       dqb = sc.dqc.data();
       ldq = g.hs;
       std::fill(sc.dqc.begin(), sc.dqc.end(), T(0));
+    } else if (dq_in_place) {
+      for (int64_t t = 0; t < g.T; ++t) std::fill(dqb + t * ldq, dqb + t * ldq + g.hs, T(0));
     }
     if (qd_copy) {  // this batch's Q and dO rows, compact
       load_compact(Q.at(b, 0), Q.ld, g.T, g.hs, sc.qc.data());
       load_compact(dO.at(b, 0), dO.ld, g.T, g.hsv, sc.doc.data());
+    }
+    const T* Db = d_per_item ? nullptr : D.data() + b * g.T;  // (T), this batch's D
+    if constexpr (is_float) {
+      if (d_per_item) {
+        const float* dor = qd_copy ? sc.doc.data() : dO.at(b, 0);
+        tile_kernels().row_dots(dor, qd_copy ? g.hsv : dO.ld, O.at(b, 0), O.ld, g.T, g.hsv, sc.d.data());
+        Db = sc.d.data();
+      }
     }
     T* s = sc.s.data();
     T* dp = sc.dp.data();
@@ -816,7 +846,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         cols_mm(own, nr, nc, g.hsv, pdrop, kBk, dob.p, dob.ld, dvt, ldv, vis);  // dV += P^T dO
         scores_mm(own, nr, nc, g.hsv, T(1), dob.p, dob.ld, vb.p, vb.ld, sc.vt.data(), kBk, dp, kBk, vis,
                   true);  // dP: (nr, nc)
-        bwd_ds_tile(s, dp, z, nr, nc, kBk, D.data() + b * g.T + t0, scale);  // dS, scaled
+        bwd_ds_tile(s, dp, z, nr, nc, kBk, Db + t0, scale);  // dS, scaled
         rows_mm(own, nr, g.hs, nc, dp, kBk, kb.p, kb.ld, dqb + t0 * ldq, ldq, vis);  // dQ += dS K
         cols_mm(own, nr, nc, g.hs, dp, kBk, qb.p, qb.ld, dkt, ldk, vis);  // dK += dS^T Q
       }

@@ -126,6 +126,26 @@ inline void attn_bwd_ds_tile_f32(const float* p, float* dp, const float* z, int6
   }
 }
 
+// Backward: out[r] = sum_j a[r, j] b[r, j] for rows r in [0, nr) of length n
+// (D = rowsum(dO * O)), a and b rows at strides lda, ldb.
+inline void attn_row_dots_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t nr, int64_t n,
+                              float* out) {
+  constexpr int64_t N = VecF::N;
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* x = a + r * lda;
+    const float* y = b + r * ldb;
+    VecF acc0 = VecF::set1(0.0f), acc1 = VecF::set1(0.0f);
+    int64_t j = 0;
+    for (; j + 2 * N <= n; j += 2 * N) {
+      acc0 = VecF::fmadd(VecF::load(x + j), VecF::load(y + j), acc0);
+      acc1 = VecF::fmadd(VecF::load(x + j + N), VecF::load(y + j + N), acc1);
+    }
+    for (; j + N <= n; j += N) acc0 = VecF::fmadd(VecF::load(x + j), VecF::load(y + j), acc0);
+    if (j < n) acc1 = VecF::fmadd(VecF::load_tail(x + j, n - j), VecF::load_tail(y + j, n - j), acc1);
+    out[r] = (acc0 + acc1).hsum();
+  }
+}
+
 // Dropout multipliers of a tile: z[r, j] = keep ? inv_keep : 0, where keep is the
 // counter-based hash of (row key, absolute column col0 + j) (see dropout_keep).
 // p (optional) is multiplied by z in place.
