@@ -43,6 +43,31 @@ void parallel_items(int64_t n, MakeState make_state, Body body) {
   });
 }
 
+// A prefetch of the line at p towards L2. An asm statement, not __builtin_prefetch:
+// GCC 12 deletes a loop whose body is only __builtin_prefetch once it knows the
+// loop ends (prefetch_rows with a constant row count compiled to nothing).
+inline void prefetch_l2(const char* p) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm volatile("prefetcht1 %0" : : "m"(*p));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  asm volatile("prfm pldl2keep, %0" : : "Q"(*p));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+// Prefetches rows [0, rows) of cols elements at p (row stride ld) towards L2: the
+// hardware prefetcher follows one long stream, not short rows a page apart (the
+// packed (..., T, 3, nh, hs) layout).
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t ld, int64_t rows, int64_t cols) {
+  const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(p + r * ld);
+    for (int64_t c = 0; c < bytes; c += 64) prefetch_l2(row + c);
+  }
+}
+
 // A (.., rows, d) tensor as the kernels read it: per-batch offsets + row stride.
 template <typename T>
 struct Rows2D {
