@@ -358,6 +358,10 @@ void tile_mm_nt(F32Gemm own, int64_t M, int64_t N, int64_t K, T alpha, const T* 
 
 // ---- tile products that skip what the causal mask hides (own kernel only)
 //
+// A tile whose first row already sees all its columns (every tile off the diagonal)
+// is one call of the kernel, not one per row block: (1, 8, 2048, 64) float32 forward
+// 18.5 -> 17.9 ms and backward 41.4 -> 40.7 ms on the Intel Xeon (alternated runs).
+//
 // vis[r], nondecreasing in r, is how many of the tile's keys query row r sees; on
 // the diagonal tiles the upper triangle is zero in P and dS, about half of those
 // tiles' work. The own kernel runs block by block of 6 rows (its register block)
@@ -374,6 +378,10 @@ void scores_mm(F32Gemm own, int64_t nr, int64_t nc, int64_t K, T alpha, const T*
                int64_t ldb, const T* bt, int64_t ldbt, T* c, int64_t ldc, const int64_t* vis, bool zero_hidden) {
   if constexpr (std::is_same<T, float>::value) {
     if (own != nullptr) {
+      if (nr > 0 && vis[0] >= nc) {  // every row sees every column: one call
+        own(nr, nc, K, a, lda, 1, bt, ldbt, c, ldc, alpha, false);
+        return;
+      }
       for (int64_t r0 = 0; r0 < nr; r0 += kOwnRows) {
         const int64_t rb = std::min(kOwnRows, nr - r0), n = vis[r0 + rb - 1];
         if (n > 0) own(rb, n, K, a + r0 * lda, lda, 1, bt, ldbt, c + r0 * ldc, ldc, alpha, false);
@@ -393,6 +401,10 @@ void rows_mm(F32Gemm own, int64_t nr, int64_t N, int64_t nc, const T* p, int64_t
              int64_t ldc, const int64_t* vis) {
   if constexpr (std::is_same<T, float>::value) {
     if (own != nullptr) {
+      if (nr > 0 && vis[0] >= nc) {  // every row sees all nc: one call
+        own(nr, N, nc, p, ldp, 1, b, ldb, c, ldc, 1.0f, true);
+        return;
+      }
       for (int64_t r0 = 0; r0 < nr; r0 += kOwnRows) {
         const int64_t rb = std::min(kOwnRows, nr - r0), depth = vis[r0 + rb - 1];
         if (depth > 0) own(rb, N, depth, p + r0 * ldp, ldp, 1, b, ldb, c + r0 * ldc, ldc, 1.0f, true);
@@ -410,6 +422,10 @@ void cols_mm(F32Gemm own, int64_t nr, int64_t nc, int64_t N, const T* p, int64_t
              int64_t ldc, const int64_t* vis) {
   if constexpr (std::is_same<T, float>::value) {
     if (own != nullptr) {
+      if (nr > 0 && vis[0] >= nc) {  // every row sees every key: one call
+        own(nc, N, nr, p, 1, ldp, b, ldb, c, ldc, 1.0f, true);
+        return;
+      }
       int64_t first = 0;
       for (int64_t c0 = 0; c0 < nc; c0 += kOwnRows) {
         const int64_t cb = std::min(kOwnRows, nc - c0);
