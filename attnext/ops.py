@@ -85,7 +85,7 @@ def kernels_enabled() -> bool:
 def cpu_cache_info() -> dict:
     """The native CPU kernels' output cache: ``cached_bytes`` held now, ``limit_bytes``, ``hits``, ``misses``.
 
-    CPU outputs of 8 MiB and more are allocated from a cache of freed output buffers,
+    CPU outputs of 4 MiB and more are allocated from a cache of freed output buffers,
     so that a training loop reuses warm memory instead of page-faulting a fresh
     mapping every step (as PyTorch's CUDA caching allocator does on the GPU). Only
     free buffers are held, at most ``ATTNEXT_CPU_CACHE_MB`` MiB (default 1024; 0

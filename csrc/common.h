@@ -204,7 +204,7 @@ inline at::Tensor unit_stride_rows(const at::Tensor& t) {
 }
 
 // A fresh contiguous output tensor, uninitialised: every kernel writes all of
-// it. CPU outputs of 8 MiB and more come from attnext's output cache
+// it. CPU outputs of 4 MiB and more come from attnext's output cache
 // (cpu/output_cache.cpp): reused buffers, 2 MiB aligned, huge-page advised
 // (ATTNEXT_HUGEPAGES=0 turns the advice off).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);

@@ -1,6 +1,6 @@
 """Large CPU outputs: the output cache (reuse of freed buffers) and the streaming-store rows.
 
-Both only act on outputs of 8 MiB and more (the cache) or above
+Both only act on outputs of 4 MiB and more (the cache) or above
 ATTNEXT_STREAM_BYTES (streaming stores, 64 MiB by default, read once per
 process), so the streaming tests run in a subprocess with the threshold at 0.
 """

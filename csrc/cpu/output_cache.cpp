@@ -4,7 +4,7 @@
 // faults on first touch and is zeroed by the kernel, which for a 100 MB softmax
 // output costs more than the softmax (measured: 8.0 ms fresh vs 4.4 ms reused,
 // 384x256x256 float32 on the dev VM). A training loop asks for the same sizes
-// every step, so attnext keeps the buffers of its large outputs (>= 8 MiB) when
+// every step, so attnext keeps the buffers of its large outputs (>= 4 MiB) when
 // they are freed, up to a byte limit, and hands them out again, as PyTorch's CUDA
 // caching allocator does on the GPU. New buffers are 2 MiB aligned and advised
 // as transparent-huge-page eligible, so even the first touch faults 2 MiB at a
@@ -59,7 +59,7 @@ namespace attnext {
 namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
-constexpr size_t kMinBytes = size_t(8) << 20;
+constexpr size_t kMinBytes = size_t(4) << 20;
 
 bool env_flag(const char* name, bool dflt) {
   const char* env = std::getenv(name);
