@@ -8,9 +8,10 @@
 //   B: element (p, j) at b[p * ldb + j], a row-major (K, N) block.
 // The tiles are small (at most 64 x 256 x 256) and already in L1/L2, so nothing
 // is packed: a register block of MR rows x NV vectors of 16 columns takes its B
-// row from memory and A as broadcast scalars. Column blocks are the outer loop,
-// so a (K, 64) panel of B stays in L1 while the row blocks pass over it. Loads
-// past column N are masked off (they may lie past the end of a tensor).
+// row from memory and A as broadcast scalars. Column blocks and then depth slices
+// of 128 are the outer loops, so a (128, 64) panel of B stays in L1 while the row
+// blocks pass over it. Loads past column N are masked off (they may lie past the
+// end of a tensor).
 
 inline __mmask16 f32_lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff)
