@@ -4,7 +4,8 @@
 // k: (..., S, hs), v: (..., S, hs_v); the (T, S) weight matrix never exists.
 //
 // Forward with at most 16 query rows and no dropout (decoding with a KV cache):
-// causal_attention_decode.cpp. Otherwise one work item per (batch, query tile of kBq = 64 rows). The item
+// causal_attention_decode.cpp. Otherwise one work item per (batch, query tile of kBq = 64 rows), or per
+// batch for short rows (see fwd_impl). The item
 // walks key tiles of kBkF = 256 columns left to right up to the causal
 // boundary of its last row (the last tile is cut there; nothing above the
 // diagonal of the query tile is touched), with an online
