@@ -749,8 +749,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     // Each tile's Q and output rows and the K, V rows its last row sees beyond those
     // of the tile before it are prefetched while that tile computes. In the packed
     // layout every 256-byte row is a page apart and the hardware prefetcher fetches
-    // none ahead: (64, 6, 256, 64) packed forward 27.8 -> 24.8 ms on the Intel Xeon
-    // (2 threads, alternated runs; the output rows 0.9 ms of it), contiguous the same.
+    // none ahead: (64, 6, 256, 64) packed forward 27.3 -> 24.8 ms on the Intel Xeon
+    // (2 threads; the baseline the mean of 18 runs across the A/B rounds, the output
+    // rows 0.9 ms of the gain), contiguous the same.
     // Prefetching the next batch's first tile too (claimed ahead from the counter)
     // was no better.
     auto fetch_tile = [&](int64_t b, int64_t t0) {
