@@ -437,7 +437,7 @@ def varlen_attention(
         if lens and m < max(lens):
             i = lens.index(max(lens))
             raise RuntimeError(f"attnext: {name} = {m} is smaller than sequence {i}'s length {lens[i]}")
-    scale = query.shape[-1] ** -0.5 if scale is None else ops._check_scale(scale)
+    scale = ops._default_scale(query.shape[-1]) if scale is None else ops._check_scale(scale)
     want_lse = return_aux is not None and return_aux.lse
 
     args = (cq, ck, lq, span, lk, scale, (wl, wr), enable_gqa)

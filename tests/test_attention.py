@@ -564,6 +564,25 @@ def test_empty_inputs():
     assert out.shape == (2, 0, 8)
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_zero_head_size_gives_the_causal_mean_of_v(kernels):
+    # hs == 0: every score is 0 whatever the scale, so each row is the mean of the v
+    # rows it sees, as SDPA gives; scale=None must not divide by zero (0 ** -0.5).
+    q, k, v = make_qkv((2, 3), 5, 5, 0, 4, dtype=torch.float32)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mean = v.cumsum(-2) / torch.arange(1, 6, dtype=torch.float32).view(5, 1)
+    torch.testing.assert_close(want, mean)
+    previous = attnext.kernels_enabled()
+    attnext.set_kernels_enabled(kernels)
+    try:
+        out = attnext.causal_attention(q, k, v)
+        packed = attnext.causal_attention_qkvpacked(torch.zeros(2, 5, 3, 3, 0))
+    finally:
+        attnext.set_kernels_enabled(previous)
+    torch.testing.assert_close(out, mean)
+    assert packed.shape == (2, 5, 3, 0)
+
+
 @needs_native
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_bfloat16_strided_views_and_chunked_backward(dropout_p):

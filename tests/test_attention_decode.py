@@ -229,3 +229,26 @@ def test_gqa_under_compile():
     q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
     f = lambda q, k, v: attnext.causal_attention(q, k, v, enable_gqa=True)  # noqa: E731
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), f(q, k, v))
+
+
+@pytest.mark.parametrize("batch,T,S,hs", [((1, 4), 1, 1, 128), ((2, 8), 8, 8, 64), ((1, 2), 4, 600, 64),
+                                          ((1, 2), 16, 40, 32), ((1, 2), 16, 300, 64)])
+def test_decode_gradients_bfloat16(batch, T, S, hs):
+    # The bfloat16 backward of decode-shaped calls: on CPUs with AMX, rows too few to
+    # repay its 64-row tiles (T < 8, or T x S <= 2048) run the AVX512-BF16 tiles, the
+    # others AMX (csrc/cpu/causal_attention.cpp, amx_backward_pays); every one against
+    # the float64 oracle, relative to 1 + the gradient's largest entry (dq of a row with
+    # one key is 0).
+    q, k, v = (t.requires_grad_() for t in _qkv(batch, T, S, hs, hs, torch.bfloat16, seed=3))
+    out = attnext.causal_attention(q, k, v, align="bottom_right")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.causal_attention(q64, k64, v64, hs**-0.5, 0.0, True)[0]
+    refs = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    for name, a, r in zip("qkv", grads, refs):
+        assert a.dtype == torch.bfloat16 and a.shape == r.shape
+        err = (a.double() - r).abs().max().item() / (r.abs().max().item() + 1.0)
+        assert err < 2e-2, f"d{name} T={T} S={S}: relative error {err:.3g}"
+    notes = attnext.explain("causal_attention", q, k, v).kernels
+    assert any("bfloat16 backward" in n for n in notes) or not attnext.native_available(), notes

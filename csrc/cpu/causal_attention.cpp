@@ -1544,6 +1544,21 @@ void forward_native(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
                                  [&] { fwd_impl<scalar_t>(q, k, v, out, lse, g, scale, drop); });
 }
 
+#if ATTNEXT_AMX_BRGEMM
+// Whether the AMX backward beats the AVX512-BF16 tiles: it pads every query tile to
+// 64 rows and packs each batch's rows whole, a fixed cost per batch and key tile that
+// a few rows do not repay. Measured on the Intel Xeon (2 threads, torch 2.13, bf16
+// backward, AMX against AVX512-BF16): T = 1, S = 1, 32 heads of 128 448 us against
+// 66; T = 8, S = 8, 256 heads of 64 2087 against 441; T = 1, S = 1024 4249 against
+// 2936; T = 4, S = 4096 3935 against 3428; T = 8, S = 256 858 against 704; T = 16,
+// S = 64 394 against 304; but T = 16, S = 256 1345 against 1733, T = 16, S = 1024 4342
+// against 6331, and T = 8, S = 1024 or T = 12, S = 512 within 6%. Above the decode
+// pass's rows, AMX throughout.
+bool amx_backward_pays(const Geometry& g) {
+  return g.T > kDecodeMaxRows || (g.T >= 8 && g.T * g.S > 2048);
+}
+#endif
+
 // The backward into given outputs dq, dk, dv shaped like q, k, v, with unit-stride
 // rows (contiguous tensors or views of one).
 void backward_native(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
@@ -1557,7 +1572,7 @@ void backward_native(const at::Tensor& grad_out_in, const at::Tensor& q_in, cons
 #if ATTNEXT_BF16_TILES
   if (use_bf16dot(q, k, v, g)) {
 #if ATTNEXT_AMX_BRGEMM
-    if (!drop.on && amx_available()) {
+    if (!drop.on && amx_available() && amx_backward_pays(g)) {
       bwd_amx(dout, q, k, v, out, lse, dq, dk, dv, g, scale);
       return;
     }
