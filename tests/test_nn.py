@@ -123,3 +123,32 @@ def test_modules_exported():
     assert attnext.nn.Head is Head
     assert attnext.nn.MultiHeadAttention is MultiHeadAttention
     assert attnext.nn.CausalSelfAttention is CausalSelfAttention
+
+
+@pytest.mark.parametrize("rows,cache", [(16, False), (4096, True)])
+def test_projection_routes_by_output_size(rows, cache):
+    # The modules' projections: outputs the CPU output cache keeps (>= 4 MiB) through
+    # attnext.matmul, smaller ones through F.linear (C++ autograd, bias inside the GEMM);
+    # either way F.linear's values and gradients.
+    from attnext.nn import _linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, rows, 96, generator=g, requires_grad=True)
+    w = torch.randn(384, 96, generator=g, requires_grad=True)
+    b = torch.randn(384, generator=g, requires_grad=True)
+    y = _linear(x, w, b)
+    assert (2 * rows * 384 * 4 >= 4 << 20) == cache
+    names = []
+    node = y.grad_fn
+    while node is not None:  # the graph's nodes down to the product
+        names.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    native = attnext.native_available() and attnext.kernels_enabled()
+    assert any("attnext_matmul" in n for n in names) == (cache and native), names
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-5)
+    go = torch.randn(y.shape, generator=g)
+    got = torch.autograd.grad(y, (x, w, b), go)
+    want = torch.autograd.grad(ref, (x, w, b), go)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, atol=1e-3, rtol=1e-4)
