@@ -48,6 +48,7 @@ _WINDOW_DEVICES = frozenset({"cpu", "cuda", "meta"})
 _CAUSAL_WINDOW = (-1, 0)  # window_size's default (the fast path knows it by identity)
 _ZERO_TYPES = (float, int)  # a dropout_p the fast path takes (not bool: that is rejected)
 _ATTENTION_CPU_DTYPES = _ATTENTION_DTYPES["cpu"]
+_MATMUL_CACHE_MIN_BYTES = 4 << 20  # the CPU output cache's smallest output (output_cache.cpp, kMinBytes)
 _STRIDED = torch.strided
 _OP_KERNEL_DTYPES = {"causal_attention": _ATTENTION_DTYPES, "causal_attention_qkvpacked": _ATTENTION_DTYPES}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
@@ -169,15 +170,21 @@ def _kernel_notes(op: str, tensors: Sequence[Tensor]) -> List[str]:
         return []
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(t.dtype)
     attention = op in ("causal_attention", "causal_attention_qkvpacked")
+    to_torch = op == "matmul" and len(tensors) == 2 and _matmul_to_torch(*tensors)
     notes = []
     for c in torch.ops.attnext._kernel_choices():
-        if dtype == "float32" and c.startswith("float32 GEMM, matmul") and op == "matmul":
+        if dtype == "float32" and c.startswith("float32 GEMM, matmul") and op == "matmul" and not to_torch:
             notes.append(c)
         elif dtype == "float32" and c.startswith("float32 GEMM, attention tiles") and attention:
             if t.dim() >= 1 and _head_size_class(t.shape[-1]) in c:  # q's or qkv's last dim: hs
                 notes.append(c)
         elif attention and dtype is not None and c.startswith("attention ") and f", {dtype}," in c:
             notes.append(c)
+    if to_torch:
+        notes.append(
+            "b is a matrix or vector and the product is under 4 MiB: torch.matmul itself (torch folds a's "
+            "batch into one GEMM, so there is no broadcast copy to save, and its autograd is C++)"
+        )
     if op == "causal_attention" and t.dim() >= 2 and t.shape[-2] <= 16:
         notes.append(
             "T <= 16 query rows without dropout: the CPU decode pass (K and V streamed once, keys split "
@@ -413,6 +420,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     if _kernels_enabled and _matmul_cpu_ok and a.is_cpu and b.is_cpu and a.dtype == b.dtype and a.dtype in _CPU_DTYPES:
         if torch.compiler.is_compiling():
             return _matmul_op(a, b)
+        if _matmul_to_torch(a, b):
+            return torch.matmul(a, b)
         if not (a.requires_grad or b.requires_grad or _autograd.derivative_context()):
             # Nothing to differentiate: skip the Autograd kernel's Python wrapper (about
             # half the cost of a tiny call), as that wrapper itself would.
@@ -427,6 +436,21 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         _matmul_shape(a.shape, b.shape)  # our error message on the fallback path too
         return reference.matmul(a, b)
     return _call("matmul", a, b)
+
+
+def _matmul_to_torch(a: Tensor, b: Tensor) -> bool:
+    """Whether a CPU ``a @ b`` goes to ``torch.matmul`` itself: ``b`` a matrix or a vector
+    (torch folds ``a``'s batch into the rows of one GEMM: there is no broadcast copy to
+    save) and a product under 4 MiB (which attnext's output cache would not keep).
+    There the same BLAS call with C++ autograd beats attnext's op by its Python
+    overhead: (16, 64, 64) @ (64, 64) forward+backward 0.90x, (4, 8, 16) @ (16, 32)
+    0.75x, (1, 256, 256) @ (256, 256) 0.88x torch's (Intel Xeon, torch 2.13). Shapes
+    that do not match stay with attnext's op, for its error message."""
+    if b.dim() == 0 or b.dim() > 2 or a.dim() == 0 or a.shape[-1] != b.shape[0]:
+        return False
+    rows = math.prod(a.shape[:-1])
+    cols = b.shape[-1] if b.dim() == 2 else 1
+    return rows * cols * a.element_size() < _MATMUL_CACHE_MIN_BYTES
 
 
 def _matmul_shape(sa, sb) -> List[int]:

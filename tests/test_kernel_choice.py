@@ -11,7 +11,9 @@ from conftest import assert_python_ok, needs_native
 
 @needs_native
 def test_explain_reports_the_gemm_choice():
-    ex = attnext.explain("matmul", torch.randn(3, 4), torch.randn(4, 5))
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    attnext.matmul(a, b)
+    ex = attnext.explain("matmul", a, b)
     assert ex == [] and len(ex.kernels) == 1
     assert ex.kernels[0].startswith("float32 GEMM, matmul: ")
     assert ("own AVX-512 kernel" in ex.kernels[0]) or ("BLAS" in ex.kernels[0])
@@ -29,7 +31,12 @@ def test_explain_reports_the_gemm_choice():
     # decoding shapes name the decode pass; other dtypes have no GEMM choice to report
     ex = attnext.explain("causal_attention", torch.randn(2, 1, 8), torch.randn(2, 9, 8), torch.randn(2, 9, 8))
     assert any("decode pass" in k for k in ex.kernels)
-    assert attnext.explain("matmul", torch.randn(3, 4).double(), torch.randn(4, 5).double()).kernels == []
+    assert attnext.explain("matmul", torch.randn(2, 3, 4).double(), torch.randn(2, 4, 5).double()).kernels == []
+    # a matrix (or vector) b and a product under 4 MiB: torch.matmul itself, said so
+    for a, b in ((torch.randn(3, 4), torch.randn(4, 5)), (torch.randn(8, 4, 16), torch.randn(16))):
+        ex = attnext.explain("matmul", a, b)
+        assert ex == [] and len(ex.kernels) == 1 and "torch.matmul itself" in ex.kernels[0], ex.kernels
+    assert not any("torch.matmul" in k for k in attnext.explain("matmul", torch.randn(1024, 1024, 1), torch.randn(1, 1024)).kernels)
 
 
 @needs_native

@@ -498,3 +498,38 @@ def test_cuda_float32_follows_torchs_tf32_switch(switch, sa, sb):
         assert e < 1e-5, (what, e)  # float32 without TF32: exact GEMMs
         assert t > 1e-5, (what, t)  # TF32 (10-bit mantissa) shows
         assert t <= 2 * max(eager, 2.0**-11), (what, t, eager)  # and is torch.matmul's TF32
+
+
+@pytest.mark.parametrize("sa,sb,to_torch", [
+    ((2, 3), (3, 4), True),  # tiny matrix product
+    ((16, 64, 64), (64, 64), True),  # a batch folded into one GEMM by torch
+    ((8, 4, 16), (16,), True),  # matrix-vector
+    ((1100, 1000), (1000, 1000), False),  # a product of 4 MiB or more: attnext's op (output cache)
+    ((2, 8, 16), (2, 16, 4), False),  # batched b: attnext's op
+    ((3, 1, 2, 2), (5, 2, 3), False),  # broadcast: attnext's op
+    ((2, 3), (4, 5), False),  # a mismatch: attnext's op, for its error message
+])
+def test_cpu_route_to_torch_matmul(sa, sb, to_torch):
+    # A matrix or vector b with a product under 4 MiB runs torch.matmul itself (torch
+    # folds a's batch into one GEMM, and its autograd is C++): exactly torch's values
+    # and gradient graph; everything else attnext's op, as explain says.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(sa, generator=g, requires_grad=True)
+    b = torch.randn(sb, generator=g, requires_grad=True)
+    routed = to_torch and attnext.native_available() and attnext.kernels_enabled()
+    notes = attnext.explain("matmul", a, b).kernels
+    assert any("torch.matmul itself" in n for n in notes) == routed, notes
+    if sa[-1] != sb[0 if len(sb) == 1 else -2]:
+        with pytest.raises(RuntimeError, match="attnext: matmul: shapes"):
+            attnext.matmul(a, b)
+        return
+    out = attnext.matmul(a, b)
+    ref = torch.matmul(a, b)
+    assert ("attnext" not in type(out.grad_fn).__name__) == (routed or not attnext.native_available()
+                                                             or not attnext.kernels_enabled())
+    if routed:
+        assert torch.equal(out, ref) and type(out.grad_fn) is type(ref.grad_fn)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    go = torch.randn(ref.shape, generator=g)
+    for x, y in zip(torch.autograd.grad(out, (a, b), go), torch.autograd.grad(ref, (a, b), go)):
+        torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-4)
