@@ -45,7 +45,8 @@ _ATTENTION_DTYPES = {
 }
 # Device types whose attention kernels take window_size other than causal (-1, 0).
 _WINDOW_DEVICES = frozenset({"cpu", "cuda", "meta"})
-_CAUSAL_WINDOW = (-1, 0)  # window_size's default (the fast path knows it by identity)
+_CAUSAL_WINDOW = (-1, 0)  # window_size's default
+_FULL_WINDOW = (-1, -1)  # every key (the SDPA-signature wrapper's unmasked calls)
 _ZERO_TYPES = (float, int)  # a dropout_p the fast path takes (not bool: that is rejected)
 _ATTENTION_CPU_DTYPES = _ATTENTION_DTYPES["cpu"]
 _MATMUL_CACHE_MIN_BYTES = 4 << 20  # the CPU output cache's smallest output (output_cache.cpp, kMinBytes)
@@ -237,6 +238,12 @@ def _check_scale(scale) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"attnext: scale must be a finite number, got {scale}")
     return scale
+
+
+def _attention_native_cpu(q: Tensor) -> bool:
+    """Whether causal_attention's native CPU kernel takes ``q``'s device and dtype (k and v
+    alike): what _fallback_reasons would find nothing against, without building its list."""
+    return _kernels_enabled and _attention_cpu_ok and q.is_cpu and q.dtype in _ATTENTION_CPU_DTYPES
 
 
 def _default_scale(hs: int) -> float:
@@ -837,15 +844,21 @@ def causal_attention(
     ``torch._dynamo.config.capture_scalar_outputs = True`` when ``dropout_p > 0``.
     """
     bottom_right = _bottom_right(align)
-    # Fast path: the common call (causal window, no dropout, no GQA, plain tensors of
-    # one dtype on one CPU device) goes straight to the kernel, whose own checks
+    # the windows the fast path takes, known by identity (a caller's own tuple, which
+    # might hold floats or bools, is checked)
+    window = window_size if (window_size is _CAUSAL_WINDOW or window_size is _FULL_WINDOW) else None
+    wl, wr = _check_window(window_size) if window is None else window
+    if enable_gqa:
+        q, k, v = _gqa_views(q, k, v)  # (..., Hkv, g, T, hs), k and v expanded over g
+    # Fast path: the common call (causal or full window, no dropout, plain tensors of
+    # one kernel dtype on the CPU) goes straight to the kernel, whose own checks
     # (csrc/common.h check_attention_args) word every shape error as
     # _check_attention_args does. The Python checks below cost about 6 us, as much
-    # as the whole of a small call (B = 1, one head, T = 16: 16.4 -> ~11 us; SDPA 5.8).
+    # as the whole of a small call (B = 1, one head, T = 16: 16.4 -> 10 us; SDPA 5.8).
     if (
-        window_size is _CAUSAL_WINDOW and enable_gqa is False and dropout_p.__class__ in _ZERO_TYPES
-        and dropout_p == 0 and (scale is None or scale.__class__ is float) and _kernels_enabled
-        and _attention_cpu_ok and q.__class__ is Tensor and k.__class__ is Tensor and v.__class__ is Tensor
+        window is not None and dropout_p.__class__ in _ZERO_TYPES and dropout_p == 0
+        and (scale is None or scale.__class__ is float) and _kernels_enabled and _attention_cpu_ok
+        and q.__class__ is Tensor and k.__class__ is Tensor and v.__class__ is Tensor
         and q.is_cpu and k.is_cpu and v.is_cpu and q.dtype in _ATTENTION_CPU_DTYPES
         and k.dtype == q.dtype and v.dtype == q.dtype and q.layout == _STRIDED and k.layout == _STRIDED
         and v.layout == _STRIDED and q.dim() >= 2 and k.dim() >= 2 and v.dim() >= 2
@@ -854,10 +867,8 @@ def causal_attention(
             scale = _default_scale(q.shape[-1])
         elif not math.isfinite(scale):
             raise ValueError(f"attnext: scale must be a finite number, got {scale}")
-        return _call("causal_attention", q, k, v, scale, 0.0, bottom_right, 0, 0, None, -1, 0)[0]
-    wl, wr = _check_window(window_size)
-    if enable_gqa:
-        q, k, v = _gqa_views(q, k, v)  # (..., Hkv, g, T, hs), k and v expanded over g
+        out = _call("causal_attention", q, k, v, scale, 0.0, bottom_right, 0, 0, None, wl, wr)[0]
+        return out.flatten(-4, -3) if enable_gqa else out
     dropout_p = _check_attention_args(q, k, v, dropout_p)
     scale = _default_scale(q.shape[-1]) if scale is None else _check_scale(scale)
     seed, offset, rng = 0, 0, None

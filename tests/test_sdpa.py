@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import attnext
 from attnext import reference
+from attnext import functional as AF
 from attnext.functional import explain_sdpa, match_band
 from conftest import assert_close_to_oracle
 
@@ -290,3 +291,28 @@ def test_compile_fullgraph():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-6, rtol=2e-5)
     out.sum().backward()
     assert q.grad is not None
+
+
+@pytest.mark.parametrize("case", ["causal", "full", "gqa", "causal_T_gt_S", "int_scale", "mask", "broadcast"])
+def test_fast_path_is_the_planned_call(case, monkeypatch):
+    # The common call (no mask, no dropout, one batch shape) skips _sdpa_plan; it must be
+    # exactly the call the plan makes (bitwise), and everything else must take the plan.
+    g = torch.Generator().manual_seed(0)
+    qh = 4 if case == "gqa" else 2
+    T, S = (9, 5) if case == "causal_T_gt_S" else (6, 6)
+    q = torch.randn(2, qh, T, 16, generator=g)
+    k, v = (torch.randn(1 if case == "broadcast" else 2, 2, S, 16, generator=g) for _ in range(2))
+    kw = dict(is_causal=case not in ("full", "mask"), enable_gqa=case == "gqa")
+    if case == "int_scale":
+        kw["scale"] = 1
+    if case == "mask":
+        kw["attn_mask"] = torch.ones(T, S, dtype=torch.bool).tril()
+    fast = AF._sdpa_fast(q, k, v, kw.get("attn_mask"), 0.0, kw["is_causal"], kw.get("scale"), kw["enable_gqa"])
+    native = attnext.native_available() and attnext.kernels_enabled()
+    assert fast == (native and case in ("causal", "full", "gqa", "causal_T_gt_S")), case
+    out = AF.scaled_dot_product_attention(q, k, v, **kw)
+    monkeypatch.setattr(AF, "_sdpa_fast", lambda *a: False)
+    planned = AF.scaled_dot_product_attention(q, k, v, **kw)
+    assert torch.equal(out, planned)
+    ref = F.scaled_dot_product_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
