@@ -122,8 +122,9 @@ def _plan(module, query, key, value, attention_mask, is_causal, kwargs):
                 bands.append((b0, b, per_entry[b0]))
                 b0 = b
     reasons = []
-    for _, _, band in bands[:1]:
-        reasons += ops._fallback_reasons("causal_attention", (query, key, value), window=band.window)
+    if not ops._attention_native_cpu(query):
+        for _, _, band in bands[:1]:
+            reasons += ops._fallback_reasons("causal_attention", (query, key, value), window=band.window)
     if reasons:
         return [f"attnext would run its eager fallback: {r}" for r in reasons], None
     return [], bands
@@ -166,11 +167,18 @@ def attention_forward(
     stats["attnext"] += 1
     gqa = query.shape[1] != key.shape[1]
     outs = []
+    B, S = query.shape[0], key.shape[2]
     for b0, b1, band in bands:
-        k, v = key[b0:b1, :, band.lo:band.hi], value[b0:b1, :, band.lo:band.hi]
+        q, k, v = query, key, value
+        if (b0, b1) != (0, B):
+            q, k, v = q[b0:b1], k[b0:b1], v[b0:b1]
+        if (band.lo, band.hi) != (0, S):
+            k, v = k[:, :, band.lo:band.hi], v[:, :, band.lo:band.hi]
+        # causal and full windows as ops' own constants: causal_attention's fast path
+        window = {(-1, 0): ops._CAUSAL_WINDOW, (-1, -1): ops._FULL_WINDOW}.get(band.window, band.window)
         outs.append(causal_attention(
-            query[b0:b1], k, v, scale=scaling, dropout_p=float(dropout),
-            align="bottom_right" if band.bottom_right else "top_left", enable_gqa=gqa, window_size=band.window,
+            q, k, v, scale=None if scaling is None else float(scaling), dropout_p=float(dropout),
+            align="bottom_right" if band.bottom_right else "top_left", enable_gqa=gqa, window_size=window,
         ))  # (b1 - b0, H, T, Ev)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.transpose(1, 2).contiguous(), None
