@@ -181,6 +181,12 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     return [], (batch, band, k_, v_)
 
 
+def _sdpa_small(query, key, dropout_p) -> bool:
+    """A call without dropout small enough that torch's SDPA costs less than attnext's
+    Python layers (ops._SDPA_SMALL_WORK): torch runs it."""
+    return dropout_p.__class__ in ops._ZERO_TYPES and dropout_p == 0 and ops._small_sdpa_call(query, key)
+
+
 def _sdpa_fast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
     """Whether the call is one _sdpa_plan would give attnext unchanged, by cheap checks:
     no mask, no dropout, a float (or no) scale, plain strided CPU tensors of one kernel
@@ -227,6 +233,12 @@ def explain_sdpa(
     kernel runs), whose ``.kernels`` says which window and alignment the native call uses
     and what :func:`attnext.explain` reports for it.
     """
+    if _sdpa_small(query, key, dropout_p):
+        return Explanation([
+            f"a small call (query elements x keys = {query.numel() * key.shape[-2]} < "
+            f"{ops._SDPA_SMALL_WORK}, ATTNEXT_SDPA_SMALL_WORK): torch's SDPA costs less per call than "
+            "attnext's Python layers"
+        ])
     reasons, plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reasons:
         return Explanation(reasons)
@@ -286,6 +298,11 @@ def scaled_dot_product_attention(
     * Rounding: attnext accumulates in float (double for float64) with a different
       summation order, so results agree with torch to rounding, not bit for bit.
     """
+    if _sdpa_small(query, key, dropout_p):
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
     if _sdpa_fast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         # the common call (no mask, no dropout, q, k, v of one batch shape): _sdpa_plan's
         # checks hold by construction (about 5 us less, on a call that may take 10)

@@ -240,6 +240,36 @@ def _check_scale(scale) -> float:
     return scale
 
 
+def _sdpa_small_work() -> int:
+    env = os.environ.get("ATTNEXT_SDPA_SMALL_WORK", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            warnings.warn(f"attnext: ignoring ATTNEXT_SDPA_SMALL_WORK={env!r} (expected a whole number)", RuntimeWarning)
+    return 3 << 19
+
+
+# Calls through the SDPA-signature entry points (attnext.functional's
+# scaled_dot_product_attention, the Hugging Face attention function) with no dropout and
+# q.numel() x S below this go to torch's SDPA: their Python layers cost attnext about
+# 7 us a call more than SDPA's, more than its kernel saves on such work. Measured on the
+# Intel Xeon (torch 2.13, float32): one token against 32 keys, 8 heads of 64 (16K):
+# 14.6 us against SDPA's 9.3; (1, 4, 32, 32, 64) causal (256K) 23.1 against 14.0;
+# (2, 4, 48, 48, 64) (1.2M) 41.6 against 39.4; (1, 8, 64, 64, 64) (2.1M) 52.7 against
+# 59.5. ATTNEXT_SDPA_SMALL_WORK sets it (0: never); read at import.
+_SDPA_SMALL_WORK = _sdpa_small_work()
+
+
+def _small_sdpa_call(query: Tensor, key: Tensor) -> bool:
+    """Whether an SDPA-signature call on these tensors is small enough for torch's SDPA
+    to take it (see _SDPA_SMALL_WORK); False for anything that is not a tensor of >= 2 dims."""
+    return (
+        isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() >= 2 and key.dim() >= 2
+        and query.numel() * key.shape[-2] < _SDPA_SMALL_WORK
+    )
+
+
 def _attention_native_cpu(q: Tensor) -> bool:
     """Whether causal_attention's native CPU kernel takes ``q``'s device and dtype (k and v
     alike): what _fallback_reasons would find nothing against, without building its list."""

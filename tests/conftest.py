@@ -13,6 +13,10 @@ import torch
 # measures faster and would run instead (csrc/cpu/kernel_choice.h); tests of that
 # choice set the variable themselves, in subprocesses (tests/test_kernel_choice.py).
 os.environ.setdefault("ATTNEXT_ATTENTION_KERNEL", "1")
+# Likewise the SDPA-signature entry points hand small calls to torch's SDPA (per-call
+# overhead, attnext.ops._SDPA_SMALL_WORK); the suite's shapes are small, so that is off
+# here and tested on its own (tests/test_sdpa.py, tests/test_transformers.py).
+os.environ.setdefault("ATTNEXT_SDPA_SMALL_WORK", "0")
 
 import attnext  # noqa: E402  (after the environment is set: read once, at first use)
 

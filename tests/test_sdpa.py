@@ -316,3 +316,28 @@ def test_fast_path_is_the_planned_call(case, monkeypatch):
     assert torch.equal(out, planned)
     ref = F.scaled_dot_product_attention(q, k, v, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_small_calls_go_to_torch(monkeypatch):
+    # Calls without dropout whose q.numel() x S is under ops._SDPA_SMALL_WORK (default
+    # 3 << 19; the suite sets 0) are torch's SDPA itself, said by explain_sdpa; larger
+    # calls and dropout keep attnext's kernel.
+    monkeypatch.setattr(attnext.ops, "_SDPA_SMALL_WORK", 3 << 19)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 1 if i == 0 else 32, 64, generator=g, requires_grad=True) for i in range(3))
+    out = attnext.scaled_dot_product_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out, ref) and type(out.grad_fn) is type(ref.grad_fn)
+    assert any("small call" in r for r in explain_sdpa(q, k, v))
+    big = [torch.randn(1, 8, 64, 64, generator=g) for _ in range(3)]  # 8 * 64 * 64 * 64 = 2.1M
+    assert not any("small call" in r for r in explain_sdpa(*big, is_causal=True))
+    assert not any("small call" in r for r in explain_sdpa(q, k, v, dropout_p=0.1))
+    monkeypatch.setattr(attnext.ops, "_SDPA_SMALL_WORK", 0)
+    assert not any("small call" in r for r in explain_sdpa(q, k, v))
+
+
+def test_small_work_setting_is_read_from_the_environment():
+    from conftest import assert_python_ok
+
+    assert_python_ok("import attnext\nassert attnext.ops._SDPA_SMALL_WORK == 1000\nprint('ok')", ATTNEXT_SDPA_SMALL_WORK="1000")
+    assert_python_ok("import attnext\nassert attnext.ops._SDPA_SMALL_WORK == 3 << 19\nprint('ok')", ATTNEXT_SDPA_SMALL_WORK="")

@@ -167,3 +167,23 @@ def test_register_name():
 
     assert attnext_hf.register("attnext_custom_name") == "attnext_custom_name"
     assert AttentionInterface._global_mapping["attnext_custom_name"] is attnext_hf.attention_forward
+
+
+def test_small_calls_go_to_sdpa(monkeypatch):
+    """A call without dropout whose query elements x keys is under ops._SDPA_SMALL_WORK
+    (the suite sets 0) is transformers' sdpa itself: attnext's Python layers would cost
+    more than its kernel saves. explain says so; dropout or a larger call keeps attnext."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    monkeypatch.setattr(attnext.ops, "_SDPA_SMALL_WORK", 3 << 19)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    q, k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 32, 64), torch.randn(1, 2, 32, 64)
+    reasons = attnext_hf.explain(module, q, k, v, None)
+    assert reasons and "small call" in reasons[0]
+    (out, _), native, delegated = _native_calls(lambda: attnext_hf.attention_forward(module, q, k, v, None))
+    assert (native, delegated) == (0, 1)
+    torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, None)[0], atol=0, rtol=0)
+    assert not any("small call" in r for r in attnext_hf.explain(module, q, k, v, None, dropout=0.1))
+    big = torch.randn(1, 8, 64, 64), torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64)  # 2.1M
+    assert not any("small call" in r for r in attnext_hf.explain(module, *big, None))

@@ -84,8 +84,11 @@ def _mask_bands(mask: Tensor) -> Tuple[Optional[List[Band]], str]:
     return bands, why
 
 
-def _plan(module, query, key, value, attention_mask, is_causal, kwargs):
+def _plan(module, query, key, value, attention_mask, is_causal, kwargs, dropout=0.0):
     """(reasons sdpa must run, or the list of (batch range, band) calls)."""
+    if not dropout and ops._small_sdpa_call(query, key):
+        return [f"a small call (query elements x keys < {ops._SDPA_SMALL_WORK}, ATTNEXT_SDPA_SMALL_WORK): "
+                "sdpa costs less per call than attnext's Python layers"], None
     if kwargs.get("position_bias") is not None:
         return ["position_bias (an additive float bias)"], None
     if kwargs.get("softcap") is not None:
@@ -134,7 +137,7 @@ def explain(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: O
             is_causal: Optional[bool] = None, **kwargs) -> List[str]:
     """Why :func:`attention_forward` with these arguments would run transformers' sdpa
     instead of attnext's kernel (empty: attnext runs)."""
-    reasons, _ = _plan(module, query, key, value, attention_mask, is_causal, kwargs)
+    reasons, _ = _plan(module, query, key, value, attention_mask, is_causal, kwargs, kwargs.get("dropout", 0.0))
     return reasons
 
 
@@ -157,7 +160,7 @@ def attention_forward(
     ``scaling`` (``None``: ``E ** -0.5``), ``is_causal`` (``None``: ``module.is_causal``).
     Returns ``(attn_output (B, T, H, Ev) contiguous, None)``.
     """
-    reasons, bands = _plan(module, query, key, value, attention_mask, is_causal, kwargs)
+    reasons, bands = _plan(module, query, key, value, attention_mask, is_causal, kwargs, dropout)
     if reasons:
         stats["sdpa"] += 1
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
