@@ -13,6 +13,11 @@ Cases (float32 and bfloat16):
                   attnext.causal_attention(window_size=(W, 0)) vs SDPA with the equivalent
                   bool mask; fwd only (SDPA's masked backward at T = 8192 builds 2 GiB of
                   weights per call).
+  sdpa_decode_small  one token against 128 keys, 8 heads of 64 (fwd): small enough that
+                  attnext.scaled_dot_product_attention hands it to torch's SDPA; the row
+                  is the wrapper's own cost.
+  sdpa_decode_gqa one token, 32 query heads over 8 key/value heads of 128, 1024 keys,
+                  B = 1, enable_gqa=True (fwd): the grouped decode pass against SDPA's GQA.
   window_sweep    attnext alone on that window at T = 2048 ... 16384 (fwd): its GFLOP/s
                   (visible pairs only) stays flat as T grows when its cost grows as T x W,
                   not T^2 (SDPA with a mask cannot run T = 16384 on a small machine).
@@ -56,6 +61,8 @@ VARLEN_LENS = {False: [512, 37, 256, 1024, 130, 700, 64, 300], True: [50, 7, 33,
 VARLEN_H, VARLEN_HS = {False: 8, True: 2}, {False: 64, True: 32}
 SLIDING = {False: (1, 8, 8192, 64, 1024), True: (1, 2, 512, 32, 64)}  # B, H, T, hs, W
 SWEEP_T = {False: (2048, 4096, 8192, 16384), True: (256, 512)}
+DECODE_SMALL = {False: (8, 128, 64), True: (8, 128, 64)}  # H, S, hs
+DECODE_GQA = {False: (32, 8, 1024, 128), True: (8, 2, 256, 64)}  # H, Hkv, S, hs
 
 
 def _visible(T: int, S: int, window) -> int:
@@ -125,8 +132,32 @@ def case_sliding(quick: bool, dtype):
     return f"B={B},H={H},T={T},hs={hs},W={W}", fns, [q, k, v], 4.0 * B * H * hs * _visible(T, T, (W, 0))
 
 
+def case_decode_small(quick: bool, dtype):
+    """One token against 128 cached keys, 8 heads of 64: a call whose cost is mostly
+    per-call overhead, which attnext.scaled_dot_product_attention hands to torch's SDPA
+    (ops._SDPA_SMALL_WORK): the row measures what the wrapper itself costs."""
+    H, S, hs = DECODE_SMALL[quick]
+    q = _leaves(1, H, 1, hs, dtype=dtype, n=1)[0]
+    k, v = _leaves(1, H, S, hs, dtype=dtype, n=2, seed=1)
+    fns = {"attnext": lambda: attnext.scaled_dot_product_attention(q, k, v),
+           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    return f"B=1,H={H},T=1,S={S},hs={hs}", fns, [q, k, v], 4.0 * H * hs * S
+
+
+def case_decode_gqa(quick: bool, dtype):
+    """One token of a grouped-query model (Llama-shaped: 32 query heads over 8 key/value
+    heads of 128) against 1024 cached keys, B = 1, through the SDPA signature."""
+    H, Hkv, S, hs = DECODE_GQA[quick]
+    q = _leaves(1, H, 1, hs, dtype=dtype, n=1)[0]
+    k, v = _leaves(1, Hkv, S, hs, dtype=dtype, n=2, seed=1)
+    fns = {"attnext": lambda: attnext.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
+    return f"B=1,H={H},Hkv={Hkv},T=1,S={S},hs={hs}", fns, [q, k, v], 4.0 * H * hs * S
+
+
 CASES = {"sdpa_nanogpt": (case_nanogpt, ("fwd", "fwd+bwd")), "varlen": (case_varlen, ("fwd", "fwd+bwd")),
-         "sliding_window": (case_sliding, ("fwd",))}
+         "sliding_window": (case_sliding, ("fwd",)), "sdpa_decode_small": (case_decode_small, ("fwd",)),
+         "sdpa_decode_gqa": (case_decode_gqa, ("fwd",))}
 
 
 def check(fns: Dict[str, Callable], op: str, dtype) -> None:
