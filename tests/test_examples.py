@@ -14,6 +14,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def _run(script):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("ATTNEXT_SDPA_SMALL_WORK", None)  # as a user runs them (conftest sets 0 for the suite)
     r = subprocess.run([sys.executable, str(EXAMPLES / script), "--tiny"], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, f"{script} failed:\n{r.stdout}\n{r.stderr}"
