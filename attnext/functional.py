@@ -324,8 +324,7 @@ def scaled_dot_product_attention(
         return t if t.shape[:-nb] == batch else t.expand(*batch, *t.shape[-nb:])
 
     q, k, v = expand(query), expand(k_), expand(v_)
-    # causal and full windows as ops' own constants: causal_attention's fast path
-    window = {(-1, 0): ops._CAUSAL_WINDOW, (-1, -1): ops._FULL_WINDOW}.get(band.window, band.window)
+    window = ops._window_constant(band.window)  # causal_attention's fast path knows its own tuples
     return causal_attention(
         q, k, v, scale=None if scale is None else float(scale), dropout_p=float(dropout_p),
         align="bottom_right" if band.bottom_right else "top_left", enable_gqa=enable_gqa and q.shape[-3] != k.shape[-3],

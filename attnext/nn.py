@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import causal_attention, causal_attention_qkvpacked, matmul
+from .ops import _CPU_CACHE_MIN_BYTES, causal_attention, causal_attention_qkvpacked, matmul
 from .ops import dropout as _dropout
 
 
@@ -37,11 +37,6 @@ class Dropout(nn.Dropout):
         return _dropout(x, self.p, self.training)
 
 
-# Outputs below this many bytes skip attnext's output cache (csrc/cpu/output_cache.cpp,
-# kMinBytes), so the projections producing them gain nothing from attnext.matmul.
-_CACHE_MIN_BYTES = 4 << 20
-
-
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` (x: ``(..., in)``, weight: ``(out, in)`` -> ``(..., out)``).
 
@@ -53,7 +48,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     costs tens of microseconds a step (nanoGPT's module at B = 4, T = 16, C = 64: the
     training step 502 -> 330 us, nanoGPT's own 308; Intel Xeon, torch 2.13).
     """
-    if x.dim() == 0 or x.numel() // max(x.shape[-1], 1) * weight.shape[0] * x.element_size() < _CACHE_MIN_BYTES:
+    if x.dim() == 0 or x.numel() // max(x.shape[-1], 1) * weight.shape[0] * x.element_size() < _CPU_CACHE_MIN_BYTES:
         return F.linear(x, weight, bias)
     y = matmul(x, weight.t())
     if bias is not None:

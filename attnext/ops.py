@@ -49,7 +49,7 @@ _CAUSAL_WINDOW = (-1, 0)  # window_size's default
 _FULL_WINDOW = (-1, -1)  # every key (the SDPA-signature wrapper's unmasked calls)
 _ZERO_TYPES = (float, int)  # a dropout_p the fast path takes (not bool: that is rejected)
 _ATTENTION_CPU_DTYPES = _ATTENTION_DTYPES["cpu"]
-_MATMUL_CACHE_MIN_BYTES = 4 << 20  # the CPU output cache's smallest output (output_cache.cpp, kMinBytes)
+_CPU_CACHE_MIN_BYTES = 4 << 20  # the CPU output cache's smallest output (output_cache.cpp, kMinBytes)
 _STRIDED = torch.strided
 _OP_KERNEL_DTYPES = {"causal_attention": _ATTENTION_DTYPES, "causal_attention_qkvpacked": _ATTENTION_DTYPES}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
@@ -282,6 +282,14 @@ def _default_scale(hs: int) -> float:
     return hs**-0.5 if hs > 0 else 1.0
 
 
+def _window_constant(window: Tuple[int, int]) -> Tuple[int, int]:
+    """A (left, right) window of ints as causal_attention's fast path knows it: the causal
+    and full windows as this module's own tuples (it takes them by identity)."""
+    if window == _CAUSAL_WINDOW:
+        return _CAUSAL_WINDOW
+    return _FULL_WINDOW if window == _FULL_WINDOW else window
+
+
 def _bottom_right(align: str) -> bool:
     if align == "top_left":
         return False
@@ -487,7 +495,7 @@ def _matmul_to_torch(a: Tensor, b: Tensor) -> bool:
         return False
     rows = math.prod(a.shape[:-1])
     cols = b.shape[-1] if b.dim() == 2 else 1
-    return rows * cols * a.element_size() < _MATMUL_CACHE_MIN_BYTES
+    return rows * cols * a.element_size() < _CPU_CACHE_MIN_BYTES
 
 
 def _matmul_shape(sa, sb) -> List[int]:

@@ -177,8 +177,7 @@ def attention_forward(
             q, k, v = q[b0:b1], k[b0:b1], v[b0:b1]
         if (band.lo, band.hi) != (0, S):
             k, v = k[:, :, band.lo:band.hi], v[:, :, band.lo:band.hi]
-        # causal and full windows as ops' own constants: causal_attention's fast path
-        window = {(-1, 0): ops._CAUSAL_WINDOW, (-1, -1): ops._FULL_WINDOW}.get(band.window, band.window)
+        window = ops._window_constant(band.window)  # causal_attention's fast path knows its own tuples
         outs.append(causal_attention(
             q, k, v, scale=None if scaling is None else float(scaling), dropout_p=float(dropout),
             align="bottom_right" if band.bottom_right else "top_left", enable_gqa=gqa, window_size=window,
