@@ -1611,8 +1611,9 @@ std::string own_tiles_name(const at::Tensor& q, const at::Tensor& k, const at::T
 // So, per pass, dtype and head-size class, both are timed at first use
 // (kernel_choice.h) and the faster runs. Only calls ATen
 // can compute exactly take part: no dropout (attnext's mask is its own hash), the
-// causal window, top-left alignment (or T == S; bottom-right with T < S and T x S
-// at most 2^24 goes with a boolean mask: chunked prefill), T above the decode pass's rows,
+// causal window (top-left alignment or T == S; bottom-right with T < S and T x S
+// at most 2^24 goes with a boolean mask: chunked prefill) or the full window (every
+// key, ATen without is_causal: its own class), T above the decode pass's rows,
 // q/k/v of at most 4 dims without stride-0 batch dims (grouped-query views), hs ==
 // hs_v, float32 or bfloat16, finite inputs. ATTNEXT_ATTENTION_KERNEL=0 forces ATen
 // where it can run, =1 attnext's kernels.
@@ -1652,14 +1653,19 @@ at::Tensor adopt(const at::Tensor& r, at::IntArrayRef sizes) {
   return out;
 }
 
+// Every key for every query (window (-1, -1), the SDPA signature's unmasked calls):
+// ATen's kernel without is_causal, whatever the alignment.
+bool full_window(const Geometry& g) { return g.wl < 0 && g.wr < 0; }
+
 bool aten_can_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& g,
                   double dropout_p) {
   const auto st = q.scalar_type();
   if (st != at::kFloat && st != at::kBFloat16) return false;
-  if (dropout_p != 0.0 || !g.causal() || g.T <= kDecodeMaxRows || g.hs != g.hsv) return false;
+  const bool full = full_window(g);
+  if (dropout_p != 0.0 || !(g.causal() || full) || g.T <= kDecodeMaxRows || g.hs != g.hsv) return false;
   if (q.dim() > 4 || g.S == 0) return false;
   // bottom-right with T != S (chunked prefill) goes to ATen with a (T, S) mask: small ones only
-  if (g.shift != 0 && (g.shift < 0 || g.T * g.S > (int64_t(1) << 24))) return false;
+  if (!full && g.shift != 0 && (g.shift < 0 || g.T * g.S > (int64_t(1) << 24))) return false;
   for (const at::Tensor* t : {&k, &v}) {
     for (int64_t d = 0; d < t->dim() - 2; ++d) {
       if (t->size(d) > 1 && t->stride(d) == 0) return false;
@@ -1686,22 +1692,27 @@ bool lse_plain(const at::Tensor& lse) {
 // (T, S) in the inputs' dtype (which ATen requires), 0 where a row sees the key and
 // -inf where it does not. None for top-left calls.
 std::optional<at::Tensor> aten_mask(const Geometry& g, at::ScalarType st) {
-  if (g.shift == 0) return std::nullopt;
+  if (g.shift == 0 || full_window(g)) return std::nullopt;
   const at::Tensor hidden = at::ones({g.T, g.S}, at::TensorOptions().dtype(at::kBool)).triu(g.shift + 1);
   return at::zeros({g.T, g.S}, at::TensorOptions().dtype(st)).masked_fill_(hidden, -INFINITY);
 }
 
+// ATen's is_causal for a call it can run: top-left causal (or T == S); a bottom-right
+// call with T != S goes with aten_mask instead, the full window with neither.
+bool aten_causal(const Geometry& g) { return !full_window(g) && g.shift == 0; }
+
 // Whether this pass runs ATen's kernel: measured once per (pass, dtype, head-size
-// class, length class, mask). The probe is one workload of the class: 4 heads of 256
+// class, length class, mask or full window). The probe is one workload of the class: 4 heads of 256
 // queries and keys for T <= 256, two heads of 1024 above; a bottom-right call (ATen
 // with a mask) probes half as many queries against those keys (a few ms, once).
 bool use_aten(bool backward, at::ScalarType st, const Geometry& call) {
   static const int forced = kernel_override("ATTNEXT_ATTENTION_KERNEL");
   const int64_t cls = call.hs <= 32 ? 32 : call.hs <= 64 ? 64 : call.hs <= 128 ? 128 : 256;
-  const bool long_rows = call.T > 256, masked = call.shift != 0;
+  const bool long_rows = call.T > 256, full = full_window(call), masked = !full && call.shift != 0;
   const std::string what = std::string("attention ") + (backward ? "backward" : "forward") + ", " +
                            (st == at::kBFloat16 ? "bfloat16" : "float32") + ", head size <= " + std::to_string(cls) +
-                           (long_rows ? ", T > 256" : ", T <= 256") + (masked ? ", bottom-right T != S" : "");
+                           (long_rows ? ", T > 256" : ", T <= 256") +
+                           (full ? ", full window" : masked ? ", bottom-right T != S" : "");
   if (const KernelChoice* known = find_kernel(what)) return !known->own;
   const int64_t heads = long_rows ? 2 : 4, len = long_rows ? 1024 : 256, rows = masked ? len / 2 : len;
   auto opts = at::TensorOptions().dtype(st);
@@ -1711,9 +1722,9 @@ bool use_aten(bool backward, at::ScalarType st, const Geometry& call) {
   };
   const at::Tensor q = gen(1, rows), k = gen(2, len), v = gen(3, len), go = gen(4, rows);
   const double scale = 1.0 / std::sqrt(static_cast<double>(cls));
-  const Geometry g = check_attention_args(q, k, v, scale, 0.0, masked);
+  const Geometry g = check_attention_args(q, k, v, scale, 0.0, masked, -1, full ? -1 : 0);
   const std::optional<at::Tensor> mask = aten_mask(g, st);
-  const bool causal = !masked;
+  const bool causal = aten_causal(g);
   at::Tensor out = at::empty_like(q), lse = at::empty({1, heads, rows}, opts.dtype(at::kFloat));
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const DropoutSeed ds{};
@@ -1739,7 +1750,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> aten_forward(const at::Tensor&
   if (g.BH * g.T == 0 || !aten_can_run(q, k, v, g, dropout_p) || !use_aten(false, q.scalar_type(), g)) return {};
   flat = flat && folds_flat({&q, &k, &v});
   auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(as4d(q, flat), as4d(k, flat), as4d(v, flat), 0.0,
-                                                                g.shift == 0, aten_mask(g, q.scalar_type()), scale);
+                                                                aten_causal(g), aten_mask(g, q.scalar_type()), scale);
   if (!lse_plain(l)) return {};
   return std::make_tuple(std::move(o), std::move(l));
 }
@@ -1768,7 +1779,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> aten_backward(
   const at::Tensor lse4 = lse.reshape(q4.sizes().slice(0, 3));
   return at::_scaled_dot_product_flash_attention_for_cpu_backward(as4d(grad_out, flat), q4, as4d(k, flat),
                                                                   as4d(v, flat), as4d(out, flat), lse4, 0.0,
-                                                                  g.shift == 0, aten_mask(g, q.scalar_type()), scale);
+                                                                  aten_causal(g), aten_mask(g, q.scalar_type()), scale);
 }
 
 // The checks of the backward's extra inputs: grad_out and out shaped (..., T, hs_v)
