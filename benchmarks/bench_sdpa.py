@@ -5,6 +5,8 @@ Cases (float32 and bfloat16):
   sdpa_nanogpt    q, k, v (16, 6, 256, 64), is_causal=True (nanoGPT's shakespeare-char
                   model): attnext.scaled_dot_product_attention vs F.scaled_dot_product_attention;
                   fwd and fwd+bwd.
+  sdpa_full       q, k, v (4, 12, 256, 64) without a mask (every key: an encoder's
+                  self-attention, BERT-base-shaped); fwd and fwd+bwd.
   varlen          8 sequences of mixed lengths (VARLEN_LENS, 3,023 tokens), 8 heads of 64,
                   causal: attnext.varlen_attention on the packed (total, H, hs) tensors vs
                   SDPA on the zero-padded (8, 8, 1024, 64) batch with a causal + key-padding
@@ -62,6 +64,7 @@ VARLEN_H, VARLEN_HS = {False: 8, True: 2}, {False: 64, True: 32}
 SLIDING = {False: (1, 8, 8192, 64, 1024), True: (1, 2, 512, 32, 64)}  # B, H, T, hs, W
 SWEEP_T = {False: (2048, 4096, 8192, 16384), True: (256, 512)}
 DECODE_SMALL = {False: (8, 128, 64), True: (8, 128, 64)}  # H, S, hs
+FULL = {False: (4, 12, 256, 64), True: (2, 2, 128, 32)}  # B, nh, T, hs
 DECODE_GQA = {False: (32, 8, 1024, 128), True: (8, 2, 256, 64)}  # H, Hkv, S, hs
 
 
@@ -155,7 +158,18 @@ def case_decode_gqa(quick: bool, dtype):
     return f"B=1,H={H},Hkv={Hkv},T=1,S={S},hs={hs}", fns, [q, k, v], 4.0 * H * hs * S
 
 
-CASES = {"sdpa_nanogpt": (case_nanogpt, ("fwd", "fwd+bwd")), "varlen": (case_varlen, ("fwd", "fwd+bwd")),
+def case_full(quick: bool, dtype):
+    """An unmasked call (every key: an encoder's self-attention, BERT-base-shaped):
+    attnext.scaled_dot_product_attention vs F.scaled_dot_product_attention."""
+    B, nh, T, hs = FULL[quick]
+    q, k, v = _leaves(B, nh, T, hs, dtype=dtype)
+    fns = {"attnext": lambda: attnext.scaled_dot_product_attention(q, k, v),
+           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    return f"B={B},H={nh},T={T},hs={hs}", fns, [q, k, v], 4.0 * B * nh * hs * T * T
+
+
+CASES = {"sdpa_nanogpt": (case_nanogpt, ("fwd", "fwd+bwd")), "sdpa_full": (case_full, ("fwd", "fwd+bwd")),
+         "varlen": (case_varlen, ("fwd", "fwd+bwd")),
          "sliding_window": (case_sliding, ("fwd",)), "sdpa_decode_small": (case_decode_small, ("fwd",)),
          "sdpa_decode_gqa": (case_decode_gqa, ("fwd",))}
 
