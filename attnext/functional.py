@@ -184,7 +184,8 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 def _sdpa_small(query, key, dropout_p) -> bool:
     """A call without dropout small enough that torch's SDPA costs less than attnext's
     Python layers (ops._SDPA_SMALL_WORK): torch runs it."""
-    return dropout_p.__class__ in ops._ZERO_TYPES and dropout_p == 0 and ops._small_sdpa_call(query, key)
+    return (not torch.compiler.is_compiling() and dropout_p.__class__ in ops._ZERO_TYPES and dropout_p == 0
+            and ops._small_sdpa_call(query, key))
 
 
 def _sdpa_fast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
@@ -194,7 +195,8 @@ def _sdpa_fast(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     heads), a nonzero head size, key and value of one length. Anything else goes
     through _sdpa_plan."""
     if not (
-        attn_mask is None and dropout_p.__class__ in ops._ZERO_TYPES and dropout_p == 0
+        attn_mask is None and not torch.compiler.is_compiling()  # (traced: the plan)
+        and dropout_p.__class__ in ops._ZERO_TYPES and dropout_p == 0
         and (scale is None or (scale.__class__ is float and math.isfinite(scale))) and is_causal.__class__ is bool
         and enable_gqa.__class__ is bool and query.__class__ is Tensor and key.__class__ is Tensor
         and value.__class__ is Tensor and ops._attention_native_cpu(query) and key.is_cpu and value.is_cpu

@@ -894,7 +894,8 @@ def causal_attention(
     # _check_attention_args does. The Python checks below cost about 6 us, as much
     # as the whole of a small call (B = 1, one head, T = 16: 16.4 -> 10 us; SDPA 5.8).
     if (
-        window is not None and dropout_p.__class__ in _ZERO_TYPES and dropout_p == 0
+        window is not None and not torch.compiler.is_compiling()  # (traced: the checked path)
+        and dropout_p.__class__ in _ZERO_TYPES and dropout_p == 0
         and (scale is None or scale.__class__ is float) and _kernels_enabled and _attention_cpu_ok
         and q.__class__ is Tensor and k.__class__ is Tensor and v.__class__ is Tensor
         and q.is_cpu and k.is_cpu and v.is_cpu and q.dtype in _ATTENTION_CPU_DTYPES
